@@ -1,0 +1,10 @@
+//! grainfs: a FUSE overlay for a directory of file-backed volumes.
+//!
+//! Layers run one way: `cli` -> `daemon` -> `fs` (and later the snapshot engine) -> store.
+//! Only `fuse.rs` touches fuser; everything else is testable on a temp dir without a mount.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fs;
+pub mod fuse;
