@@ -1,0 +1,355 @@
+//! The daemon: checks a mount request, claims the store, mounts the overlay and serves it until
+//! it is unmounted (by `grainfs umount`, umount(8), or SIGINT/SIGTERM), then releases the store.
+//!
+//! It owns the mount's lifetime and the store lock; it never touches file data itself (that is
+//! `fs`) and never talks to fuser beyond building the session (that is `fuse`).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log::{error, info};
+
+use crate::config::Config;
+use crate::fs::{OverlayFs, OverlayOptions};
+use crate::fuse::{FuseAdapter, KernelCache};
+
+/// Why a mount could not be served; each message says what, where and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("backing dir {0}: does not exist; create it or name an existing directory")]
+    BackingMissing(PathBuf),
+    #[error("backing dir {0}: not a directory")]
+    BackingNotDir(PathBuf),
+    #[error("mount point {0}: does not exist; create it first (mkdir -p {0})")]
+    MountpointMissing(PathBuf),
+    #[error("mount point {0}: not a directory")]
+    MountpointNotDir(PathBuf),
+    #[error("mount point {0}: busy, something is already mounted there; unmount it first (grainfs umount {0})")]
+    MountpointBusy(PathBuf),
+    #[error("mount point {mountpoint} is inside the backing dir {backing}; the overlay would contain itself, choose a mount point outside it")]
+    MountpointInsideBacking {
+        mountpoint: PathBuf,
+        backing: PathBuf,
+    },
+    #[error("store {path}: {source}")]
+    Store { path: PathBuf, source: io::Error },
+    #[error("store {path} is in use by another grainfs daemon{pid}; unmount that one first")]
+    StoreLocked { path: PathBuf, pid: String },
+    #[error("mounting {mountpoint}: {source}")]
+    Mount {
+        mountpoint: PathBuf,
+        source: io::Error,
+    },
+    #[error("opening backing dir: {0}")]
+    Overlay(#[from] crate::fs::FsError),
+    #[error("serving {mountpoint}: {source}")]
+    Serve {
+        mountpoint: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// A checked request to serve `backing` at `mountpoint`.
+#[derive(Debug, Clone)]
+pub struct MountRequest {
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub config: Config,
+}
+
+/// Name of the lock file that marks a store as served by a live daemon.
+pub const LOCK_FILE: &str = "daemon.lock";
+/// Prefix of the mount's source in mountinfo: `grainfs:<backing>`. It identifies our mounts
+/// even where the fs type shows only as `fuse` (fuser mounts as root without the subtype).
+pub const FSNAME_PREFIX: &str = "grainfs:";
+
+/// Name of the daemon's log file in the store when it runs in the background.
+pub const LOG_FILE: &str = "grainfs.log";
+
+impl MountRequest {
+    /// Resolve paths and check the request before anything is mounted.
+    pub fn check(
+        backing: &Path,
+        mountpoint: &Path,
+        config: Config,
+    ) -> Result<MountRequest, DaemonError> {
+        let backing = match std::fs::canonicalize(backing) {
+            Ok(p) => p,
+            Err(_) => return Err(DaemonError::BackingMissing(backing.to_path_buf())),
+        };
+        if !backing.is_dir() {
+            return Err(DaemonError::BackingNotDir(backing));
+        }
+        let mountpoint_abs = match std::fs::canonicalize(mountpoint) {
+            Ok(p) => p,
+            Err(_) => return Err(DaemonError::MountpointMissing(mountpoint.to_path_buf())),
+        };
+        if !mountpoint_abs.is_dir() {
+            return Err(DaemonError::MountpointNotDir(mountpoint_abs));
+        }
+        if is_mountpoint(&mountpoint_abs) {
+            return Err(DaemonError::MountpointBusy(mountpoint_abs));
+        }
+        if mountpoint_abs.starts_with(&backing) {
+            return Err(DaemonError::MountpointInsideBacking {
+                mountpoint: mountpoint_abs,
+                backing,
+            });
+        }
+        Ok(MountRequest {
+            backing,
+            mountpoint: mountpoint_abs,
+            config,
+        })
+    }
+
+    /// The store dir of this mount.
+    pub fn store(&self) -> PathBuf {
+        self.config.store_dir(&self.backing)
+    }
+}
+
+/// True if `path` (absolute, canonical) is the mount point of a mounted filesystem.
+pub fn is_mountpoint(path: &Path) -> bool {
+    mount_entry(path).is_some()
+}
+
+/// A line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+    /// The backing dir, if this is a grainfs mount.
+    pub backing: Option<PathBuf>,
+}
+
+/// The mountinfo entry whose mount point is `path`, if any (the last one wins, as stacked
+/// mounts show the newest last).
+pub fn mount_entry(path: &Path) -> Option<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut found = None;
+    for line in text.lines() {
+        let (left, right) = line.split_once(" - ")?;
+        let mp = left.split(' ').nth(4)?;
+        if Path::new(&unescape_mountinfo(mp)) != path {
+            continue;
+        }
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("").to_string();
+        let source = unescape_mountinfo(r.next().unwrap_or(""));
+        let backing = source.strip_prefix(FSNAME_PREFIX).map(PathBuf::from);
+        found = Some(MountEntry {
+            backing,
+            mountpoint: path.to_path_buf(),
+            fstype,
+            source,
+        });
+    }
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Create the store dir if it is missing, private to its owner (mode 0700).
+pub fn create_store_dir(store: &Path) -> io::Result<()> {
+    if store.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(store)?;
+    std::fs::set_permissions(store, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The store, claimed: the lock is held for as long as this lives.
+pub struct StoreLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl StoreLock {
+    /// Create the store dir (mode 0700) if needed and take its daemon lock.
+    pub fn claim(store: &Path) -> Result<StoreLock, DaemonError> {
+        let err = |source| DaemonError::Store {
+            path: store.to_path_buf(),
+            source,
+        };
+        create_store_dir(store).map_err(err)?;
+        let path = store.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(err)?;
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == -1 {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            let pid = pid.trim();
+            return Err(DaemonError::StoreLocked {
+                path: store.to_path_buf(),
+                pid: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        file.set_len(0).map_err(err)?;
+        writeln!(file, "{}", std::process::id()).map_err(err)?;
+        Ok(StoreLock { file, path })
+    }
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        // Empty the pid before the lock goes, so a reader never sees a stale pid with no lock.
+        let _ = self.file.set_len(0);
+        let _ = &self.path;
+    }
+}
+
+/// Wait until no daemon holds the store's lock (it finished saving and exited), up to `timeout`.
+pub fn wait_for_store_release(store: &Path, timeout: std::time::Duration) -> bool {
+    let Ok(file) = File::open(store.join(LOCK_FILE)) else {
+        return true;
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Where the daemon reports readiness: the parent's pipe when backgrounded, nothing otherwise.
+pub trait Ready {
+    fn ready(&mut self, mountpoint: &Path);
+}
+
+impl Ready for () {
+    fn ready(&mut self, _mountpoint: &Path) {}
+}
+
+/// Mount and serve until unmounted. `ready` is told once the mount is live.
+pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError> {
+    let store = req.store();
+    let _lock = StoreLock::claim(&store)?;
+    // The kernel already applied the caller's umask to every mode it sends us.
+    unsafe { libc::umask(0) };
+
+    let store_inside = store.starts_with(&req.backing);
+    let overlay = OverlayFs::new(
+        &req.backing,
+        OverlayOptions {
+            store: if store_inside {
+                Some(store.clone())
+            } else {
+                None
+            },
+        },
+    )?;
+    let cache = KernelCache {
+        attr_ttl: req.config.cache.attr_timeout,
+        entry_ttl: req.config.cache.entry_timeout,
+    };
+    let adapter = FuseAdapter::new(Arc::new(overlay), cache);
+
+    let root = unsafe { libc::geteuid() } == 0;
+    let allow_other = req.config.allow_other.unwrap_or(root);
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        fuser::MountOption::FSName(format!("{FSNAME_PREFIX}{}", req.backing.display())),
+        fuser::MountOption::Subtype("grainfs".into()),
+        // The kernel checks permissions from the attributes we report, as for a local fs.
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::RW,
+    ];
+    if root {
+        // Device nodes and setuid bits in the backing dir work as they do there.
+        options.mount_options.push(fuser::MountOption::Dev);
+        options.mount_options.push(fuser::MountOption::Suid);
+    }
+    options.acl = if allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    options.n_threads = Some(req.config.threads.max(1));
+    options.clone_fd = true;
+
+    let mut session =
+        fuser::Session::new(adapter, &req.mountpoint, &options).map_err(|source| {
+            DaemonError::Mount {
+                mountpoint: req.mountpoint.clone(),
+                source,
+            }
+        })?;
+    info!(
+        "mounted {} at {} ({} threads, store {})",
+        req.backing.display(),
+        req.mountpoint.display(),
+        req.config.threads,
+        store.display()
+    );
+
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = req.mountpoint.clone();
+    match signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
+        Ok(mut signals) => {
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    if let Some(sig) = signals.forever().next() {
+                        info!("signal {sig}: unmounting {}", mountpoint.display());
+                        if let Err(e) = unmounter.unmount() {
+                            error!("unmount {}: {e}", mountpoint.display());
+                        }
+                    }
+                })
+                .map_err(|source| DaemonError::Serve {
+                    mountpoint: req.mountpoint.clone(),
+                    source,
+                })?;
+        }
+        Err(e) => error!("cannot catch SIGINT/SIGTERM ({e}); unmount with grainfs umount"),
+    }
+
+    ready.ready(&req.mountpoint);
+    let result = session.run().map_err(|source| DaemonError::Serve {
+        mountpoint: req.mountpoint.clone(),
+        source,
+    });
+    info!("unmounted {}", req.mountpoint.display());
+    result
+}

@@ -1,0 +1,1016 @@
+//! OverlayFs: the read-write view of the backing dir, free of FUSE.
+//!
+//! It owns the inode table, the open file and directory handles, and every system call made on
+//! the backing dir. It returns plain structs (`Entry`, `Attr`, `Opened`...) and never sees a
+//! FUSE reply, so tests drive it directly on a temp dir. It must never resolve a multi-component
+//! path under the backing dir, never follow a symlink, and never expose the store.
+
+mod error;
+pub mod inode;
+pub mod sys;
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use error::{FsError, FsResult};
+use inode::{BackingKey, ContentStamp, Inode, InodeTable, ROOT_INO};
+
+/// What kind of inode an entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    Regular,
+    Directory,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl FileKind {
+    fn from_mode(mode: libc::mode_t) -> FileKind {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => FileKind::Directory,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            _ => FileKind::Regular,
+        }
+    }
+}
+
+/// Attributes of an inode as the mount shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub kind: FileKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+fn system_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::new((-sec) as u64, 0) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+impl Attr {
+    fn from_stat(ino: u64, st: &libc::stat) -> Attr {
+        Attr {
+            ino,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: system_time(st.st_atime, st.st_atime_nsec),
+            mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+            ctime: system_time(st.st_ctime, st.st_ctime_nsec),
+            kind: FileKind::from_mode(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+        }
+    }
+}
+
+/// A looked-up entry: the kernel now holds one more reference to `attr.ino`.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    pub attr: Attr,
+    pub generation: u64,
+}
+
+/// An opened file or directory.
+#[derive(Clone, Copy, Debug)]
+pub struct Opened {
+    pub fh: u64,
+    /// The kernel may keep its page cache: the file did not change since the last open.
+    pub keep_cache: bool,
+}
+
+/// Who is asking (from the FUSE request header).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A timestamp to set.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Now,
+    At(SystemTime),
+}
+
+/// The attribute changes of one setattr call; `None` leaves a field alone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub fh: Option<u64>,
+}
+
+/// One directory entry for readdir.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    /// Offset of the next entry (what the kernel passes back to continue).
+    pub offset: u64,
+    pub kind: FileKind,
+    pub name: OsString,
+}
+
+/// Filesystem statistics, passed through from the backing filesystem.
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// Reply to getxattr/listxattr: the size wanted (probe with size 0) or the data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Xattr {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+/// Options of the overlay that are not about the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct OverlayOptions {
+    /// The store dir: hidden from the mount and unreachable through it, if inside the backing dir.
+    pub store: Option<PathBuf>,
+}
+
+/// An open regular file.
+struct FileHandle {
+    file: File,
+    inode: Arc<Inode>,
+}
+
+/// An open directory: its fd (for fsyncdir) and the entries read at the last rewind.
+struct DirHandle {
+    file: File,
+    entries: Mutex<Vec<(OsString, u64, FileKind)>>,
+}
+
+/// Where the store sits, so that it can be hidden.
+#[derive(Clone, Debug)]
+struct HiddenStore {
+    key: BackingKey,
+    parent: BackingKey,
+    name: OsString,
+}
+
+/// The overlay filesystem over one backing dir.
+pub struct OverlayFs {
+    backing: PathBuf,
+    inodes: InodeTable,
+    files: RwLock<HashMap<u64, Arc<FileHandle>>>,
+    dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    hidden: Option<HiddenStore>,
+    /// When the daemon runs as root, new inodes are handed to the caller.
+    chown_new: bool,
+}
+
+thread_local! {
+    /// Per-thread read buffer: reads allocate nothing after the first one of a thread.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Open flags the backing open must not get. O_APPEND: the kernel already computes the append
+/// offset and serialises appends per inode, and with O_APPEND Linux pwrite ignores the offset, so
+/// tracking would record the wrong blocks. O_DIRECT: the kernel's buffers are not aligned for
+/// the backing file (qemu cache=none depends on O_DIRECT opens working at all). O_CREAT, O_EXCL
+/// and O_NOFOLLOW are meaningless on a reopen of an inode we already hold.
+const STRIPPED_OPEN_FLAGS: libc::c_int = libc::O_APPEND
+    | libc::O_DIRECT
+    | libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_NOFOLLOW
+    | libc::O_NOCTTY;
+
+impl OverlayFs {
+    /// Open the overlay on `backing`, which must be an existing directory.
+    pub fn new(backing: &Path, options: OverlayOptions) -> FsResult<OverlayFs> {
+        let c = CString::new(backing.as_os_str().as_bytes()).map_err(|_| {
+            FsError::backing("open backing dir")(std::io::Error::from_raw_os_error(libc::EINVAL))
+        })?;
+        // The backing dir itself is named by the user, so following a symlink here is fine.
+        let root_fd = sys::openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(FsError::backing("open backing dir"))?;
+        let st = sys::fstat(root_fd.as_raw_fd()).map_err(FsError::backing("stat backing dir"))?;
+        let hidden = match &options.store {
+            Some(store) => hidden_store(store),
+            None => None,
+        };
+        Ok(OverlayFs {
+            backing: backing.to_path_buf(),
+            inodes: InodeTable::new(root_fd, BackingKey::of(&st)),
+            files: RwLock::new(HashMap::new()),
+            dirs: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            hidden,
+            chown_new: sys::geteuid() == 0,
+        })
+    }
+
+    /// The backing dir this overlay serves.
+    pub fn backing(&self) -> &Path {
+        &self.backing
+    }
+
+    /// Number of inodes the kernel holds (root included); for tests of lookup counting.
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// The kernel's lookup count of `ino`.
+    pub fn lookup_count(&self, ino: u64) -> u64 {
+        self.inodes.nlookup(ino)
+    }
+
+    fn is_store(&self, parent: &Inode, name: &OsStr) -> bool {
+        matches!(&self.hidden, Some(h) if h.parent == parent.key && h.name == name)
+    }
+
+    /// Refuse names that would create, replace or remove the store.
+    fn check_not_store(&self, parent: &Inode, name: &OsStr) -> FsResult<()> {
+        if self.is_store(parent, name) {
+            return Err(FsError::Reserved(name.to_os_string()));
+        }
+        Ok(())
+    }
+
+    fn stat_of(&self, inode: &Inode) -> FsResult<libc::stat> {
+        sys::fstat(inode.raw_fd()).map_err(FsError::backing("stat"))
+    }
+
+    /// Look `name` up in `parent` and take a kernel reference on the result.
+    fn lookup_in(&self, parent: &Inode, name: &OsStr) -> FsResult<Entry> {
+        let c = sys::name_cstr(name).map_err(FsError::backing("lookup"))?;
+        if self.is_store(parent, name) {
+            return Err(FsError::Backing {
+                op: "lookup",
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
+        let fd = sys::open_path(parent.raw_fd(), &c).map_err(FsError::backing("lookup"))?;
+        let st = sys::fstat(fd.as_raw_fd()).map_err(FsError::backing("lookup"))?;
+        let key = BackingKey::of(&st);
+        if matches!(&self.hidden, Some(h) if h.key == key) {
+            return Err(FsError::Backing {
+                op: "lookup",
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
+        let inode = self.inodes.lookup(key, FileKind::from_mode(st.st_mode), fd);
+        Ok(Entry {
+            attr: Attr::from_stat(inode.ino, &st),
+            generation: 0,
+        })
+    }
+
+    /// Hand a freshly created inode to the caller, as if the caller had created it.
+    fn give_to_caller(
+        &self,
+        parent: &Inode,
+        dir_fd: i32,
+        name: &CString,
+        caller: Caller,
+    ) -> FsResult<()> {
+        if !self.chown_new {
+            return Ok(());
+        }
+        let pst = self.stat_of(parent)?;
+        // In a setgid directory the new inode already inherited the directory's group.
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            u32::MAX
+        } else {
+            caller.gid
+        };
+        let fd = sys::open_path(dir_fd, name).map_err(FsError::backing("chown new"))?;
+        sys::fchown_fd(fd.as_raw_fd(), caller.uid, gid).map_err(FsError::backing("chown new"))
+    }
+
+    fn file(&self, fh: u64) -> FsResult<Arc<FileHandle>> {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::UnknownHandle(fh))
+    }
+
+    fn dir(&self, fh: u64) -> FsResult<Arc<DirHandle>> {
+        self.dirs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::UnknownHandle(fh))
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn register_file(&self, file: File, inode: Arc<Inode>) -> FsResult<Opened> {
+        let st = sys::fstat(file.as_raw_fd()).map_err(FsError::backing("open"))?;
+        let stamp = ContentStamp::of(&st);
+        let keep_cache = {
+            let mut last = inode.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            let same = *last == Some(stamp);
+            *last = Some(stamp);
+            same
+        };
+        let fh = self.new_fh();
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Arc::new(FileHandle { file, inode }));
+        Ok(Opened { fh, keep_cache })
+    }
+
+    // ---- name operations ----
+
+    /// Look up a directory entry.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        let parent = self.inodes.get(parent)?;
+        self.lookup_in(&parent, name)
+    }
+
+    /// Drop `nlookup` kernel references to `ino`.
+    pub fn forget(&self, ino: u64, nlookup: u64) {
+        self.inodes.forget(ino, nlookup);
+    }
+
+    /// Attributes of an inode, through its open handle when the kernel gives one.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        if let Some(fh) = fh {
+            if let Ok(h) = self.file(fh) {
+                let st = sys::fstat(h.file.as_raw_fd()).map_err(FsError::backing("getattr"))?;
+                return Ok(Attr::from_stat(ino, &st));
+            }
+        }
+        let inode = self.inodes.get(ino)?;
+        let st = self.stat_of(&inode)?;
+        Ok(Attr::from_stat(ino, &st))
+    }
+
+    /// chmod, chown, truncate and utimens, in that order; returns the new attributes.
+    pub fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        let inode = self.inodes.get(ino)?;
+        let handle = match set.fh {
+            Some(fh) => self.file(fh).ok(),
+            None => None,
+        };
+        let is_symlink = inode.kind == FileKind::Symlink;
+        if let Some(mode) = set.mode {
+            if is_symlink {
+                return Err(FsError::NotSupported);
+            }
+            match &handle {
+                Some(h) => {
+                    let r = unsafe { libc::fchmod(h.file.as_raw_fd(), mode & 0o7777) };
+                    if r == -1 {
+                        return Err(FsError::backing("chmod")(std::io::Error::last_os_error()));
+                    }
+                }
+                None => sys::chmod_fd(inode.raw_fd(), mode & 0o7777)
+                    .map_err(FsError::backing("chmod"))?,
+            }
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            sys::fchown_fd(
+                inode.raw_fd(),
+                set.uid.unwrap_or(u32::MAX),
+                set.gid.unwrap_or(u32::MAX),
+            )
+            .map_err(FsError::backing("chown"))?;
+        }
+        if let Some(size) = set.size {
+            match &handle {
+                Some(h) => sys::ftruncate(h.file.as_raw_fd(), size)
+                    .map_err(FsError::backing("truncate"))?,
+                None => {
+                    if inode.kind != FileKind::Regular {
+                        return Err(FsError::backing("truncate")(
+                            std::io::Error::from_raw_os_error(libc::EINVAL),
+                        ));
+                    }
+                    let fd = sys::reopen(inode.raw_fd(), libc::O_WRONLY)
+                        .map_err(FsError::backing("truncate"))?;
+                    sys::ftruncate(fd.as_raw_fd(), size).map_err(FsError::backing("truncate"))?;
+                }
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let times = [timespec(set.atime), timespec(set.mtime)];
+            sys::utimens_fd(inode.raw_fd(), is_symlink, &times)
+                .map_err(FsError::backing("utimens"))?;
+        }
+        let st = match &handle {
+            Some(h) => sys::fstat(h.file.as_raw_fd()),
+            None => sys::fstat(inode.raw_fd()),
+        }
+        .map_err(FsError::backing("setattr"))?;
+        Ok(Attr::from_stat(ino, &st))
+    }
+
+    /// The target of a symlink.
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.inodes.get(ino)?;
+        sys::readlink_fd(inode.raw_fd()).map_err(FsError::backing("readlink"))
+    }
+
+    /// Create a fifo, socket or device node (regular files go through `create`).
+    pub fn mknod(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> FsResult<Entry> {
+        let parent = self.inodes.get(parent)?;
+        self.check_not_store(&parent, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing("mknod"))?;
+        sys::mknodat(parent.raw_fd(), &c, mode & !umask, rdev as libc::dev_t)
+            .map_err(FsError::backing("mknod"))?;
+        self.give_to_caller(&parent, parent.raw_fd(), &c, caller)?;
+        self.lookup_in(&parent, name)
+    }
+
+    /// Create a directory.
+    pub fn mkdir(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> FsResult<Entry> {
+        let parent = self.inodes.get(parent)?;
+        self.check_not_store(&parent, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing("mkdir"))?;
+        sys::mkdirat(parent.raw_fd(), &c, (mode & !umask) & 0o7777)
+            .map_err(FsError::backing("mkdir"))?;
+        self.give_to_caller(&parent, parent.raw_fd(), &c, caller)?;
+        self.lookup_in(&parent, name)
+    }
+
+    /// Create a symbolic link.
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+    ) -> FsResult<Entry> {
+        let parent = self.inodes.get(parent)?;
+        self.check_not_store(&parent, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing("symlink"))?;
+        let t = CString::new(target.as_os_str().as_bytes()).map_err(|_| {
+            FsError::backing("symlink")(std::io::Error::from_raw_os_error(libc::EINVAL))
+        })?;
+        sys::symlinkat(&t, parent.raw_fd(), &c).map_err(FsError::backing("symlink"))?;
+        self.give_to_caller(&parent, parent.raw_fd(), &c, caller)?;
+        self.lookup_in(&parent, name)
+    }
+
+    /// Remove a non-directory.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let parent = self.inodes.get(parent)?;
+        self.check_not_store(&parent, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing("unlink"))?;
+        sys::unlinkat(parent.raw_fd(), &c, 0).map_err(FsError::backing("unlink"))
+    }
+
+    /// Remove an empty directory.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let parent = self.inodes.get(parent)?;
+        self.check_not_store(&parent, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing("rmdir"))?;
+        sys::unlinkat(parent.raw_fd(), &c, libc::AT_REMOVEDIR).map_err(FsError::backing("rmdir"))
+    }
+
+    /// rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE passed through.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        let parent = self.inodes.get(parent)?;
+        let newparent = self.inodes.get(newparent)?;
+        self.check_not_store(&parent, name)?;
+        self.check_not_store(&newparent, newname)?;
+        let a = sys::name_cstr(name).map_err(FsError::backing("rename"))?;
+        let b = sys::name_cstr(newname).map_err(FsError::backing("rename"))?;
+        sys::renameat2(parent.raw_fd(), &a, newparent.raw_fd(), &b, flags)
+            .map_err(FsError::backing("rename"))
+    }
+
+    /// Create a hard link to `ino` as `newname` in `newparent`.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
+        let inode = self.inodes.get(ino)?;
+        let newparent = self.inodes.get(newparent)?;
+        self.check_not_store(&newparent, newname)?;
+        let c = sys::name_cstr(newname).map_err(FsError::backing("link"))?;
+        sys::link_fd(inode.raw_fd(), newparent.raw_fd(), &c).map_err(FsError::backing("link"))?;
+        self.lookup_in(&newparent, newname)
+    }
+
+    // ---- files ----
+
+    /// Open a regular file.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        let inode = self.inodes.get(ino)?;
+        if inode.kind != FileKind::Regular {
+            // Devices and fifos are handled by the kernel; a symlink is never opened by us.
+            return Err(FsError::backing("open")(std::io::Error::from_raw_os_error(
+                if inode.kind == FileKind::Directory {
+                    libc::EISDIR
+                } else {
+                    libc::ELOOP
+                },
+            )));
+        }
+        let fd = sys::reopen(inode.raw_fd(), flags & !STRIPPED_OPEN_FLAGS)
+            .map_err(FsError::backing("open"))?;
+        self.register_file(File::from(fd), inode)
+    }
+
+    /// Create and open a regular file (O_EXCL and O_TRUNC honoured by the backing open).
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> FsResult<(Entry, Opened)> {
+        let parent_inode = self.inodes.get(parent)?;
+        self.check_not_store(&parent_inode, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing("create"))?;
+        let open_flags = (flags & !(libc::O_APPEND | libc::O_DIRECT | libc::O_NOCTTY))
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW;
+        let fd = sys::openat(
+            parent_inode.raw_fd(),
+            &c,
+            open_flags,
+            (mode & !umask) & 0o7777,
+        )
+        .map_err(FsError::backing("create"))?;
+        self.give_to_caller(&parent_inode, parent_inode.raw_fd(), &c, caller)?;
+        let entry = self.lookup_in(&parent_inode, name)?;
+        let inode = self.inodes.get(entry.attr.ino)?;
+        if inode.key
+            != BackingKey::of(&sys::fstat(fd.as_raw_fd()).map_err(FsError::backing("create"))?)
+        {
+            // Someone replaced the name between our open and our lookup: refuse rather than
+            // hand the kernel a handle on one inode under the number of another.
+            self.inodes.forget(entry.attr.ino, 1);
+            return Err(FsError::backing("create")(
+                std::io::Error::from_raw_os_error(libc::EAGAIN),
+            ));
+        }
+        let opened = self.register_file(File::from(fd), inode)?;
+        Ok((entry, opened))
+    }
+
+    /// Read up to `size` bytes at `offset` and pass them to `with` (short only at end of file).
+    pub fn read<R>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        with: impl FnOnce(&[u8]) -> R,
+    ) -> FsResult<R> {
+        let h = self.file(fh)?;
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            sys::pread_into(h.file.as_raw_fd(), &mut buf, size as usize, offset)
+                .map_err(FsError::backing("read"))?;
+            Ok(with(&buf))
+        })
+    }
+
+    /// Write all of `data` at `offset`.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let h = self.file(fh)?;
+        sys::pwrite_all(h.file.as_raw_fd(), data, offset).map_err(FsError::backing("write"))?;
+        Ok(data.len() as u32)
+    }
+
+    /// Called on every close(2) of a descriptor; nothing is buffered here, so nothing to do.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.file(fh).map(drop)
+    }
+
+    /// The last close of an open file.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh)
+            .map(drop)
+            .ok_or(FsError::UnknownHandle(fh))
+    }
+
+    /// fsync or fdatasync the backing file.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        let h = self.file(fh)?;
+        sys::fsync(h.file.as_raw_fd(), datasync).map_err(FsError::backing("fsync"))
+    }
+
+    /// fallocate(2), including FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        let h = self.file(fh)?;
+        sys::fallocate(h.file.as_raw_fd(), mode, offset, length)
+            .map_err(FsError::backing("fallocate"))
+    }
+
+    /// lseek(2) on the backing file: SEEK_DATA and SEEK_HOLE see its real holes.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        let h = self.file(fh)?;
+        sys::lseek(h.file.as_raw_fd(), offset, whence).map_err(FsError::backing("lseek"))
+    }
+
+    /// copy_file_range(2) between two open files (reflinks where the backing fs can).
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
+        let a = self.file(fh_in)?;
+        let b = self.file(fh_out)?;
+        sys::copy_file_range(a.file.as_raw_fd(), off_in, b.file.as_raw_fd(), off_out, len)
+            .map_err(FsError::backing("copy_file_range"))
+    }
+
+    /// The inode number an open file handle refers to (for the tracking layer to come).
+    pub fn handle_ino(&self, fh: u64) -> FsResult<u64> {
+        Ok(self.file(fh)?.inode.ino)
+    }
+
+    // ---- directories ----
+
+    /// Open a directory and read its entries.
+    pub fn opendir(&self, ino: u64) -> FsResult<Opened> {
+        let inode = self.inodes.get(ino)?;
+        if inode.kind != FileKind::Directory {
+            return Err(FsError::backing("opendir")(
+                std::io::Error::from_raw_os_error(libc::ENOTDIR),
+            ));
+        }
+        let fd = sys::reopen(inode.raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+            .map_err(FsError::backing("opendir"))?;
+        let file = File::from(fd);
+        let entries = self.read_entries(&inode, &file)?;
+        let fh = self.new_fh();
+        self.dirs.write().unwrap_or_else(|p| p.into_inner()).insert(
+            fh,
+            Arc::new(DirHandle {
+                file,
+                entries: Mutex::new(entries),
+            }),
+        );
+        Ok(Opened {
+            fh,
+            keep_cache: false,
+        })
+    }
+
+    fn read_entries(&self, dir: &Inode, file: &File) -> FsResult<Vec<(OsString, u64, FileKind)>> {
+        let path = sys::proc_path(file.as_raw_fd());
+        let rd = std::fs::read_dir(OsStr::from_bytes(path.as_bytes()))
+            .map_err(FsError::backing("readdir"))?;
+        let mut out = vec![
+            (OsString::from("."), dir.key.ino, FileKind::Directory),
+            (OsString::from(".."), 0, FileKind::Directory),
+        ];
+        for e in rd {
+            let e = e.map_err(FsError::backing("readdir"))?;
+            let name = e.file_name();
+            if self.is_store(dir, &name) {
+                continue;
+            }
+            let kind = match e.file_type() {
+                Ok(t) => {
+                    use std::os::unix::fs::FileTypeExt;
+                    if t.is_dir() {
+                        FileKind::Directory
+                    } else if t.is_symlink() {
+                        FileKind::Symlink
+                    } else if t.is_fifo() {
+                        FileKind::Fifo
+                    } else if t.is_socket() {
+                        FileKind::Socket
+                    } else if t.is_char_device() {
+                        FileKind::CharDevice
+                    } else if t.is_block_device() {
+                        FileKind::BlockDevice
+                    } else {
+                        FileKind::Regular
+                    }
+                }
+                Err(_) => FileKind::Regular,
+            };
+            use std::os::unix::fs::DirEntryExt;
+            out.push((name, e.ino(), kind));
+        }
+        Ok(out)
+    }
+
+    /// Directory entries from `offset`; `add` returns true when the reply buffer is full.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(DirEntry) -> bool,
+    ) -> FsResult<()> {
+        let dir = self.dir(fh)?;
+        let inode = self.inodes.get(ino)?;
+        let mut entries = dir.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if offset == 0 {
+            // A rewind sees the directory as it is now.
+            *entries = self.read_entries(&inode, &dir.file)?;
+        }
+        for (i, (name, d_ino, kind)) in entries.iter().enumerate().skip(offset as usize) {
+            let full = add(DirEntry {
+                // The kernel does not use readdir inode numbers for anything but d_ino.
+                ino: if *d_ino == 0 { ROOT_INO } else { *d_ino },
+                offset: i as u64 + 1,
+                kind: *kind,
+                name: name.clone(),
+            });
+            if full {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Like readdir, but each entry is also looked up (one kernel reference per entry sent).
+    /// `add` gets the entry and its attributes; it returns true when the buffer is full, and
+    /// then the reference of the entry that did not fit is dropped again.
+    pub fn readdirplus(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(DirEntry, Option<&Entry>) -> bool,
+    ) -> FsResult<()> {
+        let dir = self.dir(fh)?;
+        let inode = self.inodes.get(ino)?;
+        let mut entries = dir.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if offset == 0 {
+            *entries = self.read_entries(&inode, &dir.file)?;
+        }
+        for (i, (name, d_ino, kind)) in entries.iter().enumerate().skip(offset as usize) {
+            let dot = name == "." || name == "..";
+            let entry = if dot {
+                None
+            } else {
+                match self.lookup_in(&inode, name) {
+                    Ok(e) => Some(e),
+                    // Gone since we listed it: skip it, as a fresh readdir would.
+                    Err(_) => continue,
+                }
+            };
+            let d = DirEntry {
+                ino: entry.map_or(if *d_ino == 0 { ROOT_INO } else { *d_ino }, |e| e.attr.ino),
+                offset: i as u64 + 1,
+                kind: entry.map_or(*kind, |e| e.attr.kind),
+                name: name.clone(),
+            };
+            let full = add(d, entry.as_ref());
+            if full {
+                if let Some(e) = entry {
+                    self.inodes.forget(e.attr.ino, 1);
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Close a directory handle.
+    pub fn releasedir(&self, fh: u64) -> FsResult<()> {
+        self.dirs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh)
+            .map(drop)
+            .ok_or(FsError::UnknownHandle(fh))
+    }
+
+    /// fsync a directory.
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        let d = self.dir(fh)?;
+        sys::fsync(d.file.as_raw_fd(), datasync).map_err(FsError::backing("fsyncdir"))
+    }
+
+    // ---- whole filesystem, xattrs, access ----
+
+    /// statfs of the backing filesystem.
+    pub fn statfs(&self, ino: u64) -> FsResult<StatFs> {
+        let inode = self
+            .inodes
+            .get(ino)
+            .or_else(|_| self.inodes.get(ROOT_INO))?;
+        let s = sys::fstatfs(inode.raw_fd()).map_err(FsError::backing("statfs"))?;
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namemax as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    fn xattr_target(&self, ino: u64) -> FsResult<Arc<Inode>> {
+        let inode = self.inodes.get(ino)?;
+        // Through /proc/self/fd a symlink would be followed; Linux allows no user xattrs on
+        // symlinks anyway, so refuse rather than touch the target.
+        if inode.kind == FileKind::Symlink {
+            return Err(FsError::NotSupported);
+        }
+        Ok(inode)
+    }
+
+    /// getxattr: with size 0, the size of the value.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Xattr> {
+        let inode = self.xattr_target(ino)?;
+        let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
+        let mut buf = vec![0u8; size as usize];
+        let n =
+            sys::getxattr(inode.raw_fd(), &c, &mut buf).map_err(FsError::backing("getxattr"))?;
+        if size == 0 {
+            return Ok(Xattr::Size(n as u32));
+        }
+        buf.truncate(n);
+        Ok(Xattr::Data(buf))
+    }
+
+    /// listxattr: with size 0, the size of the list.
+    pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<Xattr> {
+        let inode = self.inodes.get(ino)?;
+        if inode.kind == FileKind::Symlink {
+            return Ok(if size == 0 {
+                Xattr::Size(0)
+            } else {
+                Xattr::Data(Vec::new())
+            });
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::listxattr(inode.raw_fd(), &mut buf).map_err(FsError::backing("listxattr"))?;
+        if size == 0 {
+            return Ok(Xattr::Size(n as u32));
+        }
+        buf.truncate(n);
+        Ok(Xattr::Data(buf))
+    }
+
+    /// setxattr with XATTR_CREATE / XATTR_REPLACE passed through.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        let inode = self.xattr_target(ino)?;
+        let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
+        sys::setxattr(inode.raw_fd(), &c, value, flags).map_err(FsError::backing("setxattr"))
+    }
+
+    /// removexattr.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        let inode = self.xattr_target(ino)?;
+        let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
+        sys::removexattr(inode.raw_fd(), &c).map_err(FsError::backing("removexattr"))
+    }
+
+    /// access(2): checked against the inode's mode for the caller (the kernel normally does
+    /// this itself under `default_permissions`, so this is only reached without it).
+    pub fn access(&self, caller: Caller, ino: u64, mask: i32) -> FsResult<()> {
+        let inode = self.inodes.get(ino)?;
+        let st = self.stat_of(&inode)?;
+        if mask == libc::F_OK || caller.uid == 0 {
+            if caller.uid == 0
+                && mask & libc::X_OK != 0
+                && inode.kind != FileKind::Directory
+                && st.st_mode & 0o111 == 0
+            {
+                return Err(FsError::backing("access")(
+                    std::io::Error::from_raw_os_error(libc::EACCES),
+                ));
+            }
+            return Ok(());
+        }
+        let bits = if st.st_uid == caller.uid {
+            (st.st_mode >> 6) & 7
+        } else if st.st_gid == caller.gid {
+            (st.st_mode >> 3) & 7
+        } else {
+            st.st_mode & 7
+        } as i32;
+        if bits & mask == mask {
+            Ok(())
+        } else {
+            Err(FsError::backing("access")(
+                std::io::Error::from_raw_os_error(libc::EACCES),
+            ))
+        }
+    }
+}
+
+fn timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (mut s, mut ns) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                if ns < 0 {
+                    s -= 1;
+                    ns += 1_000_000_000;
+                }
+                libc::timespec {
+                    tv_sec: s as libc::time_t,
+                    tv_nsec: ns as libc::c_long,
+                }
+            }
+        },
+    }
+}
+
+/// Identity of the store and of its parent, if the store exists.
+fn hidden_store(store: &Path) -> Option<HiddenStore> {
+    let st = std::fs::symlink_metadata(store).ok()?;
+    let parent = store.parent()?;
+    let pst = std::fs::metadata(parent).ok()?;
+    use std::os::unix::fs::MetadataExt;
+    Some(HiddenStore {
+        key: BackingKey {
+            dev: st.dev(),
+            ino: st.ino(),
+        },
+        parent: BackingKey {
+            dev: pst.dev(),
+            ino: pst.ino(),
+        },
+        name: store.file_name()?.to_os_string(),
+    })
+}

@@ -1,0 +1,365 @@
+//! Safe wrappers over the `*at` system calls the overlay makes on the backing dir.
+//!
+//! Every path argument here is a single name relative to a directory fd, or the empty path with
+//! `AT_EMPTY_PATH`, or a `/proc/self/fd/N` magic link naming an fd we already hold. Nothing here
+//! ever resolves a multi-component path, so no symlink or `..` can lead out of the backing dir.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// Turn a libc return value into an `io::Result`, reading errno on -1.
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A single path component as a C string; rejects '/', NUL, "" , "." and "..".
+pub fn name_cstr(name: &OsStr) -> io::Result<CString> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `/proc/self/fd/N`: reopens exactly the inode behind fd, never a path lookup.
+pub fn proc_path(fd: RawFd) -> CString {
+    // Formatting an integer never contains NUL.
+    CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+}
+
+const EMPTY: &CStr = c"";
+
+pub fn openat(
+    dir: RawFd,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
+    let fd = check(unsafe {
+        libc::openat(
+            dir,
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Open an `O_PATH | O_NOFOLLOW` handle on `name` in `dir`: the inode itself, never a link target.
+pub fn open_path(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
+    openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+}
+
+/// Reopen an inode we hold an `O_PATH` fd for, with real access flags.
+pub fn reopen(path_fd: RawFd, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let p = proc_path(path_fd);
+    openat(
+        libc::AT_FDCWD,
+        &p,
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW),
+        0,
+    )
+}
+
+pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    check(unsafe {
+        libc::fstatat(
+            fd,
+            EMPTY.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstatat(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    check(unsafe {
+        libc::fstatat(
+            dir,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstatfs(fd: RawFd) -> io::Result<libc::statvfs> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    check(unsafe { libc::fstatvfs(fd, st.as_mut_ptr()) })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn mkdirat(dir: RawFd, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    check(unsafe { libc::mkdirat(dir, name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: RawFd, name: &CStr, mode: libc::mode_t, rdev: libc::dev_t) -> io::Result<()> {
+    check(unsafe { libc::mknodat(dir, name.as_ptr(), mode, rdev) }).map(drop)
+}
+
+pub fn symlinkat(target: &CStr, dir: RawFd, name: &CStr) -> io::Result<()> {
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) }).map(drop)
+}
+
+pub fn unlinkat(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+    check(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }).map(drop)
+}
+
+pub fn renameat2(
+    olddir: RawFd,
+    oldname: &CStr,
+    newdir: RawFd,
+    newname: &CStr,
+    flags: libc::c_uint,
+) -> io::Result<()> {
+    check(unsafe { libc::renameat2(olddir, oldname.as_ptr(), newdir, newname.as_ptr(), flags) })
+        .map(drop)
+}
+
+/// Hard-link the inode behind `path_fd` as `name` in `dir`.
+pub fn link_fd(path_fd: RawFd, dir: RawFd, name: &CStr) -> io::Result<()> {
+    // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the procfs magic link works for everyone.
+    let r = check(unsafe {
+        libc::linkat(
+            path_fd,
+            EMPTY.as_ptr(),
+            dir,
+            name.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    });
+    match r {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::EPERM) =>
+        {
+            let p = proc_path(path_fd);
+            check(unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    p.as_ptr(),
+                    dir,
+                    name.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            })
+            .map(drop)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub fn readlink_fd(path_fd: RawFd) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    let n = check_size(unsafe {
+        libc::readlinkat(path_fd, EMPTY.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// chown the inode itself (not a link target); `u32::MAX` leaves an id unchanged.
+pub fn fchown_fd(path_fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
+    check(unsafe {
+        libc::fchownat(
+            path_fd,
+            EMPTY.as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn chmod_fd(path_fd: RawFd, mode: libc::mode_t) -> io::Result<()> {
+    let p = proc_path(path_fd);
+    check(unsafe { libc::fchmodat(libc::AT_FDCWD, p.as_ptr(), mode, 0) }).map(drop)
+}
+
+pub fn utimens_fd(path_fd: RawFd, is_symlink: bool, times: &[libc::timespec; 2]) -> io::Result<()> {
+    if is_symlink {
+        // The procfs link would follow the symlink; AT_EMPTY_PATH acts on the link itself.
+        return check(unsafe {
+            libc::utimensat(
+                path_fd,
+                EMPTY.as_ptr(),
+                times.as_ptr(),
+                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(drop);
+    }
+    let p = proc_path(path_fd);
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }).map(drop)
+}
+
+pub fn ftruncate(fd: RawFd, size: u64) -> io::Result<()> {
+    check(unsafe { libc::ftruncate(fd, size as libc::off_t) }).map(drop)
+}
+
+pub fn pread(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    check_size(unsafe {
+        libc::pread(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            offset as libc::off_t,
+        )
+    })
+}
+
+/// Read up to `size` bytes into the spare capacity of `buf` (its length is set to what was read).
+pub fn pread_into(fd: RawFd, buf: &mut Vec<u8>, size: usize, offset: u64) -> io::Result<()> {
+    buf.clear();
+    buf.reserve(size);
+    let mut done = 0usize;
+    while done < size {
+        let n = check_size(unsafe {
+            libc::pread(
+                fd,
+                buf.as_mut_ptr().add(done).cast(),
+                size - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        });
+        match n {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    // SAFETY: pread initialised exactly `done` bytes of the reserved capacity.
+    unsafe { buf.set_len(done) };
+    Ok(())
+}
+
+pub fn pwrite_all(fd: RawFd, data: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let n = check_size(unsafe {
+            libc::pwrite(
+                fd,
+                data[done..].as_ptr().cast(),
+                data.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        });
+        match n {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
+    check(unsafe {
+        if datasync {
+            libc::fdatasync(fd)
+        } else {
+            libc::fsync(fd)
+        }
+    })
+    .map(drop)
+}
+
+pub fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    check(unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) }).map(drop)
+}
+
+pub fn lseek(fd: RawFd, offset: i64, whence: libc::c_int) -> io::Result<i64> {
+    let r = unsafe { libc::lseek(fd, offset, whence) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn copy_file_range(
+    fd_in: RawFd,
+    off_in: u64,
+    fd_out: RawFd,
+    off_out: u64,
+    len: u64,
+) -> io::Result<u64> {
+    let mut oi = off_in as libc::loff_t;
+    let mut oo = off_out as libc::loff_t;
+    let n = check_size(unsafe {
+        libc::copy_file_range(fd_in, &mut oi, fd_out, &mut oo, len as usize, 0)
+    })?;
+    Ok(n as u64)
+}
+
+pub fn getxattr(path_fd: RawFd, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    let p = proc_path(path_fd);
+    check_size(unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })
+}
+
+pub fn setxattr(path_fd: RawFd, name: &CStr, value: &[u8], flags: libc::c_int) -> io::Result<()> {
+    let p = proc_path(path_fd);
+    check(unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn listxattr(path_fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let p = proc_path(path_fd);
+    check_size(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+pub fn removexattr(path_fd: RawFd, name: &CStr) -> io::Result<()> {
+    let p = proc_path(path_fd);
+    check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+pub fn faccessat(path_fd: RawFd, mask: libc::c_int) -> io::Result<()> {
+    let p = proc_path(path_fd);
+    check(unsafe { libc::faccessat(libc::AT_FDCWD, p.as_ptr(), mask, libc::AT_EACCESS) }).map(drop)
+}
+
+pub fn geteuid() -> u32 {
+    unsafe { libc::geteuid() }
+}
+
+/// The raw fd of anything that has one (keeps call sites short).
+pub fn raw(fd: &impl AsRawFd) -> RawFd {
+    fd.as_raw_fd()
+}
