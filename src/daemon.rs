@@ -186,6 +186,31 @@ pub fn create_store_dir(store: &Path) -> io::Result<()> {
     std::fs::set_permissions(store, std::fs::Permissions::from_mode(0o700))
 }
 
+/// Readahead of the mount, in KiB. The kernel gives a FUSE mount 128 KiB, so sequential reads
+/// reach the daemon as 128 KiB requests; at 1 MiB (our max_write) they come as 1 MiB requests,
+/// a quarter of the round trips per byte.
+const READ_AHEAD_KB: u32 = 1024;
+
+/// Raise the readahead of the mount's backing device info (root only; best effort). The device
+/// is read from mountinfo: a stat of the mount point here would wait on our own session.
+fn set_read_ahead(mountpoint: &Path) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let dev = text.lines().rev().find_map(|line| {
+        let mut f = line.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        (Path::new(&unescape_mountinfo(mp)) == mountpoint).then(|| dev.to_string())
+    });
+    if let Some(dev) = dev {
+        let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+            log::debug!("cannot set {path}: {e}");
+        }
+    }
+}
+
 /// The store, claimed: the lock is held for as long as this lives.
 pub struct StoreLock {
     file: File,
@@ -322,6 +347,10 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         req.config.threads,
         store.display()
     );
+
+    if root {
+        set_read_ahead(&req.mountpoint);
+    }
 
     let mut unmounter = session.unmount_callable();
     let mountpoint = req.mountpoint.clone();
