@@ -39,6 +39,8 @@ pub enum DaemonError {
     Store { path: PathBuf, source: io::Error },
     #[error("store {path} is in use by another grainfs daemon{pid}; unmount that one first")]
     StoreLocked { path: PathBuf, pid: String },
+    #[error("mounting {0}: /dev/fuse is not open to this user (uid {1}); FUSE mounts by ordinary users need it mode 0666, as most distributions ship it (chmod 0666 /dev/fuse), or mount as root")]
+    DevFuse(PathBuf, u32),
     #[error("mounting {mountpoint}: {source}")]
     Mount {
         mountpoint: PathBuf,
@@ -333,6 +335,12 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
     options.n_threads = Some(req.config.threads.max(1));
     options.clone_fd = true;
 
+    if !root && unsafe { libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
+        // fusermount3 too opens /dev/fuse as the calling user, so nothing else can work.
+        return Err(DaemonError::DevFuse(req.mountpoint.clone(), unsafe {
+            libc::getuid()
+        }));
+    }
     let mut session =
         fuser::Session::new(adapter, &req.mountpoint, &options).map_err(|source| {
             DaemonError::Mount {
