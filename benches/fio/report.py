@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Turn the fio JSON files written by run.sh into a markdown table.
+
+usage: report.py RESULTS_DIR JOBS TARGETS
+  RESULTS_DIR  holds <slug>/<job>.<rep>.fio.json
+  JOBS         comma-separated job names in table order (seq-write,seq-read,...)
+  TARGETS      comma-separated label=slug pairs in column order; the first is the
+               plain directory, the last is bindfs, the ones between are grainfs variants.
+
+Each cell is the median over the repetitions. seq-* jobs are reported in MB/s
+(10^6 bytes per second), rand-* jobs in IOPS. Prints the table on stdout.
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+
+
+def load(path):
+    with open(path) as f:
+        text = f.read()
+    # fio may put notes before the JSON object; skip to the first brace.
+    start = text.find("{")
+    if start < 0:
+        raise SystemExit(f"{path}: no JSON in fio output")
+    data = json.loads(text[start:])
+    job = data["jobs"][0]
+    if job.get("error"):
+        raise SystemExit(f"{path}: fio job error {job['error']}")
+    return job
+
+
+def metric(job_name, job):
+    direction = "write" if "write" in job_name else "read"
+    stats = job[direction]
+    if job_name.startswith("seq"):
+        return stats["bw_bytes"] / 1e6, stats["io_bytes"]
+    return stats["iops"], stats["io_bytes"]
+
+
+def fmt(v, unit):
+    if v is None:
+        return "n/a"
+    return f"{v:,.1f}" if unit == "MB/s" else f"{v:,.0f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}"
+
+
+def main():
+    results, jobs, targets = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
+    targets = [t.split("=", 1) for t in targets]
+    plain, bindfs, variants = targets[0], targets[-1], targets[1:-1]
+
+    header = ["job", "unit"] + [label for label, _ in targets]
+    for label, _ in variants:
+        header += [f"{label}/plain", f"{label}/bindfs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+
+    for job_name in jobs:
+        unit = "MB/s" if job_name.startswith("seq") else "IOPS"
+        values = {}
+        for label, slug in targets:
+            files = sorted(glob.glob(os.path.join(results, slug, f"{job_name}.*.fio.json")))
+            samples, short = [], False
+            for path in files:
+                v, io_bytes = metric(job_name, load(path))
+                samples.append(v)
+                expected = os.environ.get(
+                    "SEQ_BYTES" if job_name.startswith("seq") else "RAND_IO_BYTES"
+                )
+                if expected and io_bytes < int(expected):
+                    short = True
+            values[label] = statistics.median(samples) if samples else None
+            if short:
+                notes.append(
+                    f"{job_name} on {label}: stopped by the runtime cap before the full size"
+                )
+        row = [job_name, unit] + [fmt(values[label], unit) for label, _ in targets]
+        for label, _ in variants:
+            row += [ratio(values[label], values[plain[0]]), ratio(values[label], values[bindfs[0]])]
+        lines.append("| " + " | ".join(row) + " |")
+
+    print("\n".join(lines))
+    for n in notes:
+        print(f"\nNote: {n}")
+
+
+if __name__ == "__main__":
+    main()
