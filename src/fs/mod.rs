@@ -303,12 +303,14 @@ impl OverlayFs {
     }
 
     /// Hand a freshly created inode to the caller, as if the caller had created it.
+    /// `mode` is the mode the inode was created with (umask applied).
     fn give_to_caller(
         &self,
         parent: &Inode,
         dir_fd: i32,
         name: &CString,
         caller: Caller,
+        mode: u32,
     ) -> FsResult<()> {
         if !self.chown_new {
             return Ok(());
@@ -321,7 +323,27 @@ impl OverlayFs {
             caller.gid
         };
         let fd = sys::open_path(dir_fd, name).map_err(FsError::backing("chown new"))?;
-        sys::fchown_fd(fd.as_raw_fd(), caller.uid, gid).map_err(FsError::backing("chown new"))
+        sys::fchown_fd(fd.as_raw_fd(), caller.uid, gid).map_err(FsError::backing("chown new"))?;
+        // chown of a non-directory clears setuid and setgid, even done by root. Put back what
+        // the caller would have kept creating the file itself: setuid always (the file is
+        // theirs), setgid only when the file's group is the caller's own (we cannot see the
+        // caller's supplementary groups, so stay on the safe side).
+        let special = mode & (libc::S_ISUID | libc::S_ISGID);
+        if special != 0 {
+            let st = sys::fstat(fd.as_raw_fd()).map_err(FsError::backing("chown new"))?;
+            let kind = FileKind::from_mode(st.st_mode);
+            if kind != FileKind::Directory && kind != FileKind::Symlink {
+                let mut keep = mode & libc::S_ISUID;
+                if st.st_gid == caller.gid {
+                    keep |= mode & libc::S_ISGID;
+                }
+                if keep != 0 {
+                    sys::chmod_fd(fd.as_raw_fd(), (st.st_mode & 0o7777) | keep)
+                        .map_err(FsError::backing("chown new"))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn file(&self, fh: u64) -> FsResult<Arc<FileHandle>> {
@@ -470,7 +492,13 @@ impl OverlayFs {
         let c = sys::name_cstr(name).map_err(FsError::backing("mknod"))?;
         sys::mknodat(parent.raw_fd(), &c, mode & !umask, rdev as libc::dev_t)
             .map_err(FsError::backing("mknod"))?;
-        self.give_to_caller(&parent, parent.raw_fd(), &c, caller)?;
+        self.give_to_caller(
+            &parent,
+            parent.raw_fd(),
+            &c,
+            caller,
+            (mode & !umask) & 0o7777,
+        )?;
         self.lookup_in(&parent, name)
     }
 
@@ -488,7 +516,7 @@ impl OverlayFs {
         let c = sys::name_cstr(name).map_err(FsError::backing("mkdir"))?;
         sys::mkdirat(parent.raw_fd(), &c, (mode & !umask) & 0o7777)
             .map_err(FsError::backing("mkdir"))?;
-        self.give_to_caller(&parent, parent.raw_fd(), &c, caller)?;
+        self.give_to_caller(&parent, parent.raw_fd(), &c, caller, 0)?;
         self.lookup_in(&parent, name)
     }
 
@@ -507,7 +535,7 @@ impl OverlayFs {
             FsError::backing("symlink")(std::io::Error::from_raw_os_error(libc::EINVAL))
         })?;
         sys::symlinkat(&t, parent.raw_fd(), &c).map_err(FsError::backing("symlink"))?;
-        self.give_to_caller(&parent, parent.raw_fd(), &c, caller)?;
+        self.give_to_caller(&parent, parent.raw_fd(), &c, caller, 0)?;
         self.lookup_in(&parent, name)
     }
 
@@ -599,7 +627,13 @@ impl OverlayFs {
             (mode & !umask) & 0o7777,
         )
         .map_err(FsError::backing("create"))?;
-        self.give_to_caller(&parent_inode, parent_inode.raw_fd(), &c, caller)?;
+        self.give_to_caller(
+            &parent_inode,
+            parent_inode.raw_fd(),
+            &c,
+            caller,
+            (mode & !umask) & 0o7777,
+        )?;
         let entry = self.lookup_in(&parent_inode, name)?;
         let inode = self.inodes.get(entry.attr.ino)?;
         if inode.key
