@@ -11,11 +11,13 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use log::{error, info};
+use log::{error, info, warn};
 
 use crate::config::Config;
+use crate::control::{self, Request, Response, StatusReport};
 use crate::fs::{OverlayFs, OverlayOptions};
 use crate::fuse::{FuseAdapter, KernelCache};
+use crate::track::{Geometry, Tracker};
 
 /// Why a mount could not be served; each message says what, where and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +298,31 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
     unsafe { libc::umask(0) };
 
     let store_inside = store.starts_with(&req.backing);
+    let tracking = &req.config.tracking;
+    let tracker = if tracking.enabled {
+        let geometry = Geometry {
+            block_size: tracking.block_size,
+            partition_size: tracking.partition_size,
+        };
+        let (t, recovery) = Tracker::open(&req.backing, &store, geometry, tracking.interval)
+            .map_err(|source| DaemonError::Store {
+                path: store.clone(),
+                source,
+            })?;
+        if recovery.unclean {
+            warn!(
+                "the previous daemon did not unmount cleanly: {} partition(s) marked unknown from the write-intent record",
+                recovery.intent_partitions
+            );
+        }
+        for path in &recovery.changed_behind {
+            warn!("{path} changed behind the overlay's back while unmounted: marked unknown");
+        }
+        Some(Arc::new(t))
+    } else {
+        info!("tracking disabled by config");
+        None
+    };
     let overlay = OverlayFs::new(
         &req.backing,
         OverlayOptions {
@@ -304,8 +331,14 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
             } else {
                 None
             },
+            tracker: tracker.clone(),
         },
     )?;
+    start_control(&req, &store, tracker.clone()).map_err(|source| DaemonError::Store {
+        path: store.clone(),
+        source,
+    })?;
+    let ticker = tracker.as_ref().map(|t| Ticker::start(t.clone()));
     let cache = KernelCache {
         attr_ttl: req.config.cache.attr_timeout,
         entry_ttl: req.config.cache.entry_timeout,
@@ -387,6 +420,95 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         mountpoint: req.mountpoint.clone(),
         source,
     });
+    if let Some(ticker) = ticker {
+        ticker.stop();
+    }
+    if let Some(t) = &tracker {
+        // Everything saved and marked clean, so the next mount continues exactly here.
+        if let Err(e) = t.shutdown() {
+            error!("saving tracking state: {e}; the next mount will treat it as a crash");
+        }
+    }
+    let _ = std::fs::remove_file(control::socket_path(&store));
     info!("unmounted {}", req.mountpoint.display());
     result
+}
+
+/// The tracking tick thread: `tracker.tick()` every interval until stopped.
+struct Ticker {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Ticker {
+    fn start(tracker: Arc<Tracker>) -> Ticker {
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let interval = tracker.interval();
+        let thread = std::thread::spawn(move || loop {
+            match rx.recv_timeout(interval) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = tracker.tick() {
+                        error!("tracking tick: {e}");
+                    }
+                }
+                _ => return,
+            }
+        });
+        Ticker { stop, thread }
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Serve the control socket of this mount.
+fn start_control(
+    req: &MountRequest,
+    store: &Path,
+    tracker: Option<Arc<Tracker>>,
+) -> io::Result<()> {
+    let backing = req.backing.display().to_string();
+    let mountpoint = req.mountpoint.display().to_string();
+    let tracking = req.config.tracking.clone();
+    control::serve(
+        store,
+        Arc::new(move |r| match r {
+            Request::Ping => Response::Pong,
+            Request::Status { paths } => {
+                let volumes = match &tracker {
+                    Some(t) => t
+                        .change_maps_with_paths()
+                        .into_iter()
+                        .filter(|m| path_selected(m.path.as_deref(), &paths))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                Response::Status(StatusReport {
+                    live: true,
+                    backing: backing.clone(),
+                    mountpoint: Some(mountpoint.clone()),
+                    tracking: tracker.is_some(),
+                    block_size: tracking.block_size,
+                    partition_size: tracking.partition_size,
+                    interval_secs: tracking.interval.as_secs_f64(),
+                    volumes,
+                })
+            }
+        }),
+    )
+}
+
+/// True if a volume at `path` (relative to the backing dir) is selected by `paths` (empty:
+/// everything; a directory selects what is under it).
+pub fn path_selected(path: Option<&str>, paths: &[String]) -> bool {
+    if paths.is_empty() {
+        return true;
+    }
+    let Some(path) = path else { return false };
+    paths.iter().any(|p| {
+        let p = p.trim_end_matches('/');
+        p.is_empty() || p == "." || path == p || path.starts_with(&format!("{p}/"))
+    })
 }

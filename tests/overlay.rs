@@ -36,6 +36,7 @@ fn fixture_with(setup: impl FnOnce(&Path)) -> Fixture {
         &backing,
         OverlayOptions {
             store: Some(backing.join(STORE)),
+            tracker: None,
         },
     )
     .expect("OverlayFs::new");

@@ -3,6 +3,7 @@
 
 mod check_config;
 mod mount;
+mod status;
 mod umount;
 
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 pub use check_config::CheckConfigArgs;
 pub use mount::MountArgs;
+pub use status::StatusArgs;
 pub use umount::UmountArgs;
 
 /// grainfs: snapshots for directories of file-backed volumes.
@@ -36,6 +38,8 @@ pub enum Command {
     Umount(UmountArgs),
     /// Check a config file; errors name the key and the line.
     CheckConfig(CheckConfigArgs),
+    /// Change tracking per volume and partition: dirty bytes, rates, access pattern, unknowns.
+    Status(StatusArgs),
 }
 
 /// An error for the user: printed as `grainfs: <message>`, exit status 1.
@@ -84,9 +88,11 @@ pub(crate) fn init_logging(
         b.parse_filters(&env);
     }
     if let LogTarget::File(path) = target {
+        use std::os::unix::fs::OpenOptionsExt;
         match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
         {
             Ok(f) => {
@@ -103,6 +109,11 @@ pub(crate) fn init_logging(
 
 /// Run a parsed command line; returns the process exit status.
 pub fn run(args: Args) -> i32 {
+    if !matches!(args.command, Command::Mount(_)) {
+        // A reader that stops early (`grainfs status | head`) ends us quietly, as for any
+        // Unix filter; the daemon keeps ignoring SIGPIPE (it writes to sockets).
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match &args.command {
         Command::Mount(m) => mount::run(m, &args),
         Command::Umount(u) => {
@@ -110,6 +121,10 @@ pub fn run(args: Args) -> i32 {
             umount::run(u)
         }
         Command::CheckConfig(c) => check_config::run(c),
+        Command::Status(s) => {
+            init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
+            status::run(s)
+        }
     };
     match result {
         Ok(()) => 0,

@@ -22,6 +22,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use error::{FsError, FsResult};
 use inode::{BackingKey, ContentStamp, Inode, InodeTable, ROOT_INO};
 
+use crate::track::{now_ns, Tracker, Volume, VolumeId};
+
+// fallocate(2) mode bits (linux/falloc.h).
+const FALLOC_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_COLLAPSE_RANGE: i32 = 0x08;
+const FALLOC_ZERO_RANGE: i32 = 0x10;
+const FALLOC_INSERT_RANGE: i32 = 0x20;
+
 /// What kind of inode an entry is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FileKind {
@@ -166,16 +174,22 @@ pub enum Xattr {
 }
 
 /// Options of the overlay that are not about the kernel.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct OverlayOptions {
     /// The store dir: hidden from the mount and unreachable through it, if inside the backing dir.
     pub store: Option<PathBuf>,
+    /// Change tracking; `None` when `tracking.enabled = false`.
+    pub tracker: Option<Arc<Tracker>>,
 }
 
 /// An open regular file.
 struct FileHandle {
     file: File,
     inode: Arc<Inode>,
+    /// The tracked volume, for handles that can change content (tracking on).
+    volume: Option<Arc<Volume>>,
+    /// End of this handle's previous write: a write starting there is sequential.
+    last_end: AtomicU64,
 }
 
 /// An open directory: its fd (for fsyncdir) and the entries read at the last rewind.
@@ -202,6 +216,7 @@ pub struct OverlayFs {
     hidden: Option<HiddenStore>,
     /// When the daemon runs as root, new inodes are handed to the caller.
     chown_new: bool,
+    tracker: Option<Arc<Tracker>>,
 }
 
 thread_local! {
@@ -243,6 +258,7 @@ impl OverlayFs {
             next_fh: AtomicU64::new(1),
             hidden,
             chown_new: sys::geteuid() == 0,
+            tracker: options.tracker,
         })
     }
 
@@ -368,7 +384,62 @@ impl OverlayFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn register_file(&self, file: File, inode: Arc<Inode>) -> FsResult<Opened> {
+    /// The tracked volume of a regular file (created on first use); None with tracking off.
+    fn volume_of(&self, inode: &Inode) -> Option<Arc<Volume>> {
+        let t = self.tracker.as_ref()?;
+        if inode.kind != FileKind::Regular {
+            return None;
+        }
+        let st = sys::fstat(inode.raw_fd()).ok()?;
+        let v = t.volume(volume_id(inode.key), st.st_size as u64);
+        v.attach_fd(|| inode.fd.try_clone().ok());
+        Some(v)
+    }
+
+    /// Run `change`, which alters content from `offset` for `len` bytes (0: size only), inside
+    /// the volume's write gate with its write intent made durable first; `record` then notes
+    /// the change in the volume's change map. Without a volume, just run `change`.
+    fn tracked<T>(
+        &self,
+        volume: Option<&Arc<Volume>>,
+        offset: u64,
+        len: u64,
+        change: impl FnOnce() -> FsResult<T>,
+        record: impl FnOnce(&Volume, &T),
+    ) -> FsResult<T> {
+        let (Some(v), Some(t)) = (volume, self.tracker.as_ref()) else {
+            return change();
+        };
+        let _gate = v.enter();
+        // If the intent cannot be made durable (store full), the change is refused: a crash
+        // after it would otherwise lose track of it.
+        t.before_change(v, offset, len)
+            .map_err(FsError::backing("write intent"))?;
+        let r = change()?;
+        record(v, &r);
+        Ok(r)
+    }
+
+    /// The volume id of the regular file `name` in `dir` if its last link is about to go.
+    fn last_link(&self, dir: &Inode, name: &CString) -> Option<VolumeId> {
+        self.tracker.as_ref()?;
+        let st = sys::fstatat(dir.raw_fd(), name).ok()?;
+        (st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1)
+            .then(|| volume_id(BackingKey::of(&st)))
+    }
+
+    fn drop_volume(&self, id: Option<VolumeId>) {
+        if let (Some(t), Some(id)) = (&self.tracker, id) {
+            t.forget_volume(id);
+        }
+    }
+
+    fn register_file(
+        &self,
+        file: File,
+        inode: Arc<Inode>,
+        volume: Option<Arc<Volume>>,
+    ) -> FsResult<Opened> {
         let st = sys::fstat(file.as_raw_fd()).map_err(FsError::backing("open"))?;
         let stamp = ContentStamp::of(&st);
         let keep_cache = {
@@ -381,7 +452,15 @@ impl OverlayFs {
         self.files
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, Arc::new(FileHandle { file, inode }));
+            .insert(
+                fh,
+                Arc::new(FileHandle {
+                    file,
+                    inode,
+                    volume,
+                    last_end: AtomicU64::new(u64::MAX),
+                }),
+            );
         Ok(Opened { fh, keep_cache })
     }
 
@@ -443,20 +522,32 @@ impl OverlayFs {
             .map_err(FsError::backing("chown"))?;
         }
         if let Some(size) = set.size {
-            match &handle {
-                Some(h) => sys::ftruncate(h.file.as_raw_fd(), size)
-                    .map_err(FsError::backing("truncate"))?,
-                None => {
-                    if inode.kind != FileKind::Regular {
-                        return Err(FsError::backing("truncate")(
-                            std::io::Error::from_raw_os_error(libc::EINVAL),
-                        ));
-                    }
-                    let fd = sys::reopen(inode.raw_fd(), libc::O_WRONLY)
-                        .map_err(FsError::backing("truncate"))?;
-                    sys::ftruncate(fd.as_raw_fd(), size).map_err(FsError::backing("truncate"))?;
-                }
+            if inode.kind != FileKind::Regular {
+                return Err(FsError::backing("truncate")(
+                    std::io::Error::from_raw_os_error(libc::EINVAL),
+                ));
             }
+            let volume = handle
+                .as_ref()
+                .and_then(|h| h.volume.clone())
+                .or_else(|| self.volume_of(&inode));
+            let old = self.stat_of(&inode)?.st_size as u64;
+            // Shrinking changes the content from the new end to the old one.
+            self.tracked(
+                volume.as_ref(),
+                size,
+                old.saturating_sub(size),
+                || match &handle {
+                    Some(h) => sys::ftruncate(h.file.as_raw_fd(), size)
+                        .map_err(FsError::backing("truncate")),
+                    None => {
+                        let fd = sys::reopen(inode.raw_fd(), libc::O_WRONLY)
+                            .map_err(FsError::backing("truncate"))?;
+                        sys::ftruncate(fd.as_raw_fd(), size).map_err(FsError::backing("truncate"))
+                    }
+                },
+                |v, _| v.record_truncate(size, now_ns()),
+            )?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let times = [timespec(set.atime), timespec(set.mtime)];
@@ -544,7 +635,10 @@ impl OverlayFs {
         let parent = self.inodes.get(parent)?;
         self.check_not_store(&parent, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("unlink"))?;
-        sys::unlinkat(parent.raw_fd(), &c, 0).map_err(FsError::backing("unlink"))
+        let gone = self.last_link(&parent, &c);
+        sys::unlinkat(parent.raw_fd(), &c, 0).map_err(FsError::backing("unlink"))?;
+        self.drop_volume(gone);
+        Ok(())
     }
 
     /// Remove an empty directory.
@@ -570,8 +664,15 @@ impl OverlayFs {
         self.check_not_store(&newparent, newname)?;
         let a = sys::name_cstr(name).map_err(FsError::backing("rename"))?;
         let b = sys::name_cstr(newname).map_err(FsError::backing("rename"))?;
+        let replaced = if flags & libc::RENAME_EXCHANGE == 0 {
+            self.last_link(&newparent, &b)
+        } else {
+            None
+        };
         sys::renameat2(parent.raw_fd(), &a, newparent.raw_fd(), &b, flags)
-            .map_err(FsError::backing("rename"))
+            .map_err(FsError::backing("rename"))?;
+        self.drop_volume(replaced);
+        Ok(())
     }
 
     /// Create a hard link to `ino` as `newname` in `newparent`.
@@ -599,9 +700,33 @@ impl OverlayFs {
                 },
             )));
         }
-        let fd = sys::reopen(inode.raw_fd(), flags & !STRIPPED_OPEN_FLAGS)
-            .map_err(FsError::backing("open"))?;
-        self.register_file(File::from(fd), inode)
+        let truncate = flags & libc::O_TRUNC != 0;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || truncate;
+        let volume = if writable {
+            self.volume_of(&inode)
+        } else {
+            None
+        };
+        let old = if truncate && volume.is_some() {
+            self.stat_of(&inode)?.st_size as u64
+        } else {
+            0
+        };
+        let fd = self.tracked(
+            volume.as_ref(),
+            0,
+            old,
+            || {
+                sys::reopen(inode.raw_fd(), flags & !STRIPPED_OPEN_FLAGS)
+                    .map_err(FsError::backing("open"))
+            },
+            |v, _| {
+                if truncate {
+                    v.record_truncate(0, now_ns())
+                }
+            },
+        )?;
+        self.register_file(File::from(fd), inode, volume)
     }
 
     /// Create and open a regular file (O_EXCL and O_TRUNC honoured by the backing open).
@@ -620,13 +745,34 @@ impl OverlayFs {
         let open_flags = (flags & !(libc::O_APPEND | libc::O_DIRECT | libc::O_NOCTTY))
             | libc::O_CREAT
             | libc::O_NOFOLLOW;
-        let fd = sys::openat(
-            parent_inode.raw_fd(),
-            &c,
-            open_flags,
-            (mode & !umask) & 0o7777,
-        )
-        .map_err(FsError::backing("create"))?;
+        // O_TRUNC on an existing file is a change to its content like any other.
+        let existing = match (&self.tracker, flags & libc::O_TRUNC != 0) {
+            (Some(t), true) => sys::fstatat(parent_inode.raw_fd(), &c)
+                .ok()
+                .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size > 0)
+                .map(|st| {
+                    (
+                        t.volume(volume_id(BackingKey::of(&st)), st.st_size as u64),
+                        st.st_size as u64,
+                    )
+                }),
+            _ => None,
+        };
+        let fd = self.tracked(
+            existing.as_ref().map(|(v, _)| v),
+            0,
+            existing.as_ref().map_or(0, |(_, size)| *size),
+            || {
+                sys::openat(
+                    parent_inode.raw_fd(),
+                    &c,
+                    open_flags,
+                    (mode & !umask) & 0o7777,
+                )
+                .map_err(FsError::backing("create"))
+            },
+            |v, _| v.record_truncate(0, now_ns()),
+        )?;
         self.give_to_caller(
             &parent_inode,
             parent_inode.raw_fd(),
@@ -646,7 +792,8 @@ impl OverlayFs {
                 std::io::Error::from_raw_os_error(libc::EAGAIN),
             ));
         }
-        let opened = self.register_file(File::from(fd), inode)?;
+        let volume = self.volume_of(&inode);
+        let opened = self.register_file(File::from(fd), inode, volume)?;
         Ok((entry, opened))
     }
 
@@ -670,7 +817,17 @@ impl OverlayFs {
     /// Write all of `data` at `offset`.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let h = self.file(fh)?;
-        sys::pwrite_all(h.file.as_raw_fd(), data, offset).map_err(FsError::backing("write"))?;
+        let len = data.len() as u64;
+        self.tracked(
+            h.volume.as_ref(),
+            offset,
+            len,
+            || sys::pwrite_all(h.file.as_raw_fd(), data, offset).map_err(FsError::backing("write")),
+            |v, _| {
+                let sequential = h.last_end.swap(offset + len, Ordering::Relaxed) == offset;
+                v.record_write(offset, len, sequential, now_ns())
+            },
+        )?;
         Ok(data.len() as u32)
     }
 
@@ -698,8 +855,46 @@ impl OverlayFs {
     /// fallocate(2), including FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         let h = self.file(fh)?;
-        sys::fallocate(h.file.as_raw_fd(), mode, offset, length)
-            .map_err(FsError::backing("fallocate"))
+        let old = match h.volume {
+            Some(_) => {
+                sys::fstat(h.file.as_raw_fd())
+                    .map_err(FsError::backing("fallocate"))?
+                    .st_size as u64
+            }
+            None => 0,
+        };
+        // Which content changes: punch hole and zero range zero the blocks they touch (within
+        // the old size; past it the file only grows); collapse and insert shift everything from
+        // the offset on; plain allocation changes only the size.
+        let (start, len) = if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 {
+            (
+                offset,
+                old.min(offset.saturating_add(length))
+                    .saturating_sub(offset),
+            )
+        } else if mode & (FALLOC_COLLAPSE_RANGE | FALLOC_INSERT_RANGE) != 0 {
+            (offset, (old + length).saturating_sub(offset))
+        } else {
+            (offset, 0)
+        };
+        self.tracked(
+            h.volume.as_ref(),
+            start,
+            len,
+            || {
+                sys::fallocate(h.file.as_raw_fd(), mode, offset, length)
+                    .map_err(FsError::backing("fallocate"))
+            },
+            |v, _| {
+                let now = now_ns();
+                v.record_zero(start, len, now);
+                if let Ok(st) = sys::fstat(h.file.as_raw_fd()) {
+                    if st.st_size as u64 != old {
+                        v.record_truncate(st.st_size as u64, now);
+                    }
+                }
+            },
+        )
     }
 
     /// lseek(2) on the backing file: SEEK_DATA and SEEK_HOLE see its real holes.
@@ -719,8 +914,16 @@ impl OverlayFs {
     ) -> FsResult<u64> {
         let a = self.file(fh_in)?;
         let b = self.file(fh_out)?;
-        sys::copy_file_range(a.file.as_raw_fd(), off_in, b.file.as_raw_fd(), off_out, len)
-            .map_err(FsError::backing("copy_file_range"))
+        self.tracked(
+            b.volume.as_ref(),
+            off_out,
+            len,
+            || {
+                sys::copy_file_range(a.file.as_raw_fd(), off_in, b.file.as_raw_fd(), off_out, len)
+                    .map_err(FsError::backing("copy_file_range"))
+            },
+            |v, n| v.record_write(off_out, *n, false, now_ns()),
+        )
     }
 
     /// The inode number an open file handle refers to (for the tracking layer to come).
@@ -1047,4 +1250,11 @@ fn hidden_store(store: &Path) -> Option<HiddenStore> {
         },
         name: store.file_name()?.to_os_string(),
     })
+}
+
+fn volume_id(key: BackingKey) -> VolumeId {
+    VolumeId {
+        dev: key.dev,
+        ino: key.ino,
+    }
 }

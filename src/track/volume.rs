@@ -1,0 +1,637 @@
+//! One tracked volume: its dirty bitmap, its partitions' counters and rates, what is unknown
+//! about it, and its write gate.
+//!
+//! A volume is a backing inode (tracking follows the inode: rename keeps it, hard links share
+//! it). The write path records into it without allocating; rates and change maps are computed
+//! only at a tick. It never does I/O except `fstat` on its own O_PATH fd.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+
+use serde::{Deserialize, Serialize};
+
+use super::bitmap::DirtyBitmap;
+use super::counters::{classify, ewma, AccessPattern, CounterValues, PartitionCounters};
+
+/// Identity of a volume: its backing inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VolumeId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl std::fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}:{}", self.dev, self.ino)
+    }
+}
+
+/// Block and partition sizes (powers of two; a partition is a whole number of blocks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Geometry {
+    pub block_size: u64,
+    pub partition_size: u64,
+}
+
+impl Geometry {
+    fn block_shift(&self) -> u32 {
+        self.block_size.trailing_zeros()
+    }
+
+    /// Blocks per partition.
+    pub fn blocks_per_partition(&self) -> u64 {
+        self.partition_size / self.block_size
+    }
+
+    /// Number of blocks covering `size` bytes.
+    pub fn blocks(&self, size: u64) -> u64 {
+        size.div_ceil(self.block_size)
+    }
+
+    /// Number of partitions covering `size` bytes.
+    pub fn partitions(&self, size: u64) -> u64 {
+        size.div_ceil(self.partition_size)
+    }
+}
+
+/// What the daemon last saw of the backing file, to notice changes made behind its back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(st: &libc::stat) -> FileStamp {
+        FileStamp {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+            ctime_ns: st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128,
+        }
+    }
+}
+
+/// Smoothed rates of one partition, updated at each tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    /// EWMA of blocks newly dirtied per second.
+    pub change_rate: f64,
+    /// EWMA of writes per second.
+    pub write_rate: f64,
+    /// Counter values at the previous tick.
+    pub last_dirty: u64,
+    pub last_writes: u64,
+}
+
+/// A partition's live state.
+#[derive(Debug, Default)]
+pub struct Partition {
+    pub counters: PartitionCounters,
+    /// The intent epoch in which this partition's write intent was last persisted.
+    pub intent_epoch: AtomicU64,
+}
+
+/// One tracked volume.
+#[derive(Debug)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub geometry: Geometry,
+    bitmap: DirtyBitmap,
+    partitions: RwLock<Vec<Partition>>,
+    /// Size as last seen by the write path (writes, truncates).
+    size: AtomicU64,
+    /// Lowest size since the last snapshot: blocks between it and the current size that are
+    /// not dirty read as zeros (they were cut off and grown back).
+    low_water: AtomicU64,
+    unknown_all: AtomicBool,
+    unknown: Mutex<BTreeSet<u64>>,
+    rates: Mutex<Vec<Rates>>,
+    /// Whether anything was written through the overlay since the last tick.
+    written_since_tick: AtomicBool,
+    stamp: Mutex<FileStamp>,
+    /// O_PATH fd on the backing inode (absent for volumes loaded from a saved state until the
+    /// file is opened again).
+    fd: Mutex<Option<OwnedFd>>,
+    /// The write gate (DESIGN.md "Write path"): writers hold it shared from the intent check
+    /// until their bits are set; a tick or a snapshot barrier takes it exclusively.
+    gate: RwLock<()>,
+}
+
+impl Volume {
+    /// A fresh volume with nothing dirty.
+    pub fn new(id: VolumeId, geometry: Geometry, size: u64) -> Volume {
+        Volume {
+            id,
+            geometry,
+            bitmap: DirtyBitmap::with_blocks(geometry.blocks(size)),
+            partitions: RwLock::new(Vec::new()),
+            size: AtomicU64::new(size),
+            low_water: AtomicU64::new(size),
+            unknown_all: AtomicBool::new(false),
+            unknown: Mutex::new(BTreeSet::new()),
+            rates: Mutex::new(Vec::new()),
+            written_since_tick: AtomicBool::new(false),
+            stamp: Mutex::new(FileStamp::default()),
+            fd: Mutex::new(None),
+            gate: RwLock::new(()),
+        }
+    }
+
+    /// Enter the write gate (shared).
+    pub fn enter(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait for every writer inside the gate to leave (used by the tick after an epoch change).
+    pub fn drain(&self) {
+        drop(self.gate.write().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Attach the O_PATH fd of the backing inode, if none is attached yet.
+    pub fn attach_fd(&self, fd: impl FnOnce() -> Option<OwnedFd>) {
+        let mut slot = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = fd();
+        }
+    }
+
+    fn ensure_partitions(&self, n: usize) {
+        if self
+            .partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            >= n
+        {
+            return;
+        }
+        let mut parts = self.partitions.write().unwrap_or_else(|p| p.into_inner());
+        while parts.len() < n {
+            parts.push(Partition::default());
+        }
+    }
+
+    /// Partitions covering `offset..offset+len` (len > 0).
+    pub fn partition_range(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        let ps = self.geometry.partition_size;
+        (offset / ps)..=((offset + len - 1) / ps)
+    }
+
+    /// For each partition of the range whose intent is not yet persisted in `epoch`, call
+    /// `persist` (which must make it durable before returning) and remember it.
+    pub fn ensure_intent<E>(
+        &self,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+        mut persist: impl FnMut(u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if len == 0 {
+            return Ok(());
+        }
+        let range = self.partition_range(offset, len);
+        self.ensure_partitions(*range.end() as usize + 1);
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        for p in range {
+            let part = &parts[p as usize];
+            if part.intent_epoch.load(Ordering::Acquire) != epoch {
+                persist(p)?;
+                part.intent_epoch.store(epoch, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    /// Mark blocks `first..=last` dirty and count one write of `bytes` in each partition.
+    fn mark_blocks(&self, first: u64, last: u64, bytes: u64, sequential: bool, now_ns: u64) {
+        let bpp = self.geometry.blocks_per_partition();
+        let (fp, lp) = (first / bpp, last / bpp);
+        self.ensure_partitions(lp as usize + 1);
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        let nparts = lp - fp + 1;
+        for p in fp..=lp {
+            let b0 = first.max(p * bpp);
+            let b1 = last.min(p * bpp + bpp - 1);
+            let m = self.bitmap.mark(b0, b1);
+            // A write spanning partitions counts once in each, its bytes split evenly.
+            parts[p as usize]
+                .counters
+                .record(bytes / nparts, m.newly_dirty, sequential, now_ns);
+        }
+        self.written_since_tick.store(true, Ordering::Relaxed);
+    }
+
+    /// Record a write of `len` bytes at `offset` that has reached the backing file.
+    pub fn record_write(&self, offset: u64, len: u64, sequential: bool, now_ns: u64) {
+        if len == 0 {
+            return;
+        }
+        let shift = self.geometry.block_shift();
+        self.mark_blocks(
+            offset >> shift,
+            (offset + len - 1) >> shift,
+            len,
+            sequential,
+            now_ns,
+        );
+        self.size.fetch_max(offset + len, Ordering::Relaxed);
+    }
+
+    /// Record zeroing of `offset..offset+len` (punch hole, zero range): the blocks it touches
+    /// changed content.
+    pub fn record_zero(&self, offset: u64, len: u64, now_ns: u64) {
+        if len == 0 {
+            return;
+        }
+        let shift = self.geometry.block_shift();
+        self.mark_blocks(
+            offset >> shift,
+            (offset + len - 1) >> shift,
+            0,
+            false,
+            now_ns,
+        );
+    }
+
+    /// Record a size change. Growing changes no content (the new range reads as zeros);
+    /// shrinking changes the partial last block and lowers the low-water mark.
+    pub fn record_truncate(&self, new_size: u64, now_ns: u64) {
+        let old = self.size.swap(new_size, Ordering::Relaxed);
+        if new_size < old {
+            self.low_water.fetch_min(new_size, Ordering::Relaxed);
+            if !new_size.is_multiple_of(self.geometry.block_size) {
+                let b = new_size >> self.geometry.block_shift();
+                self.mark_blocks(b, b, 0, false, now_ns);
+            }
+        }
+        self.written_since_tick.store(true, Ordering::Relaxed);
+    }
+
+    /// Current size as the write path knows it.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Refresh size and stamp from the backing file; returns the new stamp, or None if there
+    /// is no fd attached or the stat failed.
+    pub fn refresh_stamp(&self) -> Option<FileStamp> {
+        let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = fd.as_ref()?;
+        let st = crate::fs::sys::fstat(fd.as_raw_fd()).ok()?;
+        let stamp = FileStamp::of(&st);
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
+        self.size.store(stamp.size, Ordering::Relaxed);
+        Some(stamp)
+    }
+
+    /// The stamp recorded last.
+    pub fn stamp(&self) -> FileStamp {
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mark the whole volume unknown (its tracking cannot be trusted).
+    pub fn mark_unknown_all(&self) {
+        self.unknown_all.store(true, Ordering::Relaxed);
+    }
+
+    /// Mark one partition unknown.
+    pub fn mark_unknown(&self, partition: u64) {
+        self.unknown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(partition);
+    }
+
+    /// True if anything was written through the overlay since the last call; resets the flag.
+    pub fn take_written_flag(&self) -> bool {
+        self.written_since_tick.swap(false, Ordering::Relaxed)
+    }
+
+    /// Update the smoothed rates from the counters, `dt_secs` after the previous tick.
+    pub fn tick_rates(&self, dt_secs: f64) {
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        rates.resize(parts.len(), Rates::default());
+        for (part, r) in parts.iter().zip(rates.iter_mut()) {
+            let v = part.counters.values();
+            let d_dirty = v.dirty_blocks.saturating_sub(r.last_dirty) as f64;
+            let d_writes = v.writes.saturating_sub(r.last_writes) as f64;
+            if dt_secs > 0.0 {
+                r.change_rate = ewma(r.change_rate, d_dirty / dt_secs, dt_secs);
+                r.write_rate = ewma(r.write_rate, d_writes / dt_secs, dt_secs);
+            }
+            r.last_dirty = v.dirty_blocks;
+            r.last_writes = v.writes;
+        }
+    }
+
+    /// Everything needed to save this volume and restore it after a restart.
+    pub fn saved(&self, path: Option<String>) -> SavedVolume {
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        SavedVolume {
+            id: self.id,
+            path,
+            stamp: self.stamp(),
+            size: self.size(),
+            low_water: self.low_water.load(Ordering::Relaxed),
+            unknown_all: self.unknown_all.load(Ordering::Relaxed),
+            unknown: self
+                .unknown
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied()
+                .collect(),
+            bitmap: self.bitmap.words(),
+            counters: parts.iter().map(|p| p.counters.values()).collect(),
+            rates: self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    /// Rebuild a volume from its saved state.
+    pub fn restore(geometry: Geometry, s: &SavedVolume) -> Volume {
+        let v = Volume::new(s.id, geometry, s.size);
+        v.bitmap.merge(&s.bitmap);
+        v.ensure_partitions(s.counters.len());
+        {
+            let parts = v.partitions.read().unwrap_or_else(|p| p.into_inner());
+            for (p, c) in parts.iter().zip(&s.counters) {
+                p.counters.restore(c);
+            }
+        }
+        v.low_water.store(s.low_water, Ordering::Relaxed);
+        v.unknown_all.store(s.unknown_all, Ordering::Relaxed);
+        *v.unknown.lock().unwrap_or_else(|p| p.into_inner()) = s.unknown.iter().copied().collect();
+        *v.rates.lock().unwrap_or_else(|p| p.into_inner()) = s.rates.clone();
+        *v.stamp.lock().unwrap_or_else(|p| p.into_inner()) = s.stamp;
+        v
+    }
+
+    /// The immutable change map of this volume now.
+    pub fn change_map(&self, path: Option<String>, now_ns: u64) -> ChangeMap {
+        let g = self.geometry;
+        let size = self.size();
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        let rates = self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let unknown = self
+            .unknown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let unknown_all = self.unknown_all.load(Ordering::Relaxed);
+        let bpp = g.blocks_per_partition();
+        let nparts = (g.partitions(size) as usize).max(parts.len());
+        let mut partitions = Vec::with_capacity(nparts);
+        let (mut writes, mut bytes, mut seq, mut last) = (0, 0, 0, 0);
+        let (mut change_rate, mut write_rate) = (0.0, 0.0);
+        for i in 0..nparts {
+            let v = parts
+                .get(i)
+                .map(|p| p.counters.values())
+                .unwrap_or_default();
+            let r = rates.get(i).copied().unwrap_or_default();
+            let dirty = self
+                .bitmap
+                .count_range(i as u64 * bpp, (i as u64 + 1) * bpp);
+            writes += v.writes;
+            bytes += v.bytes;
+            seq += v.sequential_writes;
+            last = last.max(v.last_update_ns);
+            change_rate += r.change_rate;
+            write_rate += r.write_rate;
+            partitions.push(PartitionMap {
+                index: i as u64,
+                dirty_blocks: dirty,
+                dirty_bytes: dirty * g.block_size,
+                writes: v.writes,
+                bytes_written: v.bytes,
+                overwrites: v.overwrites,
+                change_rate: r.change_rate,
+                write_rate: r.write_rate,
+                access_pattern: classify(v.writes, v.sequential_writes),
+                io_sizes: v.sizes.clone(),
+                last_update_ns: v.last_update_ns,
+                unknown: unknown_all || unknown.contains(&(i as u64)),
+            });
+        }
+        let dirty_blocks = self.bitmap.count();
+        ChangeMap {
+            volume_id: self.id,
+            path,
+            size,
+            block_size: g.block_size,
+            partition_size: g.partition_size,
+            dirty_blocks,
+            dirty_bytes: dirty_blocks * g.block_size,
+            writes,
+            bytes_written: bytes,
+            change_rate,
+            write_rate,
+            access_pattern: classify(writes, seq),
+            unknown_all,
+            unknown_partitions: if unknown_all {
+                (0..nparts as u64).collect()
+            } else {
+                unknown.into_iter().collect()
+            },
+            low_water: self.low_water.load(Ordering::Relaxed),
+            last_updated_ns: last,
+            published_ns: now_ns,
+            partitions,
+        }
+    }
+
+    /// Dirty bits (for tests and the snapshot engine to come).
+    pub fn is_dirty(&self, block: u64) -> bool {
+        self.bitmap.is_dirty(block)
+    }
+}
+
+/// A volume as saved in the store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedVolume {
+    pub id: VolumeId,
+    pub path: Option<String>,
+    pub stamp: FileStamp,
+    pub size: u64,
+    pub low_water: u64,
+    pub unknown_all: bool,
+    pub unknown: Vec<u64>,
+    pub bitmap: Vec<u64>,
+    pub counters: Vec<CounterValues>,
+    pub rates: Vec<Rates>,
+}
+
+/// The published change map of one partition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PartitionMap {
+    pub index: u64,
+    pub dirty_blocks: u64,
+    pub dirty_bytes: u64,
+    pub writes: u64,
+    pub bytes_written: u64,
+    pub overwrites: u64,
+    /// EWMA of blocks newly dirtied per second.
+    pub change_rate: f64,
+    /// EWMA of writes per second.
+    pub write_rate: f64,
+    pub access_pattern: AccessPattern,
+    /// Writes per size bucket (see `counters::size_bucket`).
+    pub io_sizes: Vec<u64>,
+    pub last_update_ns: u64,
+    /// Tracking lost: the snapshot engine must rescan this partition.
+    pub unknown: bool,
+}
+
+/// The published, immutable change map of one volume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangeMap {
+    pub volume_id: VolumeId,
+    /// Path relative to the backing dir, when known.
+    pub path: Option<String>,
+    pub size: u64,
+    pub block_size: u64,
+    pub partition_size: u64,
+    pub dirty_blocks: u64,
+    pub dirty_bytes: u64,
+    pub writes: u64,
+    pub bytes_written: u64,
+    pub change_rate: f64,
+    pub write_rate: f64,
+    pub access_pattern: AccessPattern,
+    pub unknown_all: bool,
+    pub unknown_partitions: Vec<u64>,
+    pub low_water: u64,
+    pub last_updated_ns: u64,
+    pub published_ns: u64,
+    pub partitions: Vec<PartitionMap>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: Geometry = Geometry {
+        block_size: 4096,
+        partition_size: 4096 * 16,
+    };
+
+    fn vol() -> Volume {
+        Volume::new(VolumeId { dev: 1, ino: 2 }, G, 0)
+    }
+
+    #[test]
+    fn write_marks_exactly_the_blocks_it_covers() {
+        let v = vol();
+        v.record_write(4095, 2, false, 1);
+        assert!(v.is_dirty(0) && v.is_dirty(1) && !v.is_dirty(2));
+        let m = v.change_map(None, 2);
+        assert_eq!(
+            (m.dirty_blocks, m.writes, m.bytes_written, m.size),
+            (2, 1, 2, 4097)
+        );
+    }
+
+    #[test]
+    fn write_across_partitions_counts_in_each() {
+        let v = vol();
+        v.record_write(15 * 4096, 2 * 4096, true, 1);
+        let m = v.change_map(None, 2);
+        assert_eq!(m.partitions[0].dirty_blocks, 1);
+        assert_eq!(m.partitions[1].dirty_blocks, 1);
+        assert_eq!(m.partitions[0].writes + m.partitions[1].writes, 2);
+    }
+
+    #[test]
+    fn shrinking_truncate_marks_the_partial_last_block_only() {
+        let v = Volume::new(VolumeId { dev: 1, ino: 2 }, G, 10 * 4096);
+        v.record_truncate(3 * 4096 + 100, 2);
+        assert!(v.is_dirty(3) && !v.is_dirty(2) && !v.is_dirty(4));
+        v.record_truncate(8 * 4096, 3);
+        assert!(!v.is_dirty(5));
+        assert_eq!(v.change_map(None, 4).low_water, 3 * 4096 + 100);
+    }
+
+    #[test]
+    fn aligned_truncate_and_growth_mark_nothing() {
+        let v = Volume::new(VolumeId { dev: 1, ino: 2 }, G, 8 * 4096);
+        v.record_truncate(4 * 4096, 1);
+        v.record_truncate(100 * 4096, 2);
+        assert_eq!(v.change_map(None, 3).dirty_blocks, 0);
+    }
+
+    #[test]
+    fn punch_hole_marks_touched_blocks() {
+        let v = vol();
+        v.record_zero(4096 + 1, 4096, 1);
+        assert!(v.is_dirty(1) && v.is_dirty(2) && !v.is_dirty(0) && !v.is_dirty(3));
+    }
+
+    #[test]
+    fn overwrite_counts_and_patterns() {
+        let v = vol();
+        for i in 0..10 {
+            v.record_write(i * 4096, 4096, true, 1);
+        }
+        v.record_write(0, 4096, false, 2);
+        let m = v.change_map(None, 3);
+        assert_eq!(m.partitions[0].overwrites, 1);
+        assert_eq!(m.access_pattern, AccessPattern::Sequential);
+    }
+
+    #[test]
+    fn intent_is_persisted_once_per_partition_and_epoch() {
+        let v = vol();
+        let mut calls = vec![];
+        v.ensure_intent::<()>(0, 3 * 65536, 1, |p| {
+            calls.push(p);
+            Ok(())
+        })
+        .unwrap();
+        v.ensure_intent::<()>(0, 65536, 1, |p| {
+            calls.push(p + 100);
+            Ok(())
+        })
+        .unwrap();
+        v.ensure_intent::<()>(0, 65536, 2, |p| {
+            calls.push(p + 200);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, vec![0, 1, 2, 200]);
+    }
+
+    #[test]
+    fn saved_state_round_trips() {
+        let v = vol();
+        v.record_write(0, 100_000, true, 5);
+        v.mark_unknown(3);
+        v.tick_rates(10.0);
+        let s = v.saved(Some("a.img".into()));
+        let r = Volume::restore(G, &s);
+        assert_eq!(r.saved(Some("a.img".into())), s);
+        assert_eq!(
+            r.change_map(None, 1).partitions,
+            v.change_map(None, 1).partitions
+        );
+    }
+
+    #[test]
+    fn rates_follow_the_counters() {
+        let v = vol();
+        v.tick_rates(10.0);
+        for i in 0..100 {
+            v.record_write(i * 4096, 4096, false, 1);
+        }
+        v.tick_rates(10.0);
+        let m = v.change_map(None, 1);
+        // 100 blocks in 10 s is 10 blocks/s; one step of the EWMA with dt=10 s, tau=60 s.
+        let expect = 10.0 * (1.0 - (-10.0f64 / 60.0).exp());
+        assert!((m.change_rate - expect).abs() < 1e-9, "{}", m.change_rate);
+    }
+}
