@@ -59,6 +59,11 @@ def main():
     header = ["job", "unit"] + [label for label, _ in targets]
     for label, _ in variants:
         header += [f"{label}/plain", f"{label}/bindfs"]
+    # With a tracking-off variant, the cost of tracking: tracking on / tracking off.
+    off = [label for label, _ in variants if "tracking off" in label]
+    on = [label for label, _ in variants if "tracking off" not in label]
+    if off and on:
+        header += [f"{on[0]}/{off[0]}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
 
@@ -84,6 +89,8 @@ def main():
         row = [job_name, unit] + [fmt(values[label], unit) for label, _ in targets]
         for label, _ in variants:
             row += [ratio(values[label], values[plain[0]]), ratio(values[label], values[bindfs[0]])]
+        if off and on:
+            row += [ratio(values[on[0]], values[off[0]])]
         lines.append("| " + " | ".join(row) + " |")
 
     print("\n".join(lines))

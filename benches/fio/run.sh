@@ -23,6 +23,7 @@ GRAINFS_BIN="${GRAINFS_BIN:-$REPO/target/release/grainfs}"
 # e.g. "grainfs (tracking off)|-c $HERE/conf/tracking-off.toml"
 GRAINFS_VARIANTS=(
   "grainfs|"
+  "grainfs (tracking off)|-c $HERE/conf/tracking-off.toml"
 )
 
 # Measured jobs, in table order. rand-layout runs before rand-write but is not reported.
