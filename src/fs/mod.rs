@@ -428,6 +428,38 @@ impl OverlayFs {
             .then(|| volume_id(BackingKey::of(&st)))
     }
 
+    /// Run a metadata change (chmod, utimens, link, rename, xattrs: no content change, but the
+    /// file's ctime or mtime moves) inside the write gates of the tracked volumes among `keys`,
+    /// and note it on them, so the stamp check never takes it for a change behind our back.
+    fn metadata_change<T>(
+        &self,
+        keys: &[BackingKey],
+        op: impl FnOnce() -> FsResult<T>,
+    ) -> FsResult<T> {
+        let Some(t) = &self.tracker else {
+            return op();
+        };
+        let mut vols: Vec<Arc<Volume>> = keys.iter().filter_map(|k| t.get(volume_id(*k))).collect();
+        // One gate entry per volume: a second shared entry by the same thread could wait
+        // behind a queued exclusive one.
+        vols.sort_by_key(|v| v.id);
+        vols.dedup_by_key(|v| v.id);
+        let gates: Vec<_> = vols.iter().map(|v| v.enter()).collect();
+        let r = op();
+        for v in &vols {
+            v.touch();
+        }
+        drop(gates);
+        r
+    }
+
+    /// The backing key of `name` in `dir`, if it exists.
+    fn key_at(dir: &Inode, name: &CString) -> Option<BackingKey> {
+        sys::fstatat(dir.raw_fd(), name)
+            .ok()
+            .map(|st| BackingKey::of(&st))
+    }
+
     fn drop_volume(&self, id: Option<VolumeId>) {
         if let (Some(t), Some(id)) = (&self.tracker, id) {
             t.forget_volume(id);
@@ -498,29 +530,31 @@ impl OverlayFs {
             None => None,
         };
         let is_symlink = inode.kind == FileKind::Symlink;
-        if let Some(mode) = set.mode {
-            if is_symlink {
-                return Err(FsError::NotSupported);
-            }
-            match &handle {
-                Some(h) => {
-                    let r = unsafe { libc::fchmod(h.file.as_raw_fd(), mode & 0o7777) };
-                    if r == -1 {
-                        return Err(FsError::backing("chmod")(std::io::Error::last_os_error()));
+        if set.mode.is_some() && is_symlink {
+            return Err(FsError::NotSupported);
+        }
+        self.metadata_change(&[inode.key], || {
+            if let Some(mode) = set.mode {
+                match &handle {
+                    Some(h) => {
+                        if unsafe { libc::fchmod(h.file.as_raw_fd(), mode & 0o7777) } == -1 {
+                            return Err(FsError::backing("chmod")(std::io::Error::last_os_error()));
+                        }
                     }
+                    None => sys::chmod_fd(inode.raw_fd(), mode & 0o7777)
+                        .map_err(FsError::backing("chmod"))?,
                 }
-                None => sys::chmod_fd(inode.raw_fd(), mode & 0o7777)
-                    .map_err(FsError::backing("chmod"))?,
             }
-        }
-        if set.uid.is_some() || set.gid.is_some() {
-            sys::fchown_fd(
-                inode.raw_fd(),
-                set.uid.unwrap_or(u32::MAX),
-                set.gid.unwrap_or(u32::MAX),
-            )
-            .map_err(FsError::backing("chown"))?;
-        }
+            if set.uid.is_some() || set.gid.is_some() {
+                sys::fchown_fd(
+                    inode.raw_fd(),
+                    set.uid.unwrap_or(u32::MAX),
+                    set.gid.unwrap_or(u32::MAX),
+                )
+                .map_err(FsError::backing("chown"))?;
+            }
+            Ok(())
+        })?;
         if let Some(size) = set.size {
             if inode.kind != FileKind::Regular {
                 return Err(FsError::backing("truncate")(
@@ -551,8 +585,10 @@ impl OverlayFs {
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let times = [timespec(set.atime), timespec(set.mtime)];
-            sys::utimens_fd(inode.raw_fd(), is_symlink, &times)
-                .map_err(FsError::backing("utimens"))?;
+            self.metadata_change(&[inode.key], || {
+                sys::utimens_fd(inode.raw_fd(), is_symlink, &times)
+                    .map_err(FsError::backing("utimens"))
+            })?;
         }
         let st = match &handle {
             Some(h) => sys::fstat(h.file.as_raw_fd()),
@@ -636,7 +672,10 @@ impl OverlayFs {
         self.check_not_store(&parent, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("unlink"))?;
         let gone = self.last_link(&parent, &c);
-        sys::unlinkat(parent.raw_fd(), &c, 0).map_err(FsError::backing("unlink"))?;
+        let keys: Vec<BackingKey> = Self::key_at(&parent, &c).into_iter().collect();
+        self.metadata_change(&keys, || {
+            sys::unlinkat(parent.raw_fd(), &c, 0).map_err(FsError::backing("unlink"))
+        })?;
         self.drop_volume(gone);
         Ok(())
     }
@@ -669,8 +708,14 @@ impl OverlayFs {
         } else {
             None
         };
-        sys::renameat2(parent.raw_fd(), &a, newparent.raw_fd(), &b, flags)
-            .map_err(FsError::backing("rename"))?;
+        let keys: Vec<BackingKey> = [Self::key_at(&parent, &a), Self::key_at(&newparent, &b)]
+            .into_iter()
+            .flatten()
+            .collect();
+        self.metadata_change(&keys, || {
+            sys::renameat2(parent.raw_fd(), &a, newparent.raw_fd(), &b, flags)
+                .map_err(FsError::backing("rename"))
+        })?;
         self.drop_volume(replaced);
         Ok(())
     }
@@ -681,7 +726,9 @@ impl OverlayFs {
         let newparent = self.inodes.get(newparent)?;
         self.check_not_store(&newparent, newname)?;
         let c = sys::name_cstr(newname).map_err(FsError::backing("link"))?;
-        sys::link_fd(inode.raw_fd(), newparent.raw_fd(), &c).map_err(FsError::backing("link"))?;
+        self.metadata_change(&[inode.key], || {
+            sys::link_fd(inode.raw_fd(), newparent.raw_fd(), &c).map_err(FsError::backing("link"))
+        })?;
         self.lookup_in(&newparent, newname)
     }
 
@@ -1158,14 +1205,18 @@ impl OverlayFs {
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let inode = self.xattr_target(ino)?;
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
-        sys::setxattr(inode.raw_fd(), &c, value, flags).map_err(FsError::backing("setxattr"))
+        self.metadata_change(&[inode.key], || {
+            sys::setxattr(inode.raw_fd(), &c, value, flags).map_err(FsError::backing("setxattr"))
+        })
     }
 
     /// removexattr.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         let inode = self.xattr_target(ino)?;
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
-        sys::removexattr(inode.raw_fd(), &c).map_err(FsError::backing("removexattr"))
+        self.metadata_change(&[inode.key], || {
+            sys::removexattr(inode.raw_fd(), &c).map_err(FsError::backing("removexattr"))
+        })
     }
 
     /// access(2): checked against the inode's mode for the caller (the kernel normally does

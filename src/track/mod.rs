@@ -407,18 +407,11 @@ impl Tracker {
             .collect();
         let mut saved = Vec::with_capacity(vols.len());
         for v in &vols {
-            let written = v.take_written_flag();
-            let before = v.stamp();
-            if let Some(now) = v.refresh_stamp() {
-                // Nothing written through us since the last tick, yet the file changed: someone
-                // wrote to the backing file directly.
-                if !written && before != FileStamp::default() && now != before {
-                    warn!(
-                        "volume {} changed behind the overlay's back: marked unknown",
-                        v.id
-                    );
-                    v.mark_unknown_all();
-                }
+            if v.check_stamp() {
+                warn!(
+                    "volume {} changed behind the overlay's back: marked unknown",
+                    v.id
+                );
             }
             saved.push(v.saved(None));
         }

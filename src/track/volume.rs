@@ -307,9 +307,27 @@ impl Volume {
             .insert(partition);
     }
 
-    /// True if anything was written through the overlay since the last call; resets the flag.
-    pub fn take_written_flag(&self) -> bool {
-        self.written_since_tick.swap(false, Ordering::Relaxed)
+    /// Note a change made through the overlay that moves the file's stamp without changing
+    /// content (chmod, chown, utimens, link, rename, xattrs), so it is not taken for a change
+    /// behind our back.
+    pub fn touch(&self) {
+        self.written_since_tick.store(true, Ordering::Relaxed);
+    }
+
+    /// Refresh the stamp with the gate held (no write in flight); if nothing went through the
+    /// overlay since the last check and the stamp moved anyway, someone changed the backing
+    /// file directly: mark the volume unknown and return true.
+    pub fn check_stamp(&self) -> bool {
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let touched = self.written_since_tick.swap(false, Ordering::Relaxed);
+        let before = self.stamp();
+        match self.refresh_stamp() {
+            Some(now) if !touched && before != FileStamp::default() && now != before => {
+                self.mark_unknown_all();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Update the smoothed rates from the counters, `dt_secs` after the previous tick.
