@@ -185,6 +185,21 @@ pub struct Recovery {
     pub changed_behind: Vec<String>,
     /// Saved volumes whose file is gone.
     pub gone: usize,
+    /// The saved state or the intent record was damaged and set aside: every volume is unknown.
+    pub damaged: bool,
+}
+
+/// Move a damaged tracking file out of the way, keeping it for inspection.
+fn set_aside(path: &Path, why: &io::Error) {
+    let aside = path.with_extension(format!("damaged-{}", now_ns()));
+    warn!(
+        "{why}; moved to {} and treating every volume as unknown (the next snapshot rescans them)",
+        aside.display()
+    );
+    if let Err(e) = std::fs::rename(path, &aside) {
+        warn!("cannot move {} aside: {e}", path.display());
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// The change tracker of one mount.
@@ -201,6 +216,9 @@ pub struct Tracker {
     published: RwLock<Arc<Vec<ChangeMap>>>,
     /// Serialises ticks and the final save.
     tick_lock: Mutex<()>,
+    /// Tracking history was lost (damaged record): a volume first seen now may have changed
+    /// before, so it starts unknown.
+    new_volumes_unknown: bool,
 }
 
 impl Tracker {
@@ -221,9 +239,26 @@ impl Tracker {
                 .mode(0o700)
                 .create(&dir)?;
         }
-        let (intents, left) = IntentLog::open(&dir)?;
-        let saved = load_state(store)?;
         let mut rec = Recovery::default();
+        // A damaged record must not stop the mount: set it aside, say so, and trust nothing.
+        let (intents, left) = match IntentLog::open(&dir) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                set_aside(&dir.join("intent.json"), &e);
+                rec.damaged = true;
+                IntentLog::open(&dir)?
+            }
+            Err(e) => return Err(e),
+        };
+        let saved = match load_state(store) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                set_aside(&dir.join("state.json"), &e);
+                rec.damaged = true;
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let mut volumes = HashMap::new();
         let files = walk_volumes(backing, store);
         if let Some(s) = &saved {
@@ -291,6 +326,7 @@ impl Tracker {
             last_save_ns: AtomicU64::new(0),
             published: RwLock::new(Arc::new(Vec::new())),
             tick_lock: Mutex::new(()),
+            new_volumes_unknown: rec.damaged,
         };
         // Make what recovery found durable before the old intent record goes.
         t.save(false)?;
@@ -327,7 +363,13 @@ impl Tracker {
         }
         let mut vols = self.volumes.write().unwrap_or_else(|p| p.into_inner());
         vols.entry(id)
-            .or_insert_with(|| Arc::new(Volume::new(id, self.geometry, size)))
+            .or_insert_with(|| {
+                let v = Volume::new(id, self.geometry, size);
+                if self.new_volumes_unknown {
+                    v.mark_unknown_all();
+                }
+                Arc::new(v)
+            })
             .clone()
     }
 
@@ -484,5 +526,49 @@ impl Tracker {
     /// Intent records not yet covered by a save.
     pub fn pending_intents(&self) -> BTreeSet<(VolumeId, u64)> {
         self.intents.pending()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: Geometry = Geometry {
+        block_size: 4096,
+        partition_size: 65536,
+    };
+
+    #[test]
+    fn a_damaged_state_is_set_aside_and_nothing_is_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let backing = tmp.path().join("b");
+        let store = backing.join(".grainfs");
+        std::fs::create_dir_all(tracking_dir(&store)).unwrap();
+        std::fs::write(tracking_dir(&store).join("state.json"), b"{ not json").unwrap();
+        let (t, rec) = Tracker::open(&backing, &store, G, Duration::from_secs(10)).unwrap();
+        assert!(rec.damaged);
+        let v = t.volume(VolumeId { dev: 1, ino: 2 }, 0);
+        assert!(v.change_map(None, 0).unknown_all);
+        let aside: Vec<_> = std::fs::read_dir(tracking_dir(&store))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("damaged"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+    }
+
+    #[test]
+    fn saved_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let old = unsafe { libc::umask(0) };
+        let p = tmp.path().join("x.json");
+        let r = write_durably(&p, b"{}");
+        unsafe { libc::umask(old) };
+        r.unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }
