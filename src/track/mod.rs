@@ -299,6 +299,9 @@ impl Tracker {
                         rec.changed_behind.push(path.clone());
                     }
                 }
+                // Whatever the difference was, it is accounted for now (unknown partitions or
+                // the whole volume): from here on, compare with the file as it is.
+                v.adopt_stamp(now);
                 volumes.insert(sv.id, Arc::new(v));
             }
         }

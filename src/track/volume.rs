@@ -289,6 +289,15 @@ impl Volume {
         Some(stamp)
     }
 
+    /// Adopt the file as it is now (after recovery has accounted for any difference).
+    pub fn adopt_stamp(&self, stamp: FileStamp) {
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
+        let old = self.size.swap(stamp.size, Ordering::Relaxed);
+        if stamp.size < old {
+            self.low_water.fetch_min(stamp.size, Ordering::Relaxed);
+        }
+    }
+
     /// The stamp recorded last.
     pub fn stamp(&self) -> FileStamp {
         *self.stamp.lock().unwrap_or_else(|p| p.into_inner())

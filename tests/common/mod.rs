@@ -128,11 +128,7 @@ impl Mount {
 
     /// Unmount with `grainfs umount` and wait for the daemon to exit; returns its exit status.
     pub fn unmount(mut self) -> std::process::ExitStatus {
-        let out = Command::new(grainfs_bin())
-            .arg("umount")
-            .arg(&self.mnt)
-            .output()
-            .expect("run grainfs umount");
+        let out = umount_retrying(&self.mnt);
         assert!(
             out.status.success(),
             "grainfs umount failed: {}\n{}",
@@ -221,4 +217,88 @@ pub fn missing(program: &str) -> bool {
         eprintln!("SKIP: {program} not installed");
     }
     !found
+}
+
+/// Restarting a mount on the same dirs (tracking tests: clean unmount or kill -9, then a new
+/// daemon on the same backing dir).
+impl Mount {
+    /// The store dir of the default config, `<backing>/.grainfs`.
+    pub fn store(&self) -> PathBuf {
+        self.backing.join(".grainfs")
+    }
+
+    /// Unmount cleanly with `grainfs umount` like `unmount`, but keep the temp dirs, so that
+    /// `remount` can serve the same backing dir again; returns the daemon's exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let out = umount_retrying(&self.mnt);
+        assert!(
+            out.status.success(),
+            "grainfs umount failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        let mut child = self.child.take().expect("child");
+        wait_timeout(&mut child, Duration::from_secs(30)).expect("daemon did not exit after umount")
+    }
+
+    /// Start a new daemon on the same backing dir and mount point, with the same config file
+    /// if there was one. A mount left dead by `kill9` is detached first; after `stop` there is
+    /// nothing to detach. The new daemon's log is appended to the same log file.
+    pub fn remount(&mut self) {
+        force_unmount(&self.mnt);
+        if let Some(mut c) = self.child.take() {
+            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while is_mounted(&self.mnt) {
+            assert!(Instant::now() < deadline, "old mount still attached");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let root = self.tmp.path().canonicalize().expect("canonicalize");
+        let mut cmd = Command::new(grainfs_bin());
+        cmd.arg("mount").arg(&self.backing).arg(&self.mnt).arg("-f");
+        let cfg = root.join("grainfs.toml");
+        if cfg.exists() {
+            cmd.arg("-c").arg(&cfg);
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .spawn()
+            .expect("spawn grainfs");
+        self.child = Some(child);
+        self.wait_live();
+    }
+}
+
+/// `grainfs umount`, retried for a moment while the mount is busy: a parallel test's fork
+/// (before its exec) briefly holds duplicates of this process's fds, files on this mount among
+/// them, and the kernel then refuses the unmount with EBUSY.
+pub fn umount_retrying(mnt: &Path) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new(grainfs_bin())
+            .arg("umount")
+            .arg(mnt)
+            .output()
+            .expect("run grainfs umount");
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if out.status.success() || !busy || Instant::now() >= deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
