@@ -400,21 +400,15 @@ impl Tracker {
         v.ensure_intent(offset, len, epoch, |p| self.intents.record(v.id, p))
     }
 
+    /// Publish the immutable change maps of this tick, with paths. Paths come from a walk of
+    /// the backing dir (the overlay tracks inodes, not names): cheap for directories of volumes,
+    /// the intended use; a tree of a million small files would make each tick pay for it.
     fn publish(&self) {
-        let now = now_ns();
-        let vols: Vec<Arc<Volume>> = self
-            .volumes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        let mut maps: Vec<ChangeMap> = vols.iter().map(|v| v.change_map(None, now)).collect();
-        maps.sort_by_key(|m| m.volume_id);
+        let maps = self.change_maps_with_paths();
         *self.published.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(maps);
     }
 
-    /// The change maps published at the last tick.
+    /// The change maps published at the last tick (sorted by path).
     pub fn published(&self) -> Arc<Vec<ChangeMap>> {
         self.published
             .read()
