@@ -291,7 +291,8 @@ fn truncates_and_fallocate() {
     let m = fx.map("t.img");
     assert_eq!((m.dirty_blocks, m.size, m.low_water), (0, 10 * BS, 10 * BS));
 
-    // Shrinking to the middle of block 3 changes block 3 only.
+    // Shrinking to the middle of block 3 changes block 3 and every block cut off (they read
+    // as zeros if the file grows back).
     fx.fs
         .setattr(
             ino,
@@ -302,7 +303,7 @@ fn truncates_and_fallocate() {
             },
         )
         .expect("truncate");
-    assert_eq!(fx.dirty("t.img", 32), vec![3]);
+    assert_eq!(fx.dirty("t.img", 32), blocks(3, 9));
     let m = fx.map("t.img");
     assert_eq!(m.low_water, 3 * BS + 100);
     assert_eq!(m.size, 3 * BS + 100);
@@ -318,13 +319,13 @@ fn truncates_and_fallocate() {
         )
         .expect("grow");
     fx.fs.fallocate(fh, 8 * BS, 4 * BS, 0).expect("fallocate");
-    assert_eq!(fx.dirty("t.img", 32), vec![3]);
+    assert_eq!(fx.dirty("t.img", 32), blocks(3, 9));
     let m = fx.map("t.img");
     assert_eq!(m.size, 12 * BS);
     assert_eq!(m.low_water, 3 * BS + 100);
-    assert_eq!(m.dirty_blocks, 1);
+    assert_eq!(m.dirty_blocks, 7);
 
-    // Shrinking to a block boundary changes nothing either, but lowers the low-water mark.
+    // Shrinking to a block boundary changes the blocks cut off and lowers the low-water mark.
     fx.fs
         .setattr(
             ino,
@@ -335,7 +336,7 @@ fn truncates_and_fallocate() {
             },
         )
         .expect("aligned shrink");
-    assert_eq!(fx.dirty("t.img", 32), vec![3]);
+    assert_eq!(fx.dirty("t.img", 32), blocks(2, 11));
     assert_eq!(fx.map("t.img").low_water, 2 * BS);
 
     // Truncate by path (no handle) on a file never opened: the volume is made on the spot.
@@ -354,7 +355,7 @@ fn truncates_and_fallocate() {
             },
         )
         .expect("truncate by path");
-    assert_eq!(fx.dirty("u.img", 32), vec![5]);
+    assert_eq!(fx.dirty("u.img", 32), blocks(5, 9));
     assert_eq!(fx.map("u.img").low_water, 5 * BS + 1);
 }
 
@@ -429,7 +430,8 @@ fn o_trunc_of_an_existing_file_is_recorded() {
     // Writes after it count as usual, into the same volume.
     fx.write(o.fh, 0, 10);
     let m = fx.map("c.img");
-    assert_eq!((m.dirty_blocks, m.low_water, m.size), (1, 0, 10));
+    // The truncate changed every block of the old content; the write lands in block 0.
+    assert_eq!((m.dirty_blocks, m.low_water, m.size), (3 * BPP, 0, 10));
 
     // open(O_TRUNC) of an existing non-empty file (atomic_o_trunc).
     let (_, fh) = fx.open("o.img", libc::O_WRONLY | libc::O_TRUNC);
@@ -440,7 +442,7 @@ fn o_trunc_of_an_existing_file_is_recorded() {
     let m = fx.map("o.img");
     assert_eq!((m.size, m.low_water), (0, 0), "{m:?}");
     fx.write(fh, PS, 1);
-    assert_eq!(fx.dirty("o.img", 64), vec![BPP]);
+    assert_eq!(fx.dirty("o.img", 64), blocks(0, 3 * BPP));
 
     // O_TRUNC of an empty file changes nothing and creates no unknowns.
     let (_, _) = fx.open("empty.img", libc::O_WRONLY | libc::O_TRUNC);

@@ -385,39 +385,46 @@ impl OverlayFs {
     }
 
     /// The tracked volume of a regular file (created on first use); None with tracking off.
-    fn volume_of(&self, inode: &Inode) -> Option<Arc<Volume>> {
+    /// `fresh`: the file was just created through the overlay.
+    fn volume_of(&self, inode: &Inode, fresh: bool) -> Option<Arc<Volume>> {
         let t = self.tracker.as_ref()?;
         if inode.kind != FileKind::Regular {
             return None;
         }
         let st = sys::fstat(inode.raw_fd()).ok()?;
-        let v = t.volume(volume_id(inode.key), st.st_size as u64);
+        let v = t.volume(volume_id(inode.key), st.st_size as u64, fresh);
         v.attach_fd(|| inode.fd.try_clone().ok());
+        v.first_stamp(&st);
         Some(v)
     }
 
     /// Run `change`, which alters content from `offset` for `len` bytes (0: size only), inside
     /// the volume's write gate with its write intent made durable first; `record` then notes
     /// the change in the volume's change map. Without a volume, just run `change`.
+    ///
+    /// `range` gives (offset, len) and runs inside the gate, so sizes it reads cannot move
+    /// under it. `record` gets the result, or None when the change failed: a change that failed
+    /// part way (a short write then ENOSPC) may still have changed part of the range, so the
+    /// caller marks the whole range then.
     fn tracked<T>(
         &self,
         volume: Option<&Arc<Volume>>,
-        offset: u64,
-        len: u64,
+        range: impl FnOnce() -> FsResult<(u64, u64)>,
         change: impl FnOnce() -> FsResult<T>,
-        record: impl FnOnce(&Volume, &T),
+        record: impl FnOnce(&Volume, Option<&T>, u64, u64),
     ) -> FsResult<T> {
         let (Some(v), Some(t)) = (volume, self.tracker.as_ref()) else {
             return change();
         };
         let _gate = v.enter();
+        let (offset, len) = range()?;
         // If the intent cannot be made durable (store full), the change is refused: a crash
         // after it would otherwise lose track of it.
         t.before_change(v, offset, len)
             .map_err(FsError::backing("write intent"))?;
-        let r = change()?;
-        record(v, &r);
-        Ok(r)
+        let r = change();
+        record(v, r.as_ref().ok(), offset, len);
+        r
     }
 
     /// The volume id of the regular file `name` in `dir` if its last link is about to go.
@@ -460,9 +467,14 @@ impl OverlayFs {
             .map(|st| BackingKey::of(&st))
     }
 
+    /// Stop tracking a volume whose last link went, unless a concurrent link() gave it a new
+    /// one (checked on the inode itself when the volume holds an fd on it).
     fn drop_volume(&self, id: Option<VolumeId>) {
         if let (Some(t), Some(id)) = (&self.tracker, id) {
-            t.forget_volume(id);
+            let still_linked = t.get(id).and_then(|v| v.nlink()).is_some_and(|n| n > 0);
+            if !still_linked {
+                t.forget_volume(id);
+            }
         }
     }
 
@@ -564,13 +576,15 @@ impl OverlayFs {
             let volume = handle
                 .as_ref()
                 .and_then(|h| h.volume.clone())
-                .or_else(|| self.volume_of(&inode));
-            let old = self.stat_of(&inode)?.st_size as u64;
+                .or_else(|| self.volume_of(&inode, false));
+            let old = std::cell::Cell::new(0u64);
             // Shrinking changes the content from the new end to the old one.
             self.tracked(
                 volume.as_ref(),
-                size,
-                old.saturating_sub(size),
+                || {
+                    old.set(self.stat_of(&inode)?.st_size as u64);
+                    Ok((size, old.get().saturating_sub(size)))
+                },
                 || match &handle {
                     Some(h) => sys::ftruncate(h.file.as_raw_fd(), size)
                         .map_err(FsError::backing("truncate")),
@@ -580,7 +594,7 @@ impl OverlayFs {
                         sys::ftruncate(fd.as_raw_fd(), size).map_err(FsError::backing("truncate"))
                     }
                 },
-                |v, _| v.record_truncate(size, now_ns()),
+                |v, _, _, _| v.record_truncate(old.get(), size, now_ns()),
             )?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
@@ -750,26 +764,26 @@ impl OverlayFs {
         let truncate = flags & libc::O_TRUNC != 0;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || truncate;
         let volume = if writable {
-            self.volume_of(&inode)
+            self.volume_of(&inode, false)
         } else {
             None
         };
-        let old = if truncate && volume.is_some() {
-            self.stat_of(&inode)?.st_size as u64
-        } else {
-            0
-        };
+        let old = std::cell::Cell::new(0u64);
         let fd = self.tracked(
             volume.as_ref(),
-            0,
-            old,
+            || {
+                if truncate {
+                    old.set(self.stat_of(&inode)?.st_size as u64);
+                }
+                Ok((0, old.get()))
+            },
             || {
                 sys::reopen(inode.raw_fd(), flags & !STRIPPED_OPEN_FLAGS)
                     .map_err(FsError::backing("open"))
             },
-            |v, _| {
+            |v, _, _, _| {
                 if truncate {
-                    v.record_truncate(0, now_ns())
+                    v.record_truncate(old.get(), 0, now_ns())
                 }
             },
         )?;
@@ -792,23 +806,23 @@ impl OverlayFs {
         let open_flags = (flags & !(libc::O_APPEND | libc::O_DIRECT | libc::O_NOCTTY))
             | libc::O_CREAT
             | libc::O_NOFOLLOW;
+        // A file created here is tracked from birth; an existing one may have a history.
+        let existed = sys::fstatat(parent_inode.raw_fd(), &c).is_ok();
         // O_TRUNC on an existing file is a change to its content like any other.
         let existing = match (&self.tracker, flags & libc::O_TRUNC != 0) {
             (Some(t), true) => sys::fstatat(parent_inode.raw_fd(), &c)
                 .ok()
                 .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size > 0)
-                .map(|st| {
-                    (
-                        t.volume(volume_id(BackingKey::of(&st)), st.st_size as u64),
-                        st.st_size as u64,
-                    )
-                }),
+                .map(|st| t.volume(volume_id(BackingKey::of(&st)), st.st_size as u64, false)),
             _ => None,
         };
+        let old = std::cell::Cell::new(0u64);
         let fd = self.tracked(
-            existing.as_ref().map(|(v, _)| v),
-            0,
-            existing.as_ref().map_or(0, |(_, size)| *size),
+            existing.as_ref(),
+            || {
+                old.set(sys::fstatat(parent_inode.raw_fd(), &c).map_or(0, |st| st.st_size as u64));
+                Ok((0, old.get()))
+            },
             || {
                 sys::openat(
                     parent_inode.raw_fd(),
@@ -818,7 +832,7 @@ impl OverlayFs {
                 )
                 .map_err(FsError::backing("create"))
             },
-            |v, _| v.record_truncate(0, now_ns()),
+            |v, _, _, _| v.record_truncate(old.get(), 0, now_ns()),
         )?;
         self.give_to_caller(
             &parent_inode,
@@ -839,7 +853,7 @@ impl OverlayFs {
                 std::io::Error::from_raw_os_error(libc::EAGAIN),
             ));
         }
-        let volume = self.volume_of(&inode);
+        let volume = self.volume_of(&inode, !existed);
         let opened = self.register_file(File::from(fd), inode, volume)?;
         Ok((entry, opened))
     }
@@ -867,12 +881,14 @@ impl OverlayFs {
         let len = data.len() as u64;
         self.tracked(
             h.volume.as_ref(),
-            offset,
-            len,
+            || Ok((offset, len)),
             || sys::pwrite_all(h.file.as_raw_fd(), data, offset).map_err(FsError::backing("write")),
-            |v, _| {
-                let sequential = h.last_end.swap(offset + len, Ordering::Relaxed) == offset;
-                v.record_write(offset, len, sequential, now_ns())
+            |v, done, _, _| match done {
+                Some(()) => {
+                    let sequential = h.last_end.swap(offset + len, Ordering::Relaxed) == offset;
+                    v.record_write(offset, len, sequential, now_ns())
+                }
+                None => v.record_zero(offset, len, now_ns()),
             },
         )?;
         Ok(data.len() as u32)
@@ -902,42 +918,37 @@ impl OverlayFs {
     /// fallocate(2), including FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         let h = self.file(fh)?;
-        let old = match h.volume {
-            Some(_) => {
-                sys::fstat(h.file.as_raw_fd())
-                    .map_err(FsError::backing("fallocate"))?
-                    .st_size as u64
-            }
-            None => 0,
-        };
-        // Which content changes: punch hole and zero range zero the blocks they touch (within
-        // the old size; past it the file only grows); collapse and insert shift everything from
-        // the offset on; plain allocation changes only the size.
-        let (start, len) = if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 {
-            (
-                offset,
-                old.min(offset.saturating_add(length))
-                    .saturating_sub(offset),
-            )
-        } else if mode & (FALLOC_COLLAPSE_RANGE | FALLOC_INSERT_RANGE) != 0 {
-            (offset, (old + length).saturating_sub(offset))
-        } else {
-            (offset, 0)
-        };
+        let old = std::cell::Cell::new(0u64);
         self.tracked(
             h.volume.as_ref(),
-            start,
-            len,
+            || {
+                let old_size = sys::fstat(h.file.as_raw_fd())
+                    .map_err(FsError::backing("fallocate"))?
+                    .st_size as u64;
+                old.set(old_size);
+                let old = old_size;
+                // Which content changes: punch hole and zero range zero the blocks they touch
+                // (within the old size; past it the file only grows); collapse and insert shift
+                // everything from the offset on; plain allocation changes only the size.
+                Ok(if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 {
+                    let end = old.min(offset.saturating_add(length));
+                    (offset, end.saturating_sub(offset))
+                } else if mode & (FALLOC_COLLAPSE_RANGE | FALLOC_INSERT_RANGE) != 0 {
+                    (offset, (old + length).saturating_sub(offset))
+                } else {
+                    (offset, 0)
+                })
+            },
             || {
                 sys::fallocate(h.file.as_raw_fd(), mode, offset, length)
                     .map_err(FsError::backing("fallocate"))
             },
-            |v, _| {
+            |v, _, start, len| {
                 let now = now_ns();
                 v.record_zero(start, len, now);
                 if let Ok(st) = sys::fstat(h.file.as_raw_fd()) {
-                    if st.st_size as u64 != old {
-                        v.record_truncate(st.st_size as u64, now);
+                    if st.st_size as u64 != old.get() {
+                        v.record_truncate(old.get(), st.st_size as u64, now);
                     }
                 }
             },
@@ -963,13 +974,15 @@ impl OverlayFs {
         let b = self.file(fh_out)?;
         self.tracked(
             b.volume.as_ref(),
-            off_out,
-            len,
+            || Ok((off_out, len)),
             || {
                 sys::copy_file_range(a.file.as_raw_fd(), off_in, b.file.as_raw_fd(), off_out, len)
                     .map_err(FsError::backing("copy_file_range"))
             },
-            |v, n| v.record_write(off_out, *n, false, now_ns()),
+            |v, n, _, _| match n {
+                Some(n) => v.record_write(off_out, *n, false, now_ns()),
+                None => v.record_zero(off_out, len, now_ns()),
+            },
         )
     }
 

@@ -93,18 +93,28 @@ impl IntentLog {
 
     /// Make (volume, partition) durable before its first write of this epoch.
     pub fn record(&self, id: VolumeId, partition: u64) -> io::Result<()> {
+        self.record_many(id, &[partition])
+    }
+
+    /// Make several partitions of one volume durable with a single write.
+    pub fn record_many(&self, id: VolumeId, partitions: &[u64]) -> io::Result<()> {
         let mut sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (id, partition);
-        if sets.current.contains(&key) {
-            return Ok(());
+        let mut added = Vec::new();
+        let mut need_write = false;
+        for &p in partitions {
+            let key = (id, p);
+            if sets.current.insert(key) {
+                added.push(key);
+                need_write |= !sets.previous.contains(&key);
+            }
         }
-        let already_on_disk = sets.previous.contains(&key);
-        sets.current.insert(key);
-        if already_on_disk {
+        if !need_write {
             return Ok(());
         }
         if let Err(e) = self.write(&sets) {
-            sets.current.remove(&key);
+            for key in added {
+                sets.current.remove(&key);
+            }
             return Err(e);
         }
         Ok(())

@@ -216,9 +216,11 @@ pub struct Tracker {
     published: RwLock<Arc<Vec<ChangeMap>>>,
     /// Serialises ticks and the final save.
     tick_lock: Mutex<()>,
-    /// Tracking history was lost (damaged record): a volume first seen now may have changed
-    /// before, so it starts unknown.
-    new_volumes_unknown: bool,
+    /// The store has tracking history (or lost it to damage): a file that existed before and
+    /// has no record may have changed since the last snapshot, so it starts unknown.
+    has_history: bool,
+    /// Saved volumes whose file was not found at start; saved again so history is kept.
+    dormant: Mutex<Vec<SavedVolume>>,
 }
 
 impl Tracker {
@@ -261,6 +263,8 @@ impl Tracker {
         };
         let mut volumes = HashMap::new();
         let files = walk_volumes(backing, store);
+        let mut dormant = Vec::new();
+        let mut renamed: HashMap<VolumeId, VolumeId> = HashMap::new();
         if let Some(s) = &saved {
             rec.unclean = !s.clean;
             let same_geometry = s.geometry == geometry;
@@ -271,10 +275,33 @@ impl Tracker {
                 );
             }
             let intent_vols: BTreeSet<VolumeId> = left.iter().map(|(v, _)| *v).collect();
+            // st_dev of a filesystem can change across reboots (device minors, btrfs), so a
+            // saved volume is matched by inode number when its exact id is not found.
+            let mut by_ino: HashMap<u64, Vec<VolumeId>> = HashMap::new();
+            for id in files.keys() {
+                by_ino.entry(id.ino).or_default().push(*id);
+            }
             for sv in &s.volumes {
-                let Some((path, st)) = files.get(&sv.id) else {
+                let cur = if files.contains_key(&sv.id) {
+                    Some(sv.id)
+                } else {
+                    match by_ino.get(&sv.id.ino).map(Vec::as_slice) {
+                        Some([only]) => Some(*only),
+                        _ => None,
+                    }
+                };
+                let Some((cur, (path, st))) = cur.and_then(|c| files.get(&c).map(|f| (c, f)))
+                else {
+                    // Not found now (a directory unreadable, a file gone): keep the record, so
+                    // that its history is not silently replaced by a clean one later.
                     rec.gone += 1;
+                    dormant.push(sv.clone());
                     continue;
+                };
+                renamed.insert(sv.id, cur);
+                let sv = &SavedVolume {
+                    id: cur,
+                    ..sv.clone()
                 };
                 let v = if same_geometry {
                     Volume::restore(geometry, sv)
@@ -289,8 +316,11 @@ impl Tracker {
                     // volume in the intent record, and only within the window the crash can
                     // have happened in (two intervals after the last save).
                     let window_end = s.saved_at_ns as i128 + 2 * s.interval_ns as i128;
+                    let in_intent = renamed
+                        .iter()
+                        .any(|(old, new)| *new == sv.id && intent_vols.contains(old));
                     let explained = rec.unclean
-                        && intent_vols.contains(&sv.id)
+                        && in_intent
                         && now.ino == sv.stamp.ino
                         && now.mtime_ns <= window_end
                         && now.ctime_ns <= window_end;
@@ -306,6 +336,7 @@ impl Tracker {
             }
         }
         for (id, p) in &left {
+            let id = renamed.get(id).unwrap_or(id);
             if let Some(v) = volumes.get(id) {
                 v.mark_unknown(*p);
                 rec.intent_partitions += 1;
@@ -329,7 +360,8 @@ impl Tracker {
             last_save_ns: AtomicU64::new(0),
             published: RwLock::new(Arc::new(Vec::new())),
             tick_lock: Mutex::new(()),
-            new_volumes_unknown: rec.damaged,
+            has_history: saved.is_some() || rec.damaged,
+            dormant: Mutex::new(dormant),
         };
         // Make what recovery found durable before the old intent record goes.
         t.save(false)?;
@@ -354,8 +386,9 @@ impl Tracker {
         self.interval
     }
 
-    /// The volume of backing inode `id`, created (clean) if new.
-    pub fn volume(&self, id: VolumeId, size: u64) -> Arc<Volume> {
+    /// The volume of backing inode `id`, created if new: clean if `fresh` (the file was just
+    /// created through the overlay) or the store has no history yet, unknown otherwise.
+    pub fn volume(&self, id: VolumeId, size: u64, fresh: bool) -> Arc<Volume> {
         if let Some(v) = self
             .volumes
             .read()
@@ -368,9 +401,14 @@ impl Tracker {
         vols.entry(id)
             .or_insert_with(|| {
                 let v = Volume::new(id, self.geometry, size);
-                if self.new_volumes_unknown {
+                if !fresh && self.has_history {
                     v.mark_unknown_all();
                 }
+                // A record kept from an earlier start for this inode is superseded.
+                self.dormant
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|d| d.id.ino != id.ino);
                 Arc::new(v)
             })
             .clone()
@@ -397,7 +435,9 @@ impl Tracker {
     /// before the change reaches the backing file.
     pub fn before_change(&self, v: &Volume, offset: u64, len: u64) -> io::Result<()> {
         let epoch = self.intents.epoch();
-        v.ensure_intent(offset, len, epoch, |p| self.intents.record(v.id, p))
+        v.ensure_intent(offset, len, epoch, |parts| {
+            self.intents.record_many(v.id, parts)
+        })
     }
 
     /// Publish the immutable change maps of this tick, with paths. Paths come from a walk of
@@ -454,6 +494,13 @@ impl Tracker {
             }
             saved.push(v.saved(None));
         }
+        saved.extend(
+            self.dormant
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
         saved.sort_by_key(|s| s.id);
         let now = now_ns();
         let state = SavedState {
@@ -516,7 +563,8 @@ impl Tracker {
             v.drain();
         }
         self.save(true)?;
-        self.intents.rotate();
+        // Only what the save covered is cleared; a write that slipped in after it (a FUSE
+        // worker still running) keeps its record, and the next mount rescans it.
         self.intents.clear_previous()
     }
 
@@ -544,7 +592,7 @@ mod tests {
         std::fs::write(tracking_dir(&store).join("state.json"), b"{ not json").unwrap();
         let (t, rec) = Tracker::open(&backing, &store, G, Duration::from_secs(10)).unwrap();
         assert!(rec.damaged);
-        let v = t.volume(VolumeId { dev: 1, ino: 2 }, 0);
+        let v = t.volume(VolumeId { dev: 1, ino: 2 }, 0, false);
         assert!(v.change_map(None, 0).unknown_all);
         let aside: Vec<_> = std::fs::read_dir(tracking_dir(&store))
             .unwrap()

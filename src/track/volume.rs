@@ -182,14 +182,15 @@ impl Volume {
         (offset / ps)..=((offset + len - 1) / ps)
     }
 
-    /// For each partition of the range whose intent is not yet persisted in `epoch`, call
-    /// `persist` (which must make it durable before returning) and remember it.
+    /// Make sure every partition of `offset..offset+len` has its write intent persisted in
+    /// `epoch`: the ones missing are handed to `persist` in one call (which must make them
+    /// durable before returning), then remembered.
     pub fn ensure_intent<E>(
         &self,
         offset: u64,
         len: u64,
         epoch: u64,
-        mut persist: impl FnMut(u64) -> Result<(), E>,
+        persist: impl FnOnce(&[u64]) -> Result<(), E>,
     ) -> Result<(), E> {
         if len == 0 {
             return Ok(());
@@ -197,12 +198,20 @@ impl Volume {
         let range = self.partition_range(offset, len);
         self.ensure_partitions(*range.end() as usize + 1);
         let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        let mut missing = Vec::new();
         for p in range {
-            let part = &parts[p as usize];
-            if part.intent_epoch.load(Ordering::Acquire) != epoch {
-                persist(p)?;
-                part.intent_epoch.store(epoch, Ordering::Release);
+            if parts[p as usize].intent_epoch.load(Ordering::Acquire) != epoch {
+                missing.push(p);
             }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        persist(&missing)?;
+        for p in missing {
+            parts[p as usize]
+                .intent_epoch
+                .store(epoch, Ordering::Release);
         }
         Ok(())
     }
@@ -258,16 +267,16 @@ impl Volume {
         );
     }
 
-    /// Record a size change. Growing changes no content (the new range reads as zeros);
-    /// shrinking changes the partial last block and lowers the low-water mark.
-    pub fn record_truncate(&self, new_size: u64, now_ns: u64) {
-        let old = self.size.swap(new_size, Ordering::Relaxed);
+    /// Record a size change from `old` to `new_size` bytes. Growing changes no content (the
+    /// new range reads as zeros). Shrinking changes every block from the new end to the old
+    /// one: the partial last block, and the blocks cut off, which if the file grows back read
+    /// as zeros where the last snapshot may have had data.
+    pub fn record_truncate(&self, old: u64, new_size: u64, now_ns: u64) {
+        self.size.store(new_size, Ordering::Relaxed);
         if new_size < old {
             self.low_water.fetch_min(new_size, Ordering::Relaxed);
-            if !new_size.is_multiple_of(self.geometry.block_size) {
-                let b = new_size >> self.geometry.block_shift();
-                self.mark_blocks(b, b, 0, false, now_ns);
-            }
+            let shift = self.geometry.block_shift();
+            self.mark_blocks(new_size >> shift, (old - 1) >> shift, 0, false, now_ns);
         }
         self.written_since_tick.store(true, Ordering::Relaxed);
     }
@@ -275,6 +284,22 @@ impl Volume {
     /// Current size as the write path knows it.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
+    }
+
+    /// Links of the backing inode (None without an attached fd).
+    pub fn nlink(&self) -> Option<u64> {
+        let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        let st = crate::fs::sys::fstat(fd.as_ref()?.as_raw_fd()).ok()?;
+        Some(st.st_nlink)
+    }
+
+    /// Take the stamp of a freshly opened file if none is recorded yet, so that a change
+    /// behind our back is noticed from the first tick on.
+    pub fn first_stamp(&self, st: &libc::stat) {
+        let mut stamp = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        if *stamp == FileStamp::default() {
+            *stamp = FileStamp::of(st);
+        }
     }
 
     /// Refresh size and stamp from the backing file; returns the new stamp, or None if there
@@ -575,20 +600,20 @@ mod tests {
     }
 
     #[test]
-    fn shrinking_truncate_marks_the_partial_last_block_only() {
+    fn shrinking_truncate_marks_from_the_new_end_to_the_old_one() {
         let v = Volume::new(VolumeId { dev: 1, ino: 2 }, G, 10 * 4096);
-        v.record_truncate(3 * 4096 + 100, 2);
-        assert!(v.is_dirty(3) && !v.is_dirty(2) && !v.is_dirty(4));
-        v.record_truncate(8 * 4096, 3);
-        assert!(!v.is_dirty(5));
+        v.record_truncate(10 * 4096, 3 * 4096 + 100, 2);
+        // The partial last block and every block cut off; nothing before.
+        assert!(v.is_dirty(3) && !v.is_dirty(2) && v.is_dirty(9) && !v.is_dirty(10));
+        v.record_truncate(3 * 4096 + 100, 8 * 4096, 3);
+        assert_eq!(v.change_map(None, 4).dirty_blocks, 7);
         assert_eq!(v.change_map(None, 4).low_water, 3 * 4096 + 100);
     }
 
     #[test]
-    fn aligned_truncate_and_growth_mark_nothing() {
+    fn growth_marks_nothing() {
         let v = Volume::new(VolumeId { dev: 1, ino: 2 }, G, 8 * 4096);
-        v.record_truncate(4 * 4096, 1);
-        v.record_truncate(100 * 4096, 2);
+        v.record_truncate(8 * 4096, 100 * 4096, 2);
         assert_eq!(v.change_map(None, 3).dirty_blocks, 0);
     }
 
@@ -614,23 +639,24 @@ mod tests {
     #[test]
     fn intent_is_persisted_once_per_partition_and_epoch() {
         let v = vol();
-        let mut calls = vec![];
+        let mut calls: Vec<Vec<u64>> = vec![];
         v.ensure_intent::<()>(0, 3 * 65536, 1, |p| {
-            calls.push(p);
+            calls.push(p.to_vec());
             Ok(())
         })
         .unwrap();
         v.ensure_intent::<()>(0, 65536, 1, |p| {
-            calls.push(p + 100);
+            calls.push(p.to_vec());
             Ok(())
         })
         .unwrap();
         v.ensure_intent::<()>(0, 65536, 2, |p| {
-            calls.push(p + 200);
+            calls.push(p.to_vec());
             Ok(())
         })
         .unwrap();
-        assert_eq!(calls, vec![0, 1, 2, 200]);
+        // One durable write per batch, none when all are recorded already.
+        assert_eq!(calls, vec![vec![0, 1, 2], vec![0]]);
     }
 
     #[test]
