@@ -69,7 +69,12 @@ pub fn serve(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(&path)
+    // bind creates the socket with the process umask (0 in the daemon): make it private from
+    // the start rather than chmod it after. The daemon calls this before any other thread runs.
+    let old_umask = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(&path);
+    unsafe { libc::umask(old_umask) };
+    let listener = bound
         .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     std::thread::Builder::new()

@@ -181,7 +181,8 @@ fn unescape_mountinfo(s: &str) -> String {
 /// Create the store dir if it is missing, private to its owner (mode 0700).
 pub fn create_store_dir(store: &Path) -> io::Result<()> {
     if store.is_dir() {
-        return Ok(());
+        // An existing store stays private too (someone may have loosened it).
+        return std::fs::set_permissions(store, std::fs::Permissions::from_mode(0o700));
     }
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -10,7 +10,7 @@ use super::CliError;
 use crate::config::Config;
 use crate::control::{self, Request, Response, StatusReport};
 use crate::daemon;
-use crate::track::{self, counters::AccessPattern, ChangeMap, Volume};
+use crate::track::{self, counters::AccessPattern, ChangeMap};
 
 /// Arguments of `grainfs status`.
 #[derive(Debug, ClapArgs)]
@@ -171,18 +171,33 @@ fn offline_report(t: &Target, store: &Path, config: &Config) -> Result<StatusRep
         source,
     })?;
     let files = track::walk_volumes(&t.backing, store);
-    let mut volumes: Vec<ChangeMap> = match &state {
-        Some(s) => s
-            .volumes
-            .iter()
-            .filter_map(|sv| {
-                let path = files.get(&sv.id).map(|(p, _)| p.clone());
-                daemon::path_selected(path.as_deref(), &t.rel)
-                    .then(|| Volume::restore(s.geometry, sv).change_map(path, s.saved_at_ns))
-            })
-            .collect(),
-        None => Vec::new(),
+    // The same recovery rules a new daemon would apply: partitions in the write-intent record
+    // (left by a daemon that died) and volumes changed behind our back are unknown.
+    let (left, damaged) = match track::intent::IntentLog::open(&track::tracking_dir(store)) {
+        Ok((_, left)) => (left, false),
+        Err(_) => (Default::default(), true),
     };
+    let geometry = state.as_ref().map_or(
+        track::Geometry {
+            block_size: config.tracking.block_size,
+            partition_size: config.tracking.partition_size,
+        },
+        |s| s.geometry,
+    );
+    let mut rec = track::Recovery::default();
+    let restored = track::restore(state.as_ref(), &left, &files, geometry, &mut rec);
+    let now = state.as_ref().map_or(0, |s| s.saved_at_ns);
+    let mut volumes: Vec<ChangeMap> = restored
+        .volumes
+        .values()
+        .filter_map(|v| {
+            if damaged {
+                v.mark_unknown_all();
+            }
+            let path = files.get(&v.id).map(|(p, _)| p.clone());
+            daemon::path_selected(path.as_deref(), &t.rel).then(|| v.change_map(path, now))
+        })
+        .collect();
     volumes.sort_by(|a, b| a.path.cmp(&b.path));
     let (bs, ps) = state.as_ref().map_or(
         (config.tracking.block_size, config.tracking.partition_size),

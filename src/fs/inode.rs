@@ -5,6 +5,14 @@
 //! mode, one ctime) and lets an unlinked-but-open file keep working. The table never resolves a
 //! path and never does I/O while its lock is held, apart from closing fds of forgotten inodes.
 //!
+//! The FUSE inode number is also what stat shows as st_ino (fuser sends `attr.ino` as the node
+//! id), so it must not depend on whether the kernel still holds the inode: the kernel forgets
+//! inodes whenever it likes (memory pressure, `drop_caches`), and a number minted afresh at the
+//! next lookup would make one file show a new st_ino, and two names of one hard link show two
+//! numbers (tar, rsync -H, du and cp -a then copy or count the file twice). So the number is a
+//! function of the backing (dev, ino): the backing inode number itself on the backing dir's
+//! filesystem, a hash of (dev, ino) with the top bit set on any other one (see `ino_for`).
+//!
 //! Lock order: `InodeTable::inner` is a leaf lock; nothing else is taken while it is held.
 
 use std::collections::HashMap;
@@ -15,6 +23,10 @@ use super::{FileKind, FsError, FsResult};
 
 /// FUSE inode number of the mount root.
 pub const ROOT_INO: u64 = 1;
+
+/// Inode numbers from here up are hashes of a (dev, ino) that is not on the backing dir's
+/// filesystem; below it they are that filesystem's own inode numbers.
+const FOREIGN: u64 = 1 << 63;
 
 /// Identity of a backing inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,7 +65,10 @@ impl ContentStamp {
 /// One live inode.
 #[derive(Debug)]
 pub struct Inode {
-    /// Our (FUSE) inode number; never reused within a mount, so the generation is always 0.
+    /// Our (FUSE) inode number, `ino_for(key)`. It is handed out again only once the kernel has
+    /// forgotten it (lookup count 0), so the kernel never holds two files under one number and
+    /// the generation can stay 0; and while the kernel holds it, `fd` keeps the backing inode
+    /// alive, so the backing filesystem cannot reuse its number for another file meanwhile.
     pub ino: u64,
     pub key: BackingKey,
     pub kind: FileKind,
@@ -77,7 +92,34 @@ struct Slot {
 struct Inner {
     by_ino: HashMap<u64, Slot>,
     by_key: HashMap<BackingKey, u64>,
-    next_ino: u64,
+    /// st_dev of the backing dir: inodes on it keep their own numbers.
+    root_dev: u64,
+}
+
+impl Inner {
+    /// The number for a new inode of `key`: the same every time the key comes back, unless it
+    /// is taken (a hash collision, or a stale entry of the same key that the kernel still
+    /// holds), and then the next free one of a fixed sequence.
+    fn ino_for(&self, key: BackingKey) -> u64 {
+        let mut ino = if key.dev == self.root_dev && key.ino > ROOT_INO && key.ino < FOREIGN {
+            key.ino
+        } else {
+            FOREIGN | mix(key.ino ^ mix(key.dev))
+        };
+        while self.by_ino.contains_key(&ino) {
+            ino = FOREIGN | mix(ino);
+        }
+        ino
+    }
+}
+
+/// splitmix64's finaliser: a bijection of u64 that scatters nearby values.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// All inodes the kernel currently holds a reference to.
@@ -110,7 +152,7 @@ impl InodeTable {
             inner: RwLock::new(Inner {
                 by_ino,
                 by_key,
-                next_ino: ROOT_INO + 1,
+                root_dev: root_key.dev,
             }),
         }
     }
@@ -140,8 +182,7 @@ impl InodeTable {
             }
             inner.by_key.remove(&key);
         }
-        let ino = inner.next_ino;
-        inner.next_ino += 1;
+        let ino = inner.ino_for(key);
         let inode = Arc::new(Inode {
             ino,
             key,
@@ -157,6 +198,8 @@ impl InodeTable {
             },
         );
         inner.by_key.insert(key, ino);
+        drop(inner);
+        log::trace!("inode {ino}: new for {key:?}");
         inode
     }
 
@@ -176,6 +219,8 @@ impl InodeTable {
                     inner.by_key.remove(&slot.inode.key);
                 }
             }
+            drop(inner);
+            log::trace!("inode {ino}: forgotten");
         }
     }
 
@@ -201,5 +246,78 @@ impl InodeTable {
             .by_ino
             .get(&ino)
             .map_or(0, |s| s.nlookup)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEV: u64 = 0xfe00;
+
+    fn fd() -> OwnedFd {
+        std::fs::File::open("/").expect("open /").into()
+    }
+
+    fn table() -> InodeTable {
+        InodeTable::new(fd(), BackingKey { dev: DEV, ino: 2 })
+    }
+
+    fn key(dev: u64, ino: u64) -> BackingKey {
+        BackingKey { dev, ino }
+    }
+
+    /// The kernel may forget an inode at any time (drop_caches, memory pressure); the next
+    /// lookup of the same file must show the same st_ino, or two names of one hard link, looked
+    /// up on either side of the forget, show two numbers.
+    #[test]
+    fn a_forgotten_inode_comes_back_with_the_same_number() {
+        let t = table();
+        for k in [key(DEV, 5000), key(DEV + 1, 5000), key(DEV, 1), key(DEV, 0)] {
+            let first = t.lookup(k, FileKind::Regular, fd()).ino;
+            t.forget(first, 1);
+            assert_eq!(t.nlookup(first), 0, "{k:?} forgotten");
+            let again = t.lookup(k, FileKind::Regular, fd()).ino;
+            assert_eq!(first, again, "{k:?}");
+            assert!(again > ROOT_INO, "{k:?} got reserved number {again}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_the_backing_ones_on_the_backing_filesystem_and_distinct_elsewhere() {
+        let t = table();
+        let home = t.lookup(key(DEV, 5000), FileKind::Regular, fd()).ino;
+        assert_eq!(home, 5000);
+        let other = t.lookup(key(DEV + 1, 5000), FileKind::Regular, fd()).ino;
+        let other2 = t.lookup(key(DEV + 2, 5000), FileKind::Regular, fd()).ino;
+        assert!(other >= FOREIGN && other2 >= FOREIGN);
+        assert_ne!(other, other2);
+        // Inode numbers the backing filesystem cannot give us unchanged.
+        let one = t.lookup(key(DEV, ROOT_INO), FileKind::Regular, fd()).ino;
+        let huge = t.lookup(key(DEV, u64::MAX), FileKind::Regular, fd()).ino;
+        assert!(one >= FOREIGN && huge >= FOREIGN && one != huge);
+        // The root's own key is the root.
+        assert_eq!(
+            t.lookup(key(DEV, 2), FileKind::Directory, fd()).ino,
+            ROOT_INO
+        );
+        assert_eq!(t.len(), 6);
+    }
+
+    /// A key whose kind changed (its backing number reused behind our back) while the kernel
+    /// still holds the old inode: the new file gets another number, and forgetting the old
+    /// inode leaves the new one reachable.
+    #[test]
+    fn a_stale_inode_still_held_does_not_share_its_number() {
+        let t = table();
+        let k = key(DEV, 7);
+        let old = t.lookup(k, FileKind::Regular, fd()).ino;
+        let new = t.lookup(k, FileKind::Directory, fd()).ino;
+        assert_ne!(old, new);
+        assert!(new > ROOT_INO);
+        t.forget(old, 1);
+        assert_eq!(t.lookup(k, FileKind::Directory, fd()).ino, new);
+        assert_eq!(t.nlookup(new), 2);
+        assert!(t.get(old).is_err());
     }
 }

@@ -202,6 +202,125 @@ fn set_aside(path: &Path, why: &io::Error) {
     }
 }
 
+/// Volumes as a start finds them: restored from the saved state and the intent record, with
+/// the recovery rules applied.
+pub struct Restored {
+    pub volumes: HashMap<VolumeId, Arc<Volume>>,
+    /// Saved volumes whose file was not found.
+    pub dormant: Vec<SavedVolume>,
+}
+
+/// Apply the recovery rules (DESIGN.md "Tracking that survives a crash") to a saved state, the
+/// intent record `left` by the previous daemon and the files of the backing dir now; shared by
+/// the daemon's start and the offline `status`.
+pub fn restore(
+    saved: Option<&SavedState>,
+    left: &BTreeSet<(VolumeId, u64)>,
+    files: &HashMap<VolumeId, (String, libc::stat)>,
+    geometry: Geometry,
+    rec: &mut Recovery,
+) -> Restored {
+    let mut volumes = HashMap::new();
+    let mut dormant = Vec::new();
+    let mut renamed: HashMap<VolumeId, VolumeId> = HashMap::new();
+    if let Some(s) = saved {
+        rec.unclean = !s.clean;
+        let same_geometry = s.geometry == geometry;
+        if !same_geometry {
+            warn!(
+                "tracking geometry changed (block {} -> {}, partition {} -> {}): all volumes unknown",
+                s.geometry.block_size, geometry.block_size, s.geometry.partition_size, geometry.partition_size
+            );
+        }
+        let intent_vols: BTreeSet<VolumeId> = left.iter().map(|(v, _)| *v).collect();
+        // st_dev of a filesystem can change across reboots (device minors, btrfs), so a
+        // saved volume is matched by inode number when its exact id is not found.
+        let mut by_ino: HashMap<u64, Vec<VolumeId>> = HashMap::new();
+        for id in files.keys() {
+            by_ino.entry(id.ino).or_default().push(*id);
+        }
+        for sv in &s.volumes {
+            let cur = if files.contains_key(&sv.id) {
+                Some(sv.id)
+            } else {
+                match by_ino.get(&sv.id.ino).map(Vec::as_slice) {
+                    Some([only]) => Some(*only),
+                    _ => None,
+                }
+            };
+            let Some((cur, (path, st))) = cur.and_then(|c| files.get(&c).map(|f| (c, f))) else {
+                // Not found now (a directory unreadable, a file gone): keep the record, so
+                // that its history is not silently replaced by a clean one later.
+                rec.gone += 1;
+                dormant.push(sv.clone());
+                continue;
+            };
+            renamed.insert(sv.id, cur);
+            let sv = &SavedVolume {
+                id: cur,
+                ..sv.clone()
+            };
+            let v = if same_geometry {
+                Volume::restore(geometry, sv)
+            } else {
+                let v = Volume::new(sv.id, geometry, st.st_size as u64);
+                v.mark_unknown_all();
+                v
+            };
+            let now = FileStamp::of(st);
+            if now != sv.stamp {
+                // Our own writes after the last save explain a changed stamp only for a
+                // volume in the intent record, and only within the window the crash can
+                // have happened in (two intervals after the last save).
+                let window_end = s.saved_at_ns as i128 + 2 * s.interval_ns as i128;
+                let in_intent = renamed
+                    .iter()
+                    .any(|(old, new)| *new == sv.id && intent_vols.contains(old));
+                // A shrink changes content from the new end to the old one: our own truncate
+                // put all of it in the intent record first. Growth only adds zeros past the old
+                // end (what was written there is in the record anyway).
+                let (new, old) = (now.size, sv.stamp.size);
+                let size_explained = new >= old
+                    || (new / geometry.partition_size..=(old - 1) / geometry.partition_size).all(
+                        |p| {
+                            renamed
+                                .iter()
+                                .any(|(o, n)| *n == sv.id && left.contains(&(*o, p)))
+                        },
+                    );
+                let explained = rec.unclean
+                    && in_intent
+                    && size_explained
+                    && now.ino == sv.stamp.ino
+                    && now.mtime_ns <= window_end
+                    && now.ctime_ns <= window_end;
+                if !explained {
+                    v.mark_unknown_all();
+                    rec.changed_behind.push(path.clone());
+                }
+            }
+            // Whatever the difference was, it is accounted for now (unknown partitions or
+            // the whole volume): from here on, compare with the file as it is.
+            v.adopt_stamp(now);
+            volumes.insert(sv.id, Arc::new(v));
+        }
+    }
+    for (id, p) in left {
+        let id = renamed.get(id).unwrap_or(id);
+        if let Some(v) = volumes.get(id) {
+            v.mark_unknown(*p);
+            rec.intent_partitions += 1;
+        } else if let Some((_, st)) = files.get(id) {
+            // Written after the last save and never saved: unknown as a whole.
+            let v = Volume::new(*id, geometry, st.st_size as u64);
+            v.mark_unknown_all();
+            volumes.insert(*id, Arc::new(v));
+            rec.intent_partitions += 1;
+        }
+    }
+    Restored { volumes, dormant }
+}
+
 /// The change tracker of one mount.
 pub struct Tracker {
     geometry: Geometry,
@@ -240,6 +359,8 @@ impl Tracker {
                 .recursive(true)
                 .mode(0o700)
                 .create(&dir)?;
+            // The new directory entry is durable before anything in it is relied on.
+            fsync_dir(store)?;
         }
         let mut rec = Recovery::default();
         // A damaged record must not stop the mount: set it aside, say so, and trust nothing.
@@ -261,93 +382,9 @@ impl Tracker {
             }
             Err(e) => return Err(e),
         };
-        let mut volumes = HashMap::new();
         let files = walk_volumes(backing, store);
-        let mut dormant = Vec::new();
-        let mut renamed: HashMap<VolumeId, VolumeId> = HashMap::new();
-        if let Some(s) = &saved {
-            rec.unclean = !s.clean;
-            let same_geometry = s.geometry == geometry;
-            if !same_geometry {
-                warn!(
-                    "tracking geometry changed (block {} -> {}, partition {} -> {}): all volumes unknown",
-                    s.geometry.block_size, geometry.block_size, s.geometry.partition_size, geometry.partition_size
-                );
-            }
-            let intent_vols: BTreeSet<VolumeId> = left.iter().map(|(v, _)| *v).collect();
-            // st_dev of a filesystem can change across reboots (device minors, btrfs), so a
-            // saved volume is matched by inode number when its exact id is not found.
-            let mut by_ino: HashMap<u64, Vec<VolumeId>> = HashMap::new();
-            for id in files.keys() {
-                by_ino.entry(id.ino).or_default().push(*id);
-            }
-            for sv in &s.volumes {
-                let cur = if files.contains_key(&sv.id) {
-                    Some(sv.id)
-                } else {
-                    match by_ino.get(&sv.id.ino).map(Vec::as_slice) {
-                        Some([only]) => Some(*only),
-                        _ => None,
-                    }
-                };
-                let Some((cur, (path, st))) = cur.and_then(|c| files.get(&c).map(|f| (c, f)))
-                else {
-                    // Not found now (a directory unreadable, a file gone): keep the record, so
-                    // that its history is not silently replaced by a clean one later.
-                    rec.gone += 1;
-                    dormant.push(sv.clone());
-                    continue;
-                };
-                renamed.insert(sv.id, cur);
-                let sv = &SavedVolume {
-                    id: cur,
-                    ..sv.clone()
-                };
-                let v = if same_geometry {
-                    Volume::restore(geometry, sv)
-                } else {
-                    let v = Volume::new(sv.id, geometry, st.st_size as u64);
-                    v.mark_unknown_all();
-                    v
-                };
-                let now = FileStamp::of(st);
-                if now != sv.stamp {
-                    // Our own writes after the last save explain a changed stamp only for a
-                    // volume in the intent record, and only within the window the crash can
-                    // have happened in (two intervals after the last save).
-                    let window_end = s.saved_at_ns as i128 + 2 * s.interval_ns as i128;
-                    let in_intent = renamed
-                        .iter()
-                        .any(|(old, new)| *new == sv.id && intent_vols.contains(old));
-                    let explained = rec.unclean
-                        && in_intent
-                        && now.ino == sv.stamp.ino
-                        && now.mtime_ns <= window_end
-                        && now.ctime_ns <= window_end;
-                    if !explained {
-                        v.mark_unknown_all();
-                        rec.changed_behind.push(path.clone());
-                    }
-                }
-                // Whatever the difference was, it is accounted for now (unknown partitions or
-                // the whole volume): from here on, compare with the file as it is.
-                v.adopt_stamp(now);
-                volumes.insert(sv.id, Arc::new(v));
-            }
-        }
-        for (id, p) in &left {
-            let id = renamed.get(id).unwrap_or(id);
-            if let Some(v) = volumes.get(id) {
-                v.mark_unknown(*p);
-                rec.intent_partitions += 1;
-            } else if let Some((_, st)) = files.get(id) {
-                // Written after the last save and never saved: unknown as a whole.
-                let v = Volume::new(*id, geometry, st.st_size as u64);
-                v.mark_unknown_all();
-                volumes.insert(*id, Arc::new(v));
-                rec.intent_partitions += 1;
-            }
-        }
+        let Restored { volumes, dormant } =
+            restore(saved.as_ref(), &left, &files, geometry, &mut rec);
         let t = Tracker {
             geometry,
             interval,
@@ -614,6 +651,56 @@ mod tests {
         assert_eq!(
             std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
+        );
+    }
+
+    fn stat_of(path: &Path) -> libc::stat {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        crate::fs::sys::fstatat(libc::AT_FDCWD, &c).unwrap()
+    }
+
+    #[test]
+    fn after_a_crash_an_unrecorded_shrink_is_not_explained_by_our_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("v.img");
+        std::fs::write(&f, vec![1u8; 4 * 65536]).unwrap();
+        let st = stat_of(&f);
+        let id = VolumeId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        };
+        let v = Volume::new(id, G, 4 * 65536);
+        v.adopt_stamp(FileStamp::of(&st));
+        let state = SavedState {
+            format: STATE_FORMAT,
+            geometry: G,
+            clean: false,
+            saved_at_ns: now_ns(),
+            interval_ns: 10_000_000_000,
+            volumes: vec![v.saved(None)],
+        };
+        // The daemon wrote partition 0 after its last save, then died; the file was then cut
+        // to one partition by someone else.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(65536)
+            .unwrap();
+        let st = stat_of(&f);
+        let files: HashMap<_, _> = [(id, ("v.img".to_string(), st))].into_iter().collect();
+        let left: BTreeSet<_> = [(id, 0u64)].into_iter().collect();
+        let mut rec = Recovery::default();
+        let r = restore(Some(&state), &left, &files, G, &mut rec);
+        assert!(r.volumes[&id].change_map(None, 0).unknown_all, "{rec:?}");
+        // Had the record covered the cut partitions, it would be ours: only those unknown.
+        let left: BTreeSet<_> = (0..4).map(|p| (id, p)).collect();
+        let mut rec = Recovery::default();
+        let r = restore(Some(&state), &left, &files, G, &mut rec);
+        let m = r.volumes[&id].change_map(None, 0);
+        assert!(
+            !m.unknown_all && m.unknown_partitions == vec![0, 1, 2, 3],
+            "{m:?}"
         );
     }
 }
