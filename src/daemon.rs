@@ -297,6 +297,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
     let _lock = StoreLock::claim(&store)?;
     // The kernel already applied the caller's umask to every mode it sends us.
     unsafe { libc::umask(0) };
+    crate::fs::sys::raise_nofile_limit();
 
     let store_inside = store.starts_with(&req.backing);
     let tracking = &req.config.tracking;

@@ -1002,3 +1002,27 @@ fn access_pattern_follows_each_handle() {
     }
     assert_eq!(fx.map("rnd.img").access_pattern, AccessPattern::Random);
 }
+
+#[test]
+fn a_restored_volume_changed_behind_our_back_while_mounted_is_caught_at_the_next_tick() {
+    let fx = Fx::new();
+    let (_, a) = fx.create("a.img");
+    fx.write(a, 0, BS);
+    fx.fs.release(a).unwrap();
+    // A clean restart: the volume comes back from the saved state and is never opened again.
+    let fx = fx.restart();
+    assert!(!fx.map("a.img").unknown_all);
+    fx.tracker.tick().unwrap();
+    // Someone writes to the backing file directly while the overlay is up.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(fx.backing.join("a.img"))
+            .unwrap();
+        f.write_at(b"behind", 5 * BS).unwrap();
+    }
+    fx.tracker.tick().unwrap();
+    assert!(fx.map("a.img").unknown_all, "{:?}", fx.map("a.img"));
+}

@@ -385,6 +385,26 @@ impl Tracker {
         let files = walk_volumes(backing, store);
         let Restored { volumes, dormant } =
             restore(saved.as_ref(), &left, &files, geometry, &mut rec);
+        // Hold each restored volume's inode from the start, so that a change made behind our
+        // back while mounted is seen at the next tick even if the file is never opened.
+        if let Ok(root) = crate::fs::sys::openat(
+            libc::AT_FDCWD,
+            &std::ffi::CString::new(backing.as_os_str().as_encoded_bytes()).unwrap_or_default(),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        ) {
+            for v in volumes.values() {
+                let Some((path, _)) = files.get(&v.id) else {
+                    continue;
+                };
+                v.attach_fd(|| {
+                    let fd =
+                        crate::fs::sys::open_beneath(root.as_raw_fd(), path, libc::O_PATH).ok()?;
+                    let st = crate::fs::sys::fstat(fd.as_raw_fd()).ok()?;
+                    (st.st_dev == v.id.dev && st.st_ino == v.id.ino).then_some(fd)
+                });
+            }
+        }
         let t = Tracker {
             geometry,
             interval,
