@@ -32,7 +32,7 @@ use intent::IntentLog;
 pub use volume::{ChangeMap, FileStamp, Geometry, PartitionMap, SavedVolume, Volume, VolumeId};
 
 /// Format version of the saved tracking state.
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 
 /// The tracking state as saved in `<store>/tracking/state.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -399,27 +399,67 @@ impl Volume {
                 .iter()
                 .copied()
                 .collect(),
-            bitmap: self.bitmap.words(),
-            counters: parts.iter().map(|p| p.counters.values()).collect(),
-            rates: self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            // Sparse: a 2 TiB volume with a few changes saves a few words, not 512 Ki of them.
+            bitmap: self
+                .bitmap
+                .words()
+                .into_iter()
+                .enumerate()
+                .filter(|(_, w)| *w != 0)
+                .map(|(i, w)| (i as u64, w))
+                .collect(),
+            counters: parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u64, p.counters.values()))
+                .filter(|(_, c)| c.writes != 0 || c.dirty_blocks != 0 || c.last_update_ns != 0)
+                .collect(),
+            rates: self
+                .rates
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| **r != Rates::default())
+                .map(|(i, r)| (i as u64, *r))
+                .collect(),
         }
     }
 
     /// Rebuild a volume from its saved state.
     pub fn restore(geometry: Geometry, s: &SavedVolume) -> Volume {
         let v = Volume::new(s.id, geometry, s.size);
-        v.bitmap.merge(&s.bitmap);
-        v.ensure_partitions(s.counters.len());
+        if let Some(&(last, _)) = s.bitmap.last() {
+            let mut words = vec![0u64; last as usize + 1];
+            for &(i, w) in &s.bitmap {
+                words[i as usize] = w;
+            }
+            v.bitmap.merge(&words);
+        }
+        let nparts = s.counters.iter().map(|(i, _)| *i + 1).max().unwrap_or(0);
+        v.ensure_partitions(nparts as usize);
         {
             let parts = v.partitions.read().unwrap_or_else(|p| p.into_inner());
-            for (p, c) in parts.iter().zip(&s.counters) {
-                p.counters.restore(c);
+            for (i, c) in &s.counters {
+                parts[*i as usize].counters.restore(c);
             }
         }
         v.low_water.store(s.low_water, Ordering::Relaxed);
         v.unknown_all.store(s.unknown_all, Ordering::Relaxed);
         *v.unknown.lock().unwrap_or_else(|p| p.into_inner()) = s.unknown.iter().copied().collect();
-        *v.rates.lock().unwrap_or_else(|p| p.into_inner()) = s.rates.clone();
+        {
+            let mut rates = v.rates.lock().unwrap_or_else(|p| p.into_inner());
+            let n = s
+                .rates
+                .iter()
+                .map(|(i, _)| *i as usize + 1)
+                .max()
+                .unwrap_or(0);
+            rates.resize(n, Rates::default());
+            for (i, r) in &s.rates {
+                rates[*i as usize] = *r;
+            }
+        }
         *v.stamp.lock().unwrap_or_else(|p| p.into_inner()) = s.stamp;
         v
     }
@@ -514,9 +554,12 @@ pub struct SavedVolume {
     pub low_water: u64,
     pub unknown_all: bool,
     pub unknown: Vec<u64>,
-    pub bitmap: Vec<u64>,
-    pub counters: Vec<CounterValues>,
-    pub rates: Vec<Rates>,
+    /// Non-zero words of the dirty bitmap: (word index, bits).
+    pub bitmap: Vec<(u64, u64)>,
+    /// Counters of partitions that saw any change: (partition, values).
+    pub counters: Vec<(u64, CounterValues)>,
+    /// Rates that are not zero: (partition, rates).
+    pub rates: Vec<(u64, Rates)>,
 }
 
 /// The published change map of one partition.
