@@ -1026,3 +1026,18 @@ fn a_restored_volume_changed_behind_our_back_while_mounted_is_caught_at_the_next
     fx.tracker.tick().unwrap();
     assert!(fx.map("a.img").unknown_all, "{:?}", fx.map("a.img"));
 }
+
+#[test]
+fn a_file_deleted_behind_our_back_is_dropped_at_the_next_tick() {
+    let fx = Fx::new();
+    let (_, a) = fx.create("gone.img");
+    fx.write(a, 0, BS);
+    fx.fs.release(a).unwrap();
+    std::fs::remove_file(fx.backing.join("gone.img")).unwrap();
+    fx.tracker.tick().unwrap();
+    assert!(
+        fx.tracker.change_maps_with_paths().is_empty(),
+        "{:?}",
+        fx.tracker.change_maps_with_paths()
+    );
+}

@@ -578,6 +578,13 @@ impl Tracker {
     /// clear the intent records the save covers, publish change maps.
     pub fn tick(&self) -> io::Result<()> {
         let _t = self.tick_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // A file whose last link went behind our back: stop tracking it, which also lets go
+        // of our fd on it, so its space is freed now and not at unmount. (Open handles through
+        // the mount keep their own reference.)
+        self.volumes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, v| v.nlink() != Some(0));
         self.intents.rotate();
         let vols: Vec<Arc<Volume>> = self
             .volumes
