@@ -29,7 +29,9 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use intent::IntentLog;
-pub use volume::{ChangeMap, FileStamp, Geometry, PartitionMap, SavedVolume, Volume, VolumeId};
+pub use volume::{
+    ChangeMap, FileStamp, Geometry, PartitionMap, SavedVolume, Taken, Volume, VolumeId,
+};
 
 /// Format version of the saved tracking state.
 pub const STATE_FORMAT: u32 = 2;
@@ -630,6 +632,62 @@ impl Tracker {
         // Only what the save covered is cleared; a write that slipped in after it (a FUSE
         // worker still running) keeps its record, and the next mount rescans it.
         self.intents.clear_previous()
+    }
+
+    /// The snapshot barrier (DESIGN.md "Snapshot protocol" step 2): close the write gates of
+    /// `ids` in a fixed order (by id, so two barriers never deadlock), let in-flight writes
+    /// drain, run `at_instant` (the caller records the namespace there), take every volume's
+    /// dirty bits, and reopen the gates. No data is copied inside. A write that returned before
+    /// this call is in the taken bits; one that starts after it is in the live map. The taken
+    /// bits are saved as pending before this returns, so a crash before the snapshot commits
+    /// gives them back to the live map at the next start.
+    pub fn barrier<R>(
+        &self,
+        ids: &[VolumeId],
+        at_instant: impl FnOnce() -> R,
+    ) -> io::Result<(R, Vec<Taken>)> {
+        let mut vols: Vec<Arc<Volume>> = {
+            let map = self.volumes.read().unwrap_or_else(|p| p.into_inner());
+            ids.iter().filter_map(|id| map.get(id).cloned()).collect()
+        };
+        vols.sort_by_key(|v| v.id);
+        vols.dedup_by_key(|v| v.id);
+        let taken;
+        let r;
+        {
+            let _gates: Vec<_> = vols.iter().map(|v| v.close_gate()).collect();
+            r = at_instant();
+            taken = vols
+                .iter()
+                .map(|v| v.take_for_snapshot())
+                .collect::<Vec<_>>();
+        }
+        let _t = self.tick_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.save(false)?;
+        Ok((r, taken))
+    }
+
+    /// The snapshot of `taken` committed: its bits stop being pending.
+    pub fn commit(&self, taken: &[Taken]) -> io::Result<()> {
+        for t in taken {
+            if let Some(v) = self.get(t.id) {
+                v.commit_taken(t);
+            }
+        }
+        let _t = self.tick_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.save(false)
+    }
+
+    /// The snapshot of `taken` failed: merge everything back into the live maps.
+    pub fn abort(&self, taken: &[Taken]) -> io::Result<()> {
+        for t in taken {
+            if let Some(v) = self.get(t.id) {
+                let _gate = v.close_gate();
+                v.abort_taken(t);
+            }
+        }
+        let _t = self.tick_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.save(false)
     }
 
     /// Intent records not yet covered by a save.

@@ -110,6 +110,9 @@ pub struct Volume {
     low_water: AtomicU64,
     unknown_all: AtomicBool,
     unknown: Mutex<BTreeSet<u64>>,
+    /// Dirty bits taken by a snapshot barrier whose snapshot is not committed yet: saved with
+    /// the state, so a crash before the commit merges them back instead of losing them.
+    pending: Mutex<Option<Vec<u64>>>,
     rates: Mutex<Vec<Rates>>,
     /// Whether anything was written through the overlay since the last tick.
     written_since_tick: AtomicBool,
@@ -134,6 +137,7 @@ impl Volume {
             low_water: AtomicU64::new(size),
             unknown_all: AtomicBool::new(false),
             unknown: Mutex::new(BTreeSet::new()),
+            pending: Mutex::new(None),
             rates: Mutex::new(Vec::new()),
             written_since_tick: AtomicBool::new(false),
             stamp: Mutex::new(FileStamp::default()),
@@ -414,6 +418,15 @@ impl Volume {
                 .map(|(i, p)| (i as u64, p.counters.values()))
                 .filter(|(_, c)| c.writes != 0 || c.dirty_blocks != 0 || c.last_update_ns != 0)
                 .collect(),
+            pending: self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .flat_map(|w| w.iter().copied().enumerate())
+                .filter(|(_, w)| *w != 0)
+                .map(|(i, w)| (i as u64, w))
+                .collect(),
             rates: self
                 .rates
                 .lock()
@@ -443,6 +456,15 @@ impl Volume {
             for (i, c) in &s.counters {
                 parts[*i as usize].counters.restore(c);
             }
+        }
+        // Bits a barrier took for a snapshot that never committed (the daemon died before the
+        // commit): they are dirty again, as an abort would have made them.
+        if let Some(&(last, _)) = s.pending.last() {
+            let mut words = vec![0u64; last as usize + 1];
+            for &(i, w) in &s.pending {
+                words[i as usize] = w;
+            }
+            v.bitmap.merge(&words);
         }
         v.low_water.store(s.low_water, Ordering::Relaxed);
         v.unknown_all.store(s.unknown_all, Ordering::Relaxed);
@@ -538,10 +560,93 @@ impl Volume {
         }
     }
 
+    /// Close the write gate: in-flight writes drain, new ones wait until the guard drops.
+    pub fn close_gate(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The snapshot barrier's swap, to be called with the gate closed: take the dirty bits and
+    /// the unknowns (they belong to the snapshot now), start a clean map, and keep the taken
+    /// bits as pending until `commit_taken` or `abort_taken`.
+    pub fn take_for_snapshot(&self) -> Taken {
+        let bits = self.bitmap.take();
+        let unknown_all = self.unknown_all.swap(false, Ordering::Relaxed);
+        let unknown = std::mem::take(&mut *self.unknown.lock().unwrap_or_else(|p| p.into_inner()));
+        let size = self.size();
+        let low_water = self.low_water.swap(size, Ordering::Relaxed);
+        {
+            let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+            for p in parts.iter() {
+                p.counters.dirty_blocks.store(0, Ordering::Relaxed);
+                p.counters.overwrites.store(0, Ordering::Relaxed);
+            }
+        }
+        {
+            // Rates restart from the reset counters.
+            let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+            for r in rates.iter_mut() {
+                r.last_dirty = 0;
+            }
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        // An earlier uncommitted take stays covered: pending is the union.
+        let mut all = pending.take().unwrap_or_default();
+        if all.len() < bits.len() {
+            all.resize(bits.len(), 0);
+        }
+        for (a, b) in all.iter_mut().zip(&bits) {
+            *a |= b;
+        }
+        *pending = Some(all);
+        Taken {
+            id: self.id,
+            bits,
+            unknown_all,
+            unknown,
+            size,
+            low_water,
+        }
+    }
+
+    /// The snapshot that took `t` is committed: its bits are no longer pending.
+    pub fn commit_taken(&self, _t: &Taken) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The snapshot that took `t` failed: everything it took is dirty (or unknown) again.
+    pub fn abort_taken(&self, t: &Taken) {
+        self.bitmap.merge(&t.bits);
+        if t.unknown_all {
+            self.mark_unknown_all();
+        }
+        self.unknown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(t.unknown.iter().copied());
+        self.low_water.fetch_min(t.low_water, Ordering::Relaxed);
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Dirty bits (for tests and the snapshot engine to come).
     pub fn is_dirty(&self, block: u64) -> bool {
         self.bitmap.is_dirty(block)
     }
+}
+
+/// What a snapshot barrier took from one volume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Taken {
+    pub id: VolumeId,
+    /// Dirty bits since the previous snapshot, one per block.
+    pub bits: Vec<u64>,
+    /// Tracking was lost for the whole volume: rescan all of it.
+    pub unknown_all: bool,
+    /// Partitions to rescan.
+    pub unknown: BTreeSet<u64>,
+    /// Size at the barrier.
+    pub size: u64,
+    /// Lowest size since the previous snapshot.
+    pub low_water: u64,
 }
 
 /// A volume as saved in the store.
@@ -560,6 +665,9 @@ pub struct SavedVolume {
     pub counters: Vec<(u64, CounterValues)>,
     /// Rates that are not zero: (partition, rates).
     pub rates: Vec<(u64, Rates)>,
+    /// Bits taken by an uncommitted snapshot: (word index, bits); merged back at restore.
+    #[serde(default)]
+    pub pending: Vec<(u64, u64)>,
 }
 
 /// The published change map of one partition.
