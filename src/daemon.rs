@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,6 +37,16 @@ pub enum DaemonError {
         mountpoint: PathBuf,
         backing: PathBuf,
     },
+    #[error("store {0}: a store inside the backing dir must sit directly in its root (like the default <backing>/.grainfs); a deeper one could be reached by renaming its parent through the mount")]
+    StorePlacement(PathBuf),
+    #[error("mount point {mountpoint} contains the backing dir {backing} or the store {store}; the overlay would hide its own files, choose a mount point outside both")]
+    MountpointCovers {
+        mountpoint: PathBuf,
+        backing: PathBuf,
+        store: PathBuf,
+    },
+    #[error("store {path}: {why}; remove it or choose another store")]
+    StoreUnsafe { path: PathBuf, why: String },
     #[error("store {path}: {source}")]
     Store { path: PathBuf, source: io::Error },
     #[error("store {path} is in use by another grainfs daemon{pid}; unmount that one first")]
@@ -62,6 +72,7 @@ pub enum DaemonError {
 pub struct MountRequest {
     pub backing: PathBuf,
     pub mountpoint: PathBuf,
+    pub store: PathBuf,
     pub config: Config,
 }
 
@@ -104,16 +115,47 @@ impl MountRequest {
                 backing,
             });
         }
+        // Canonical store path: its parent resolved, its own name never followed (a store that
+        // is a symlink is refused when it is opened).
+        let configured = config.store_dir(&backing);
+        let store = match (configured.parent(), configured.file_name()) {
+            (Some(parent), Some(name)) => {
+                std::fs::create_dir_all(parent).map_err(|source| DaemonError::Store {
+                    path: configured.clone(),
+                    source,
+                })?;
+                std::fs::canonicalize(parent)
+                    .map_err(|source| DaemonError::Store {
+                        path: configured.clone(),
+                        source,
+                    })?
+                    .join(name)
+            }
+            _ => return Err(DaemonError::StorePlacement(configured)),
+        };
+        // A store inside the backing dir sits directly in its root: the root cannot be renamed
+        // through the mount, a deeper parent could be, and the store would then be reachable.
+        if store.starts_with(&backing) && store.parent() != Some(backing.as_path()) {
+            return Err(DaemonError::StorePlacement(store));
+        }
+        if backing.starts_with(&mountpoint_abs) || store.starts_with(&mountpoint_abs) {
+            return Err(DaemonError::MountpointCovers {
+                mountpoint: mountpoint_abs,
+                backing,
+                store,
+            });
+        }
         Ok(MountRequest {
             backing,
             mountpoint: mountpoint_abs,
+            store,
             config,
         })
     }
 
-    /// The store dir of this mount.
+    /// The store dir of this mount (canonical).
     pub fn store(&self) -> PathBuf {
-        self.config.store_dir(&self.backing)
+        self.store.clone()
     }
 }
 
@@ -178,17 +220,72 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Create the store dir if it is missing, private to its owner (mode 0700).
-pub fn create_store_dir(store: &Path) -> io::Result<()> {
-    if store.is_dir() {
-        // An existing store stays private too (someone may have loosened it).
-        return std::fs::set_permissions(store, std::fs::Permissions::from_mode(0o700));
+/// The store, opened once: a directory fd checked to be a real directory (not a symlink)
+/// owned by the daemon's user, mode 0700. Everything in the store is reached through this fd
+/// (as `/proc/self/fd/N/...`), so nobody who can rename or replace the store's path, or any of
+/// its parents, can redirect what the daemon (often root) writes.
+pub struct StoreDir {
+    fd: std::os::fd::OwnedFd,
+    real: PathBuf,
+}
+
+impl StoreDir {
+    /// Create (mode 0700) if missing and open the store at canonical path `store`.
+    pub fn open(store: &Path) -> Result<StoreDir, DaemonError> {
+        let err = |source| DaemonError::Store {
+            path: store.to_path_buf(),
+            source,
+        };
+        let c = std::ffi::CString::new(store.as_os_str().as_encoded_bytes())
+            .map_err(|_| err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        if unsafe { libc::mkdir(c.as_ptr(), 0o700) } == -1 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(err(e));
+            }
+        }
+        let fd = crate::fs::sys::openat(
+            libc::AT_FDCWD,
+            &c,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
+                DaemonError::StoreUnsafe {
+                    path: store.to_path_buf(),
+                    why: "not a directory (a symlink or a file)".into(),
+                }
+            } else {
+                err(e)
+            }
+        })?;
+        let st = crate::fs::sys::fstat(fd.as_raw_fd()).map_err(err)?;
+        let euid = unsafe { libc::geteuid() };
+        if st.st_uid != euid {
+            return Err(DaemonError::StoreUnsafe {
+                path: store.to_path_buf(),
+                why: format!("owned by uid {}, not by the daemon's uid {euid}", st.st_uid),
+            });
+        }
+        if unsafe { libc::fchmod(fd.as_raw_fd(), 0o700) } == -1 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(StoreDir {
+            fd,
+            real: store.to_path_buf(),
+        })
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(store)?;
-    std::fs::set_permissions(store, std::fs::Permissions::from_mode(0o700))
+
+    /// The path the daemon uses: the store's own inode, through our fd.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+
+    /// The store's real path, for messages.
+    pub fn real(&self) -> &Path {
+        &self.real
+    }
 }
 
 /// Readahead of the mount, in KiB. The kernel gives a FUSE mount 128 KiB, so sequential reads
@@ -223,20 +320,21 @@ pub struct StoreLock {
 }
 
 impl StoreLock {
-    /// Create the store dir (mode 0700) if needed and take its daemon lock.
-    pub fn claim(store: &Path) -> Result<StoreLock, DaemonError> {
+    /// Take the store's daemon lock.
+    pub fn claim(dir: &StoreDir) -> Result<StoreLock, DaemonError> {
+        let store = dir.real();
         let err = |source| DaemonError::Store {
             path: store.to_path_buf(),
             source,
         };
-        create_store_dir(store).map_err(err)?;
-        let path = store.join(LOCK_FILE);
+        let path = dir.path().join(LOCK_FILE);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(err)?;
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == -1 {
@@ -293,13 +391,15 @@ impl Ready for () {
 
 /// Mount and serve until unmounted. `ready` is told once the mount is live.
 pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError> {
-    let store = req.store();
-    let _lock = StoreLock::claim(&store)?;
+    let store_dir = StoreDir::open(&req.store)?;
+    let _lock = StoreLock::claim(&store_dir)?;
+    // Every store access from here on goes through the store's fd.
+    let store = store_dir.path();
     // The kernel already applied the caller's umask to every mode it sends us.
     unsafe { libc::umask(0) };
     crate::fs::sys::raise_nofile_limit();
 
-    let store_inside = store.starts_with(&req.backing);
+    let store_inside = req.store.starts_with(&req.backing);
     let tracking = &req.config.tracking;
     let tracker = if tracking.enabled {
         let geometry = Geometry {
@@ -329,7 +429,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         &req.backing,
         OverlayOptions {
             store: if store_inside {
-                Some(store.clone())
+                Some(req.store.clone())
             } else {
                 None
             },

@@ -9,4 +9,5 @@ pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;
+pub mod store;
 pub mod track;

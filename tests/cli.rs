@@ -572,3 +572,57 @@ fn help_exits_zero() {
     );
     assert!(!out.contains("--daemonized"), "internal flag shown: {out}");
 }
+
+#[test]
+fn a_store_owned_by_another_user_is_refused_and_left_alone() {
+    // Someone else made <backing>/.grainfs (possible through an earlier mount with another
+    // store): the root daemon must not write into a directory another user controls.
+    let d = dirs();
+    let store = d.backing.join(".grainfs");
+    std::fs::create_dir(&store).unwrap();
+    std::os::unix::fs::chown(&store, Some(65534), Some(65534)).unwrap();
+    let victim = d.root.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, store.join("daemon.lock")).unwrap();
+    let _clean = Cleanup::of(&d.mnt);
+    let o = grainfs(&[&"mount", &d.backing, &d.mnt]);
+    assert_fails_naming(&o, &[".grainfs", "owned by uid 65534"]);
+    assert!(!is_mounted(&d.mnt));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+}
+
+#[test]
+fn a_store_that_is_a_symlink_is_refused() {
+    let d = dirs();
+    let elsewhere = d.root.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, d.backing.join(".grainfs")).unwrap();
+    let _clean = Cleanup::of(&d.mnt);
+    let o = grainfs(&[&"mount", &d.backing, &d.mnt]);
+    assert_fails_naming(&o, &[".grainfs", "not a directory"]);
+    assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none());
+}
+
+#[test]
+fn a_store_nested_below_the_backing_root_is_refused() {
+    let d = dirs();
+    let cfg = d.root.join("nested.toml");
+    std::fs::write(
+        &cfg,
+        format!("store = \"{}\"\n", s(&d.backing.join("state/store"))),
+    )
+    .unwrap();
+    let _clean = Cleanup::of(&d.mnt);
+    let o = grainfs(&[&"mount", &d.backing, &d.mnt, &"-c", &cfg]);
+    assert_fails_naming(&o, &["state/store", "directly in its root"]);
+    assert!(!is_mounted(&d.mnt));
+}
+
+#[test]
+fn a_mount_point_that_contains_the_backing_dir_is_refused() {
+    let d = dirs();
+    let _clean = Cleanup::of(&d.root);
+    let o = grainfs(&[&"mount", &d.backing, &d.root]);
+    assert_fails_naming(&o, &[&s(&d.root), "contains the backing dir"]);
+    assert!(!is_mounted(&d.root));
+}

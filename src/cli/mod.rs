@@ -93,6 +93,7 @@ pub(crate) fn init_logging(
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
         {
             Ok(f) => {

@@ -71,17 +71,14 @@ pub(super) fn run(m: &MountArgs, args: &Args) -> Result<(), CliError> {
         // Errors go to the parent through the pipe, so it can print them and fail.
         let result = (|| {
             let req = MountRequest::check(&backing, &mountpoint, config)?;
-            let store = req.store();
-            daemon::create_store_dir(&store).map_err(|source| CliError::Io {
-                what: format!("creating store {}", store.display()),
-                source,
-            })?;
+            // The log file is reached through the checked store fd, like everything in it.
+            let store = daemon::StoreDir::open(&req.store())?;
             init_logging(
                 args.verbose,
                 args.quiet,
                 level.as_deref(),
                 "info",
-                LogTarget::File(store.join(LOG_FILE)),
+                LogTarget::File(store.path().join(LOG_FILE)),
             );
             daemon::serve(req, &mut PipeReady).map_err(CliError::from)
         })();

@@ -76,6 +76,7 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -123,7 +124,8 @@ pub fn walk_volumes(backing: &Path, store: &Path) -> HashMap<VolumeId, (String, 
     ) else {
         return out;
     };
-    let store_key = std::fs::symlink_metadata(store).ok().map(|m| {
+    // Followed on purpose: the daemon names its store as /proc/self/fd/N.
+    let store_key = std::fs::metadata(store).ok().map(|m| {
         use std::os::unix::fs::MetadataExt;
         (m.dev(), m.ino())
     });

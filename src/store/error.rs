@@ -1,0 +1,61 @@
+//! The store's one error type: every failure of the on-disk snapshot store, saying what went
+//! wrong and where. The daemon and the CLI decide how to show it (and which errno, if any);
+//! nothing here ever panics on bad input or a damaged file.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::track::VolumeId;
+
+/// A failure of the snapshot store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid snapshot name {name:?}: {why} (use 1 to 128 of A-Z a-z 0-9 . _ -, not starting with '.')")]
+    BadName { name: String, why: &'static str },
+    #[error("a snapshot named {0:?} already exists or is being built: choose another name")]
+    NameTaken(String),
+    #[error("no snapshot named {0:?} in the store")]
+    NotFound(String),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: format {found} is not supported (this grainfs reads format {supported}): upgrade grainfs", path.display())]
+    UnsupportedFormat {
+        path: PathBuf,
+        found: u64,
+        supported: u32,
+    },
+    #[error("{}: damaged: {why}", path.display())]
+    Corrupt { path: PathBuf, why: String },
+    #[error("snapshot {snapshot:?}: chain broken: {why}")]
+    Chain { snapshot: String, why: String },
+    #[error("snapshot {snapshot:?}: no volume {volume}")]
+    NoVolume { snapshot: String, volume: VolumeId },
+    #[error("snapshot being built: {0}")]
+    Misuse(String),
+    #[error("snapshot {name:?} is the parent of {dependents:?}: delete those first (merging into children comes later)")]
+    HasDependents {
+        name: String,
+        dependents: Vec<String>,
+    },
+}
+
+/// Shorthand for the store's results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Attach a path to an `io::Error`.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| StoreError::Io {
+            path: path.into(),
+            source,
+        })
+    }
+}

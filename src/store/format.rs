@@ -1,0 +1,384 @@
+//! The on-disk format of one snapshot: its manifest (JSON), its block tables and its pack
+//! headers (binary), and snapshot names. Pure encoding and decoding with checks: this module
+//! reads and writes whole small files only, never pack data, and knows nothing of chains.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{IoContext, Result, StoreError};
+use crate::track::{Geometry, VolumeId};
+
+/// Format version written in every manifest, table and pack; readers refuse any other.
+pub const FORMAT: u32 = 1;
+/// The manifest's file name inside a snapshot directory.
+pub const MANIFEST: &str = "manifest.json";
+/// Magic at the start of every pack file, followed by the format (u32 LE) and 4 zero bytes.
+pub const PACK_MAGIC: &[u8; 8] = b"GRAINPK\0";
+/// Length of a pack header; block data starts right after it.
+pub const PACK_HEADER_LEN: u64 = 16;
+/// Magic at the start of every block table, followed by format (u32 LE), 4 zero bytes and the
+/// record count (u64 LE).
+pub const TABLE_MAGIC: &[u8; 8] = b"GRAINTB\0";
+const TABLE_HEADER_LEN: usize = 24;
+const RECORD_LEN: usize = 56;
+/// The `pack` of a record saying "this block is all zeros" (an INCREMENTAL partition's block
+/// that became zero; a FULL partition simply omits zero blocks).
+pub const ZERO_PACK: u32 = u32::MAX;
+/// Longest snapshot name.
+pub const MAX_NAME: usize = 128;
+
+/// Check a snapshot name: `[A-Za-z0-9._-]{1,128}`, not starting with '.' (dot names are the
+/// store's own: temp dirs of builds and deletions).
+pub fn check_name(name: &str) -> Result<()> {
+    let bad = |why| {
+        Err(StoreError::BadName {
+            name: name.to_string(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_NAME {
+        return bad("longer than 128 characters");
+    }
+    if name.starts_with('.') {
+        return bad("starts with '.'");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return bad("has a character other than A-Z a-z 0-9 . _ -");
+    }
+    Ok(())
+}
+
+/// How a partition is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionKind {
+    /// Self-contained: a block not stored reads as zeros.
+    Full,
+    /// Only changed blocks: a block not stored comes from the parent snapshot.
+    Incremental,
+}
+
+/// One partition of a volume in a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionEntry {
+    pub index: u64,
+    pub kind: PartitionKind,
+    /// Why the policy chose this kind (shown to users).
+    pub reason: String,
+    /// Snapshots a read of this partition may visit: 1 for FULL, the parent's depth + 1 for
+    /// INCREMENTAL (a partition past the parent's end counts 1 there).
+    pub depth: u32,
+}
+
+/// A file of the snapshot named by the manifest together with its blake3.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    pub file: String,
+    pub len: u64,
+    pub blake3: String,
+}
+
+/// A pack file of the snapshot: its blocks carry their own blake3 in the tables, so the pack
+/// itself is named with its length only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackRef {
+    pub file: String,
+    pub len: u64,
+}
+
+/// One volume in a manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeEntry {
+    pub id: VolumeId,
+    /// Path relative to the backing dir at the snapshot's instant.
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i128,
+    /// One entry per partition covering `size`, in order.
+    pub partitions: Vec<PartitionEntry>,
+    /// The block table (absent when this snapshot stores no block of the volume).
+    pub table: Option<FileRef>,
+    /// Records in the table.
+    pub records: u64,
+    /// Bytes of block data this snapshot stores for the volume.
+    pub stored_bytes: u64,
+}
+
+/// What a namespace entry is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Dir,
+    Symlink,
+}
+
+/// A directory or symlink of the group's tree at the snapshot's instant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceEntry {
+    pub path: String,
+    pub kind: EntryKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i128,
+    /// The target, for a symlink.
+    pub target: Option<String>,
+}
+
+/// The commit record of a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub group: String,
+    pub created_ns: u64,
+    /// The snapshot INCREMENTAL partitions build on.
+    pub parent: Option<String>,
+    pub geometry: Geometry,
+    pub volumes: Vec<VolumeEntry>,
+    /// Pack files, in order (a record's `pack` indexes this list).
+    pub packs: Vec<PackRef>,
+    pub namespace: Vec<NamespaceEntry>,
+}
+
+impl Manifest {
+    /// The volume `id`, if the snapshot has it.
+    pub fn volume(&self, id: VolumeId) -> Option<&VolumeEntry> {
+        self.volumes.iter().find(|v| v.id == id)
+    }
+
+    /// Chain depth of partition `p` of volume `id` (None if the snapshot lacks either): what
+    /// the caller compares with `policy.max_chain`.
+    pub fn depth(&self, id: VolumeId, p: u64) -> Option<u32> {
+        self.volume(id)?.partitions.get(p as usize).map(|e| e.depth)
+    }
+}
+
+/// Read and check the manifest of the snapshot in `dir` (named `name`).
+pub fn load_manifest(dir: &Path, name: &str) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            StoreError::Corrupt {
+                path: path.clone(),
+                why: "missing (a snapshot directory without its commit record)".into(),
+            }
+        } else {
+            StoreError::Io {
+                path: path.clone(),
+                source: e,
+            }
+        }
+    })?;
+    #[derive(Deserialize)]
+    struct Probe {
+        format: u64,
+    }
+    let probe: Probe = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        path: path.clone(),
+        why: format!("not a manifest: {e}"),
+    })?;
+    if probe.format != FORMAT as u64 {
+        return Err(StoreError::UnsupportedFormat {
+            path,
+            found: probe.format,
+            supported: FORMAT,
+        });
+    }
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        path: path.clone(),
+        why: format!("not a manifest: {e}"),
+    })?;
+    if m.name != name {
+        return Err(StoreError::Corrupt {
+            path,
+            why: format!("names snapshot {:?}, not {name:?}", m.name),
+        });
+    }
+    Ok(m)
+}
+
+/// One block as recorded in a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub block: u64,
+    /// Index into the manifest's packs, or `ZERO_PACK`.
+    pub pack: u32,
+    pub len: u32,
+    pub offset: u64,
+    pub hash: [u8; 32],
+}
+
+impl Record {
+    /// Whether the record says "all zeros" rather than pointing at data.
+    pub fn is_zero(&self) -> bool {
+        self.pack == ZERO_PACK
+    }
+}
+
+/// Encode a block table (records sorted by block).
+pub fn encode_table(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(TABLE_HEADER_LEN + records.len() * RECORD_LEN);
+    out.extend_from_slice(TABLE_MAGIC);
+    out.extend_from_slice(&FORMAT.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&(records.len() as u64).to_le_bytes());
+    for r in records {
+        out.extend_from_slice(&r.block.to_le_bytes());
+        out.extend_from_slice(&r.pack.to_le_bytes());
+        out.extend_from_slice(&r.len.to_le_bytes());
+        out.extend_from_slice(&r.offset.to_le_bytes());
+        out.extend_from_slice(&r.hash);
+    }
+    out
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// Read a block table named by `fref` in `dir`, checking its blake3, header and order.
+pub fn load_table(dir: &Path, fref: &FileRef) -> Result<Vec<Record>> {
+    let path = dir.join(&fref.file);
+    let bytes = std::fs::read(&path).at(&path)?;
+    let corrupt = |why: String| StoreError::Corrupt {
+        path: path.clone(),
+        why,
+    };
+    let hash = blake3::hash(&bytes).to_hex();
+    if hash.as_str() != fref.blake3 {
+        return Err(corrupt(format!(
+            "blake3 {hash} differs from the manifest's {}",
+            fref.blake3
+        )));
+    }
+    if bytes.len() < TABLE_HEADER_LEN || &bytes[..8] != TABLE_MAGIC {
+        return Err(corrupt("not a block table".into()));
+    }
+    let format = le_u32(&bytes[8..]);
+    if format != FORMAT {
+        return Err(StoreError::UnsupportedFormat {
+            path,
+            found: format as u64,
+            supported: FORMAT,
+        });
+    }
+    let n = le_u64(&bytes[16..]);
+    if (bytes.len() - TABLE_HEADER_LEN) as u64 != n.saturating_mul(RECORD_LEN as u64) {
+        return Err(corrupt(format!("length does not match {n} records")));
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for rec in bytes[TABLE_HEADER_LEN..].chunks_exact(RECORD_LEN) {
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&rec[24..56]);
+        let r = Record {
+            block: le_u64(rec),
+            pack: le_u32(&rec[8..]),
+            len: le_u32(&rec[12..]),
+            offset: le_u64(&rec[16..]),
+            hash,
+        };
+        if out.last().is_some_and(|p: &Record| p.block >= r.block) {
+            return Err(corrupt(format!("block {} out of order", r.block)));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// The header every pack file starts with.
+pub fn pack_header() -> [u8; PACK_HEADER_LEN as usize] {
+    let mut h = [0u8; PACK_HEADER_LEN as usize];
+    h[..8].copy_from_slice(PACK_MAGIC);
+    h[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+    h
+}
+
+/// Check a pack header read from `path`.
+pub fn check_pack_header(path: &Path, h: &[u8]) -> Result<()> {
+    if h.len() < PACK_HEADER_LEN as usize || &h[..8] != PACK_MAGIC {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: "not a pack file".into(),
+        });
+    }
+    let format = le_u32(&h[8..]);
+    if format != FORMAT {
+        return Err(StoreError::UnsupportedFormat {
+            path: path.to_path_buf(),
+            found: format as u64,
+            supported: FORMAT,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rules() {
+        for ok in ["a", "vms-2024-01-01T00.00.00Z", "x_y.z", &"a".repeat(128)] {
+            check_name(ok).unwrap();
+        }
+        for bad in ["", ".tmp-a", ".", "..", "a/b", "a b", "é", &"a".repeat(129)] {
+            assert!(
+                matches!(check_name(bad), Err(StoreError::BadName { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_table_round_trips_and_a_flipped_byte_is_caught() {
+        let tmp = tempfile::tempdir().unwrap();
+        let recs = vec![
+            Record {
+                block: 3,
+                pack: 0,
+                len: 4096,
+                offset: 16,
+                hash: [7; 32],
+            },
+            Record {
+                block: 9,
+                pack: ZERO_PACK,
+                len: 0,
+                offset: 0,
+                hash: [0; 32],
+            },
+        ];
+        let bytes = encode_table(&recs);
+        std::fs::write(tmp.path().join("t"), &bytes).unwrap();
+        let fref = FileRef {
+            file: "t".into(),
+            len: bytes.len() as u64,
+            blake3: blake3::hash(&bytes).to_hex().to_string(),
+        };
+        assert_eq!(load_table(tmp.path(), &fref).unwrap(), recs);
+        let mut bad = bytes.clone();
+        bad[30] ^= 1;
+        std::fs::write(tmp.path().join("t"), &bad).unwrap();
+        assert!(matches!(
+            load_table(tmp.path(), &fref),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,424 @@
+//! The snapshot store: committed, immutable snapshots on disk, how they are built
+//! (`SnapshotWriter`), listed, read (`VolumeReader`), verified and deleted. It is FUSE-free and
+//! knows nothing of live volumes, barriers or policy: the snapshot engine hands it bytes and
+//! decisions; it must never change a committed snapshot's content.
+//!
+//! # Format (version [`format::FORMAT`], in every file)
+//! ```text
+//! <store>/snapshots/
+//!   <name>/                 a committed snapshot (the rename of its temp dir commits it)
+//!     manifest.json         the commit record: format, name, group, created_ns, parent,
+//!                           geometry, volumes [{id, path, size, mode, uid, gid, mtime_ns,
+//!                           partitions [{index, kind: full|incremental, reason, depth}],
+//!                           table {file, len, blake3}, records, stored_bytes}],
+//!                           packs [{file, len}], namespace [{path, kind: dir|symlink, mode,
+//!                           uid, gid, mtime_ns, target}]
+//!     vol-NNNNNN.tbl        a volume's block table, named in the manifest with its blake3:
+//!                           "GRAINTB\0", format u32, 0u32, count u64, then sorted records
+//!                           {block u64, pack u32, len u32, offset u64, blake3 [32]} (LE);
+//!                           pack = u32::MAX means "this block is zeros now"
+//!     pack-NNNNNN           block data, append-only: "GRAINPK\0", format u32, 0u32, then
+//!                           blocks, each stored once (len = block size, less for a volume's
+//!                           last block); rolled at 1 GiB
+//!   .tmp-<name>/            a snapshot being built (flock'ed by its writer); swept at open
+//!   .del-<name>/            a snapshot being deleted (flock'ed); swept at open
+//! ```
+//! A block of a FULL partition that has no record is zeros: holes and all-zero blocks cost
+//! nothing. A block of an INCREMENTAL partition that has no record reads from the same volume
+//! (by `VolumeId`) and partition of the parent snapshot, recursively down to a FULL partition;
+//! the volume's size is this snapshot's, and a snapshot on the way that was shorter cut the
+//! data there (the rest reads as zeros). Snapshot names are `[A-Za-z0-9._-]{1,128}` and never
+//! start with '.', so they can never collide with the store's own temp directories.
+//!
+//! Crash safety: data, tables and manifest are fsync'ed inside the temp dir, which is then
+//! renamed (no replace) into place and `snapshots/` fsync'ed. A crash before the rename leaves
+//! only a temp dir, swept by the next `Store::open`; after it, the snapshot is complete.
+
+pub mod error;
+pub mod format;
+pub mod reader;
+pub mod writer;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use log::{info, warn};
+use serde::Serialize;
+
+use error::IoContext;
+pub use error::{Result, StoreError};
+pub use format::{
+    check_name, EntryKind, Manifest, NamespaceEntry, PartitionKind, VolumeEntry, FORMAT,
+};
+pub use reader::{ReaderStats, VolumeReader};
+pub use writer::{SnapshotWriter, VolumeHandle, VolumeMeta};
+
+use crate::track::{fsync_dir, Geometry, VolumeId};
+
+/// How a volume is stored in a snapshot, from its partitions' kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum VolumeKind {
+    Full,
+    Incremental,
+    Hybrid,
+}
+
+impl std::fmt::Display for VolumeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolumeKind::Full => "FULL",
+            VolumeKind::Incremental => "INCREMENTAL",
+            VolumeKind::Hybrid => "HYBRID",
+        })
+    }
+}
+
+/// One volume of a listed snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub path: String,
+    pub size: u64,
+    pub kind: VolumeKind,
+    pub stored_bytes: u64,
+    /// Deepest partition chain.
+    pub max_depth: u32,
+}
+
+/// A committed snapshot as `snapshot list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub group: String,
+    pub created_ns: u64,
+    pub parent: Option<String>,
+    pub volumes: Vec<VolumeInfo>,
+    /// Block data this snapshot itself stores.
+    pub stored_bytes: u64,
+    /// Sum of its volumes' sizes.
+    pub logical_bytes: u64,
+}
+
+impl SnapshotInfo {
+    /// The summary of a manifest.
+    pub fn of(m: &Manifest) -> SnapshotInfo {
+        let volumes: Vec<VolumeInfo> = m
+            .volumes
+            .iter()
+            .map(|v| {
+                let full = v
+                    .partitions
+                    .iter()
+                    .filter(|p| p.kind == PartitionKind::Full)
+                    .count();
+                let kind = if full == v.partitions.len() {
+                    VolumeKind::Full
+                } else if full == 0 {
+                    VolumeKind::Incremental
+                } else {
+                    VolumeKind::Hybrid
+                };
+                VolumeInfo {
+                    id: v.id,
+                    path: v.path.clone(),
+                    size: v.size,
+                    kind,
+                    stored_bytes: v.stored_bytes,
+                    max_depth: v.partitions.iter().map(|p| p.depth).max().unwrap_or(1),
+                }
+            })
+            .collect();
+        SnapshotInfo {
+            name: m.name.clone(),
+            group: m.group.clone(),
+            created_ns: m.created_ns,
+            parent: m.parent.clone(),
+            stored_bytes: volumes.iter().map(|v| v.stored_bytes).sum(),
+            logical_bytes: volumes.iter().map(|v| v.size).sum(),
+            volumes,
+        }
+    }
+}
+
+/// One entry of `list`: a snapshot directory and what could be read of it.
+#[derive(Debug)]
+pub struct Listed {
+    pub name: String,
+    pub info: Result<SnapshotInfo>,
+}
+
+/// A problem `verify` found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VerifyProblem {
+    /// The volume's path in the verified snapshot (None for snapshot-wide problems).
+    pub volume: Option<String>,
+    /// The block, when one block is at fault.
+    pub block: Option<u64>,
+    /// The snapshot whose files hold the fault (the verified one or an ancestor).
+    pub stored_in: String,
+    pub what: String,
+}
+
+/// What `verify` checked and found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub snapshot: String,
+    pub volumes: u64,
+    /// Blocks re-hashed (stored here or inherited through the chain).
+    pub blocks: u64,
+    pub bytes: u64,
+    pub problems: Vec<VerifyProblem>,
+}
+
+impl VerifyReport {
+    /// True when every byte of the snapshot was proven.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// The snapshot store in a store directory.
+#[derive(Debug)]
+pub struct Store {
+    snapshots: PathBuf,
+}
+
+/// Try to take the exclusive flock of a directory (None if held or not openable).
+fn lock_dir(dir: &Path) -> Option<File> {
+    let f = File::open(dir).ok()?;
+    // SAFETY: flock on an fd we own.
+    (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(f)
+}
+
+impl Store {
+    /// Open (creating if needed) the store's snapshots in `store_dir`, sweeping what crashed
+    /// builds and deletions left behind.
+    pub fn open(store_dir: &Path) -> Result<Store> {
+        let snapshots = store_dir.join("snapshots");
+        std::fs::create_dir_all(&snapshots).at(&snapshots)?;
+        let store = Store { snapshots };
+        store.sweep()?;
+        Ok(store)
+    }
+
+    fn sweep(&self) -> Result<()> {
+        let mut swept = false;
+        for e in std::fs::read_dir(&self.snapshots).at(&self.snapshots)? {
+            let e = e.at(&self.snapshots)?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with(".tmp-") || name.starts_with(".del-")) {
+                continue;
+            }
+            let path = e.path();
+            // A live build or deletion holds the lock: leave it alone.
+            let Some(_lock) = lock_dir(&path) else {
+                continue;
+            };
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    info!("store: swept {}", path.display());
+                    swept = true;
+                }
+                Err(e) => warn!("store: cannot sweep {}: {e}", path.display()),
+            }
+        }
+        if swept {
+            fsync_dir(&self.snapshots).at(&self.snapshots)?;
+        }
+        Ok(())
+    }
+
+    /// `<store>/snapshots`.
+    pub fn snapshots_dir(&self) -> &Path {
+        &self.snapshots
+    }
+
+    /// Names of the committed snapshots, sorted.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.snapshots).at(&self.snapshots)? {
+            let e = e.at(&self.snapshots)?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') && e.file_type().at(e.path())?.is_dir() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The manifest of snapshot `name`.
+    pub fn manifest(&self, name: &str) -> Result<Manifest> {
+        check_name(name)?;
+        let dir = self.snapshots.join(name);
+        if !dir.is_dir() {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        format::load_manifest(&dir, name)
+    }
+
+    /// Every snapshot, oldest first; one whose manifest cannot be read is listed with its
+    /// error (last), without hiding the others.
+    pub fn list(&self) -> Result<Vec<Listed>> {
+        let mut out: Vec<Listed> = self
+            .names()?
+            .into_iter()
+            .map(|name| Listed {
+                info: self.manifest(&name).map(|m| SnapshotInfo::of(&m)),
+                name,
+            })
+            .collect();
+        out.sort_by_key(|l| {
+            (
+                l.info.as_ref().map_or(u64::MAX, |i| i.created_ns),
+                l.name.clone(),
+            )
+        });
+        Ok(out)
+    }
+
+    /// Start building snapshot `name` of `group`; INCREMENTAL partitions build on `parent`.
+    pub fn begin(
+        &self,
+        name: &str,
+        group: &str,
+        geometry: Geometry,
+        parent: Option<&str>,
+    ) -> Result<SnapshotWriter> {
+        check_name(name)?;
+        let parent = parent.map(|p| self.manifest(p)).transpose()?;
+        SnapshotWriter::begin(&self.snapshots, name, group, geometry, parent)
+    }
+
+    /// Open volume `id` of snapshot `name` for reading (resolves its chain once).
+    pub fn open_volume(&self, name: &str, id: VolumeId) -> Result<VolumeReader> {
+        let m = self.manifest(name)?;
+        VolumeReader::open(&self.snapshots, m, id)
+    }
+
+    /// Re-hash every block snapshot `name` reads, through its whole chain. Err only when the
+    /// snapshot itself cannot be read; everything else is a problem in the report.
+    pub fn verify(&self, name: &str) -> Result<VerifyReport> {
+        let m = self.manifest(name)?;
+        let dir = self.snapshots.join(name);
+        let mut report = VerifyReport {
+            snapshot: name.to_string(),
+            volumes: m.volumes.len() as u64,
+            ..VerifyReport::default()
+        };
+        for p in &m.packs {
+            let path = dir.join(&p.file);
+            let problem = match std::fs::metadata(&path) {
+                Err(e) => Some(format!("{}: {e}", path.display())),
+                Ok(md) if md.len() != p.len => Some(format!(
+                    "{}: {} bytes, the manifest says {}",
+                    path.display(),
+                    md.len(),
+                    p.len
+                )),
+                Ok(_) => None,
+            };
+            if let Some(what) = problem {
+                report.problems.push(VerifyProblem {
+                    volume: None,
+                    block: None,
+                    stored_in: name.to_string(),
+                    what,
+                });
+            }
+        }
+        for v in &m.volumes {
+            let problem = |block, stored_in: &str, what: String| VerifyProblem {
+                volume: Some(v.path.clone()),
+                block,
+                stored_in: stored_in.to_string(),
+                what,
+            };
+            let res = match reader::resolve(&self.snapshots, m.clone(), v.id) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.problems.push(problem(None, name, e.to_string()));
+                    continue;
+                }
+            };
+            let (packs, which) = match reader::open_packs(&res) {
+                Ok(x) => x,
+                Err(e) => {
+                    report.problems.push(problem(None, name, e.to_string()));
+                    continue;
+                }
+            };
+            let mut buf = Vec::new();
+            for (b, &w) in res.blocks.iter().zip(&which) {
+                let at = &res.levels[b.level].name;
+                buf.resize(b.rec.len as usize, 0);
+                if let Err(e) = packs[w as usize].read_exact_at(&mut buf, b.rec.offset) {
+                    report
+                        .problems
+                        .push(problem(Some(b.block), at, format!("cannot read: {e}")));
+                    continue;
+                }
+                report.blocks += 1;
+                report.bytes += b.len as u64;
+                if blake3::hash(&buf).as_bytes() != &b.rec.hash {
+                    report.problems.push(problem(
+                        Some(b.block),
+                        at,
+                        "content differs from its blake3".to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Snapshots whose parent is `name` (an unreadable manifest counts: it might be one).
+    pub fn dependents(&self, name: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for other in self.names()? {
+            if other == name {
+                continue;
+            }
+            match self.manifest(&other) {
+                Ok(m) if m.parent.as_deref() == Some(name) => out.push(other),
+                Ok(_) => {}
+                Err(_) => out.push(format!("{other} (unreadable manifest)")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete snapshot `name`, which no other snapshot may depend on; durable on return.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        let dir = self.snapshots.join(name);
+        if !dir.is_dir() {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        let dependents = self.dependents(name)?;
+        if !dependents.is_empty() {
+            return Err(StoreError::HasDependents {
+                name: name.to_string(),
+                dependents,
+            });
+        }
+        // Hide it in one rename, then remove at leisure: a crash in between leaves a `.del-`
+        // dir that the next open sweeps, never a half-deleted snapshot.
+        let Some(_lock) = lock_dir(&dir) else {
+            return Err(StoreError::Misuse(format!(
+                "snapshot {name:?} is locked by another process (being deleted?)"
+            )));
+        };
+        let doomed = self.snapshots.join(format!(".del-{name}"));
+        if doomed.exists() {
+            std::fs::remove_dir_all(&doomed).at(&doomed)?;
+        }
+        writer::rename_noreplace(&dir, &doomed).at(&dir)?;
+        fsync_dir(&self.snapshots).at(&self.snapshots)?;
+        std::fs::remove_dir_all(&doomed).at(&doomed)?;
+        fsync_dir(&self.snapshots).at(&self.snapshots)
+    }
+}

@@ -1,0 +1,365 @@
+//! Reading a volume of a snapshot: the chain of INCREMENTAL partitions is resolved once, when
+//! the volume is opened, into an index block -> (pack, offset, len); every read then costs an
+//! index lookup and a `pread` (or an lru cache hit), whatever the chain depth. Resolution is
+//! also what `verify` walks to prove every byte. Nothing here writes to the store.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+
+use super::error::{IoContext, Result, StoreError};
+use super::format::{
+    check_pack_header, load_manifest, load_table, Manifest, PartitionKind, Record, PACK_HEADER_LEN,
+};
+use crate::track::VolumeId;
+
+/// Longest chain followed before calling it a cycle (policy.max_chain is far below).
+const MAX_LEVELS: usize = 4096;
+/// Bytes of hot blocks an open volume keeps in its lru cache.
+const CACHE_BYTES: u64 = 16 << 20;
+
+/// One snapshot visited by a resolution (level 0 is the one being read).
+pub(crate) struct Level {
+    pub name: String,
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// Where block data of the volume comes from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Resolved {
+    pub block: u64,
+    pub level: usize,
+    pub rec: Record,
+    /// Bytes of `rec` inside the volume (smaller than `rec.len` when a snapshot on the way cut
+    /// the volume inside this block).
+    pub len: u32,
+}
+
+/// A volume of a snapshot with its chain resolved.
+pub(crate) struct Resolution {
+    pub levels: Vec<Level>,
+    pub path: String,
+    pub size: u64,
+    pub block_size: u64,
+    /// Blocks with data, sorted; every other block reads as zeros.
+    pub blocks: Vec<Resolved>,
+}
+
+/// Resolve volume `id` of snapshot `m0` (already loaded from `snapshots/<m0.name>`).
+pub(crate) fn resolve(snapshots: &Path, m0: Manifest, id: VolumeId) -> Result<Resolution> {
+    let name0 = m0.name.clone();
+    let chain_err = |why: String| StoreError::Chain {
+        snapshot: name0.clone(),
+        why,
+    };
+    let v0 = m0.volume(id).ok_or_else(|| StoreError::NoVolume {
+        snapshot: name0.clone(),
+        volume: id,
+    })?;
+    let g = m0.geometry;
+    let (bs, bpp) = (g.block_size, g.blocks_per_partition());
+    let nblocks = g.blocks(v0.size);
+    let nparts = v0.partitions.len();
+    let (path, size) = (v0.path.clone(), v0.size);
+    let mut levels = vec![Level {
+        name: name0.clone(),
+        dir: snapshots.join(&name0),
+        manifest: m0,
+    }];
+    let mut continuing: Vec<bool> = vec![true; nparts];
+    let mut decided: HashSet<u64> = HashSet::new();
+    let mut out = Vec::new();
+    let mut limit = size;
+    loop {
+        let k = levels.len() - 1;
+        let level = &levels[k];
+        let m = &level.manifest;
+        let v = m.volume(id).ok_or_else(|| {
+            chain_err(format!(
+                "{path}: ancestor {:?} has no volume {id}",
+                level.name
+            ))
+        })?;
+        if m.geometry != g {
+            return Err(chain_err(format!(
+                "ancestor {:?} has geometry {:?}, not {g:?}",
+                level.name, m.geometry
+            )));
+        }
+        if v.partitions.len() as u64 != g.partitions(v.size)
+            || v.partitions
+                .iter()
+                .enumerate()
+                .any(|(i, p)| p.index != i as u64)
+        {
+            return Err(StoreError::Corrupt {
+                path: level.dir.join(super::format::MANIFEST),
+                why: format!("{}: partition list does not cover the volume", v.path),
+            });
+        }
+        limit = limit.min(v.size);
+        // Partitions past this snapshot's end hold zeros here: resolution of them stops.
+        for (p, c) in continuing.iter_mut().enumerate() {
+            if p >= v.partitions.len() {
+                *c = false;
+            }
+        }
+        if let Some(t) = &v.table {
+            let records = load_table(&level.dir, t)?;
+            for r in records {
+                if r.block >= nblocks || !continuing[(r.block / bpp) as usize] {
+                    continue;
+                }
+                if !r.is_zero() && (r.pack as usize >= m.packs.len() || r.len as u64 > bs) {
+                    return Err(StoreError::Corrupt {
+                        path: level.dir.join(&t.file),
+                        why: format!("block {} points outside the snapshot's packs", r.block),
+                    });
+                }
+                if !decided.insert(r.block) {
+                    continue;
+                }
+                let start = r.block * bs;
+                if r.is_zero() || start >= limit {
+                    continue;
+                }
+                out.push(Resolved {
+                    block: r.block,
+                    level: k,
+                    rec: r,
+                    len: (r.len as u64).min(limit - start) as u32,
+                });
+            }
+        }
+        let mut any = false;
+        for (p, c) in continuing.iter_mut().enumerate() {
+            if *c && v.partitions[p].kind == PartitionKind::Full {
+                *c = false;
+            }
+            any |= *c;
+        }
+        if !any {
+            break;
+        }
+        let Some(parent) = m.parent.clone() else {
+            return Err(chain_err(format!(
+                "{path}: {:?} has INCREMENTAL partitions but no parent",
+                level.name
+            )));
+        };
+        if levels.len() >= MAX_LEVELS || levels.iter().any(|l| l.name == parent) {
+            return Err(chain_err(format!("the chain loops at {parent:?}")));
+        }
+        let dir = snapshots.join(&parent);
+        if !dir.is_dir() {
+            return Err(chain_err(format!(
+                "ancestor {parent:?} of {:?} is missing",
+                level.name
+            )));
+        }
+        let manifest = load_manifest(&dir, &parent)?;
+        levels.push(Level {
+            name: parent,
+            dir,
+            manifest,
+        });
+    }
+    out.sort_by_key(|r| r.block);
+    Ok(Resolution {
+        levels,
+        path,
+        size,
+        block_size: bs,
+        blocks: out,
+    })
+}
+
+/// Open every pack `res` uses, checking headers; returns the files and, per resolved block,
+/// the index of its file.
+pub(crate) fn open_packs(res: &Resolution) -> Result<(Vec<File>, Vec<u32>)> {
+    let mut ids: HashMap<(usize, u32), u32> = HashMap::new();
+    let mut files = Vec::new();
+    let mut which = Vec::with_capacity(res.blocks.len());
+    for b in &res.blocks {
+        let key = (b.level, b.rec.pack);
+        let i = match ids.get(&key) {
+            Some(i) => *i,
+            None => {
+                let level = &res.levels[b.level];
+                let path = level
+                    .dir
+                    .join(&level.manifest.packs[b.rec.pack as usize].file);
+                let f = File::open(&path).at(&path)?;
+                let mut h = [0u8; PACK_HEADER_LEN as usize];
+                f.read_exact_at(&mut h, 0).at(&path)?;
+                check_pack_header(&path, &h)?;
+                files.push(f);
+                let i = files.len() as u32 - 1;
+                ids.insert(key, i);
+                i
+            }
+        };
+        which.push(i);
+    }
+    Ok((files, which))
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    block: u64,
+    offset: u64,
+    pack: u32,
+    len: u32,
+}
+
+/// Counters of one open volume (for tests and `status`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReaderStats {
+    /// Block reads from pack files.
+    pub preads: u64,
+    /// Block reads served from the lru cache.
+    pub cache_hits: u64,
+}
+
+/// A volume of a snapshot opened for reading; `read_at` is safe from several threads.
+pub struct VolumeReader {
+    path: String,
+    size: u64,
+    block_size: u64,
+    depth: usize,
+    index: Vec<Loc>,
+    packs: Vec<File>,
+    pack_paths: Vec<PathBuf>,
+    cache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    preads: AtomicU64,
+    hits: AtomicU64,
+}
+
+impl VolumeReader {
+    pub(crate) fn open(snapshots: &Path, m: Manifest, id: VolumeId) -> Result<VolumeReader> {
+        let res = resolve(snapshots, m, id)?;
+        let (packs, which) = open_packs(&res)?;
+        let mut pack_paths = vec![PathBuf::new(); packs.len()];
+        let index = res
+            .blocks
+            .iter()
+            .zip(&which)
+            .map(|(b, &w)| {
+                let level = &res.levels[b.level];
+                pack_paths[w as usize] = level
+                    .dir
+                    .join(&level.manifest.packs[b.rec.pack as usize].file);
+                Loc {
+                    block: b.block,
+                    offset: b.rec.offset,
+                    pack: w,
+                    len: b.len,
+                }
+            })
+            .collect();
+        let cap = (CACHE_BYTES / res.block_size).max(8) as usize;
+        Ok(VolumeReader {
+            path: res.path,
+            size: res.size,
+            block_size: res.block_size,
+            depth: res.levels.len(),
+            index,
+            packs,
+            pack_paths,
+            cache: Mutex::new(LruCache::new(
+                NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN),
+            )),
+            preads: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+        })
+    }
+
+    /// The volume's size in this snapshot.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The volume's path in this snapshot.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Snapshots the resolution visited (1 when every partition is FULL).
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Bytes of block data the volume reads from packs (the rest is zeros).
+    pub fn data_bytes(&self) -> u64 {
+        self.index.iter().map(|l| l.len as u64).sum()
+    }
+
+    /// Read counters.
+    pub fn stats(&self) -> ReaderStats {
+        ReaderStats {
+            preads: self.preads.load(Ordering::Relaxed),
+            cache_hits: self.hits.load(Ordering::Relaxed),
+        }
+    }
+
+    fn block(&self, loc: &Loc) -> Result<Arc<Vec<u8>>> {
+        if let Some(b) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&loc.block)
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b.clone());
+        }
+        let mut data = vec![0u8; loc.len as usize];
+        let p = loc.pack as usize;
+        self.packs[p]
+            .read_exact_at(&mut data, loc.offset)
+            .at(&self.pack_paths[p])?;
+        self.preads.fetch_add(1, Ordering::Relaxed);
+        let data = Arc::new(data);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(loc.block, data.clone());
+        Ok(data)
+    }
+
+    /// Read up to `buf.len()` bytes at `offset`; returns the count (0 at or past the end).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.size - offset) as usize;
+        let bs = self.block_size;
+        let mut done = 0usize;
+        while done < n {
+            let pos = offset + done as u64;
+            let block = pos / bs;
+            let within = (pos % bs) as usize;
+            let take = ((bs as usize) - within).min(n - done);
+            let dst = &mut buf[done..done + take];
+            match self.index.binary_search_by_key(&block, |l| l.block) {
+                Err(_) => dst.fill(0),
+                Ok(i) => {
+                    let data = self.block(&self.index[i])?;
+                    let have = data.len().saturating_sub(within).min(take);
+                    if have > 0 {
+                        dst[..have].copy_from_slice(&data[within..within + have]);
+                    }
+                    dst[have..].fill(0);
+                }
+            }
+            done += take;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,509 @@
+//! Building one snapshot: `SnapshotWriter` takes the volumes, their blocks and the namespace
+//! of a snapshot being captured, and commits them as a new immutable snapshot, or drops them.
+//!
+//! Everything goes to `snapshots/.tmp-<name>/` (flock'ed by the writer, so a concurrent
+//! `Store::open` never sweeps a live build). Commit order (DESIGN.md "Snapshot protocol" step
+//! 4): packs and tables fsync'ed, then the manifest written durably, then the directory renamed
+//! to `<name>` (no replace) and `snapshots/` fsync'ed; the rename is the instant the snapshot
+//! appears. It never modifies a committed snapshot and never reads live volumes: the caller
+//! hands it bytes.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use log::warn;
+
+use super::error::{IoContext, Result, StoreError};
+use super::format::{
+    encode_table, pack_header, FileRef, Manifest, NamespaceEntry, PackRef, PartitionEntry,
+    PartitionKind, Record, VolumeEntry, FORMAT, MANIFEST, PACK_HEADER_LEN, ZERO_PACK,
+};
+use crate::track::{fsync_dir, now_ns, write_durably, Geometry, VolumeId};
+
+/// A pack file is closed and the next one started once it would exceed this size.
+pub const PACK_LIMIT: u64 = 1 << 30;
+
+/// A volume as it is at the snapshot's instant (from the barrier's namespace record).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeMeta {
+    pub id: VolumeId,
+    /// Path relative to the backing dir.
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i128,
+}
+
+/// A volume added to a snapshot being built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeHandle(usize);
+
+struct VolumeBuild {
+    meta: VolumeMeta,
+    kinds: Vec<Option<(PartitionKind, String)>>,
+    records: Vec<Record>,
+}
+
+struct PackOut {
+    file: File,
+    name: String,
+    len: u64,
+}
+
+#[derive(Default)]
+struct BuildState {
+    volumes: Vec<VolumeBuild>,
+    packs: Vec<PackOut>,
+    namespace: Vec<NamespaceEntry>,
+    /// A pack write failed: the build can only be aborted.
+    failed: Option<String>,
+}
+
+/// A snapshot being built; committed by `commit`, dropped (temp data removed) otherwise.
+pub struct SnapshotWriter {
+    snapshots: PathBuf,
+    tmp: PathBuf,
+    name: String,
+    group: String,
+    geometry: Geometry,
+    created_ns: u64,
+    parent: Option<Manifest>,
+    /// The temp dir, flock'ed while the build lives.
+    _lock: File,
+    state: Mutex<BuildState>,
+    finished: bool,
+}
+
+impl SnapshotWriter {
+    pub(crate) fn begin(
+        snapshots: &Path,
+        name: &str,
+        group: &str,
+        geometry: Geometry,
+        parent: Option<Manifest>,
+    ) -> Result<SnapshotWriter> {
+        let g = geometry;
+        if !g.block_size.is_power_of_two()
+            || !g.partition_size.is_power_of_two()
+            || g.partition_size < g.block_size
+            || g.block_size > u32::MAX as u64
+        {
+            return Err(StoreError::Misuse(format!("bad geometry {g:?}")));
+        }
+        if let Some(p) = &parent {
+            if p.geometry != geometry {
+                return Err(StoreError::Chain {
+                    snapshot: name.to_string(),
+                    why: format!(
+                        "parent {:?} has geometry {:?}, this snapshot {geometry:?}",
+                        p.name, p.geometry
+                    ),
+                });
+            }
+        }
+        if snapshots.join(name).exists() {
+            return Err(StoreError::NameTaken(name.to_string()));
+        }
+        let tmp = snapshots.join(format!(".tmp-{name}"));
+        if let Err(e) = std::fs::create_dir(&tmp) {
+            return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                StoreError::NameTaken(name.to_string())
+            } else {
+                StoreError::Io {
+                    path: tmp,
+                    source: e,
+                }
+            });
+        }
+        let lock = File::open(&tmp).at(&tmp)?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == -1 {
+            return Err(StoreError::NameTaken(name.to_string()));
+        }
+        Ok(SnapshotWriter {
+            snapshots: snapshots.to_path_buf(),
+            tmp,
+            name: name.to_string(),
+            group: group.to_string(),
+            geometry,
+            created_ns: now_ns(),
+            parent,
+            _lock: lock,
+            state: Mutex::new(BuildState::default()),
+            finished: false,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, BuildState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The snapshot's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Set the snapshot's instant (defaults to when `begin` ran).
+    pub fn set_created_ns(&mut self, ns: u64) {
+        self.created_ns = ns;
+    }
+
+    /// Add a volume; every partition of it then needs `set_partition` before `commit`.
+    pub fn add_volume(&self, meta: VolumeMeta) -> Result<VolumeHandle> {
+        let mut st = self.state();
+        if st.volumes.iter().any(|v| v.meta.id == meta.id) {
+            return Err(StoreError::Misuse(format!(
+                "volume {} ({}) added twice",
+                meta.id, meta.path
+            )));
+        }
+        let parts = self.geometry.partitions(meta.size) as usize;
+        st.volumes.push(VolumeBuild {
+            meta,
+            kinds: vec![None; parts],
+            records: Vec::new(),
+        });
+        Ok(VolumeHandle(st.volumes.len() - 1))
+    }
+
+    /// Say how partition `p` of `vol` is stored, and why.
+    pub fn set_partition(
+        &self,
+        vol: VolumeHandle,
+        p: u64,
+        kind: PartitionKind,
+        reason: &str,
+    ) -> Result<()> {
+        let mut st = self.state();
+        let v = st
+            .volumes
+            .get_mut(vol.0)
+            .ok_or_else(|| StoreError::Misuse(format!("no volume handle {}", vol.0)))?;
+        let n = v.kinds.len();
+        let slot = v.kinds.get_mut(p as usize).ok_or_else(|| {
+            StoreError::Misuse(format!(
+                "{}: partition {p} is past the end ({n} partitions)",
+                v.meta.path
+            ))
+        })?;
+        *slot = Some((kind, reason.to_string()));
+        Ok(())
+    }
+
+    /// Store block `block` of `vol` (its exact content: the block size, or less for the last
+    /// block of the volume). An all-zero block costs no data: a FULL partition omits it, an
+    /// INCREMENTAL one records it as zeros. Safe to call from several threads.
+    pub fn put_block(&self, vol: VolumeHandle, block: u64, data: &[u8]) -> Result<()> {
+        let bs = self.geometry.block_size;
+        let zero = is_zero(data);
+        // Hash outside the lock: it is the costly part.
+        let hash = if zero {
+            [0u8; 32]
+        } else {
+            *blake3::hash(data).as_bytes()
+        };
+        let mut st = self.state();
+        if let Some(why) = &st.failed {
+            return Err(StoreError::Misuse(format!(
+                "an earlier write failed ({why}): abort"
+            )));
+        }
+        let size = match st.volumes.get(vol.0) {
+            Some(v) => v.meta.size,
+            None => return Err(StoreError::Misuse(format!("no volume handle {}", vol.0))),
+        };
+        let start = block.saturating_mul(bs);
+        if start >= size {
+            return Err(StoreError::Misuse(format!(
+                "block {block} is past the end of a volume of {size} bytes"
+            )));
+        }
+        let want = bs.min(size - start);
+        if data.len() as u64 != want {
+            return Err(StoreError::Misuse(format!(
+                "block {block} has {} bytes, expected {want}",
+                data.len()
+            )));
+        }
+        let rec = if zero {
+            Record {
+                block,
+                pack: ZERO_PACK,
+                len: 0,
+                offset: 0,
+                hash,
+            }
+        } else {
+            let (pack, offset) = match self.append(&mut st, data) {
+                Ok(x) => x,
+                Err(e) => {
+                    st.failed = Some(e.to_string());
+                    return Err(e);
+                }
+            };
+            Record {
+                block,
+                pack,
+                len: data.len() as u32,
+                offset,
+                hash,
+            }
+        };
+        st.volumes[vol.0].records.push(rec);
+        Ok(())
+    }
+
+    fn append(&self, st: &mut BuildState, data: &[u8]) -> Result<(u32, u64)> {
+        let need_new = st
+            .packs
+            .last()
+            .is_none_or(|p| p.len + data.len() as u64 > PACK_LIMIT);
+        if need_new {
+            let name = format!("pack-{:06}", st.packs.len());
+            let path = self.tmp.join(&name);
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .at(&path)?;
+            file.write_all_at(&pack_header(), 0).at(&path)?;
+            st.packs.push(PackOut {
+                file,
+                name,
+                len: PACK_HEADER_LEN,
+            });
+        }
+        let idx = st.packs.len() - 1;
+        let p = &mut st.packs[idx];
+        let offset = p.len;
+        p.file
+            .write_all_at(data, offset)
+            .at(self.tmp.join(&p.name))?;
+        p.len += data.len() as u64;
+        Ok((idx as u32, offset))
+    }
+
+    /// Record a directory or symlink of the group's tree.
+    pub fn add_namespace_entry(&self, entry: NamespaceEntry) {
+        self.state().namespace.push(entry);
+    }
+
+    fn build_manifest(&self, st: &mut BuildState) -> Result<Manifest> {
+        let mut volumes = Vec::with_capacity(st.volumes.len());
+        for (i, v) in st.volumes.iter_mut().enumerate() {
+            let parent_vol = self.parent.as_ref().and_then(|p| p.volume(v.meta.id));
+            let mut partitions = Vec::with_capacity(v.kinds.len());
+            for (p, k) in v.kinds.iter().enumerate() {
+                let Some((kind, reason)) = k else {
+                    return Err(StoreError::Misuse(format!(
+                        "{}: partition {p} has no kind (set_partition)",
+                        v.meta.path
+                    )));
+                };
+                let depth = match kind {
+                    PartitionKind::Full => 1,
+                    PartitionKind::Incremental => {
+                        let Some(pv) = parent_vol else {
+                            return Err(StoreError::Chain {
+                                snapshot: self.name.clone(),
+                                why: format!(
+                                    "{}: partition {p} is INCREMENTAL but {} has no such volume",
+                                    v.meta.path,
+                                    self.parent
+                                        .as_ref()
+                                        .map_or("there is no parent: it".to_string(), |m| {
+                                            format!("parent {:?}", m.name)
+                                        })
+                                ),
+                            });
+                        };
+                        pv.partitions.get(p).map_or(1, |e| e.depth) + 1
+                    }
+                };
+                partitions.push(PartitionEntry {
+                    index: p as u64,
+                    kind: *kind,
+                    reason: reason.clone(),
+                    depth,
+                });
+            }
+            v.records.sort_by_key(|r| r.block);
+            if let Some(w) = v.records.windows(2).find(|w| w[0].block == w[1].block) {
+                return Err(StoreError::Misuse(format!(
+                    "{}: block {} stored twice",
+                    v.meta.path, w[0].block
+                )));
+            }
+            let bpp = self.geometry.blocks_per_partition();
+            // A FULL partition reads absent blocks as zeros: no record needed.
+            v.records.retain(|r| {
+                !(r.is_zero() && partitions[(r.block / bpp) as usize].kind == PartitionKind::Full)
+            });
+            let stored_bytes = v.records.iter().map(|r| r.len as u64).sum();
+            let table = if v.records.is_empty() {
+                None
+            } else {
+                let file = format!("vol-{i:06}.tbl");
+                let bytes = encode_table(&v.records);
+                let path = self.tmp.join(&file);
+                write_synced(&path, &bytes)?;
+                Some(FileRef {
+                    file,
+                    len: bytes.len() as u64,
+                    blake3: blake3::hash(&bytes).to_hex().to_string(),
+                })
+            };
+            let m = &v.meta;
+            volumes.push(VolumeEntry {
+                id: m.id,
+                path: m.path.clone(),
+                size: m.size,
+                mode: m.mode,
+                uid: m.uid,
+                gid: m.gid,
+                mtime_ns: m.mtime_ns,
+                partitions,
+                table,
+                records: v.records.len() as u64,
+                stored_bytes,
+            });
+        }
+        let mut packs = Vec::with_capacity(st.packs.len());
+        for p in &st.packs {
+            p.file.sync_all().at(self.tmp.join(&p.name))?;
+            packs.push(PackRef {
+                file: p.name.clone(),
+                len: p.len,
+            });
+        }
+        Ok(Manifest {
+            format: FORMAT,
+            name: self.name.clone(),
+            group: self.group.clone(),
+            created_ns: self.created_ns,
+            parent: self.parent.as_ref().map(|p| p.name.clone()),
+            geometry: self.geometry,
+            volumes,
+            packs,
+            namespace: std::mem::take(&mut st.namespace),
+        })
+    }
+
+    /// Make the snapshot durable and visible. On any error nothing is visible and the temp
+    /// data is gone.
+    pub fn commit(mut self) -> Result<Manifest> {
+        let r = self.commit_inner();
+        if r.is_ok() {
+            self.finished = true;
+        }
+        r
+    }
+
+    fn commit_inner(&mut self) -> Result<Manifest> {
+        let manifest = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(why) = &st.failed {
+                return Err(StoreError::Misuse(format!(
+                    "an earlier write failed ({why}): abort"
+                )));
+            }
+            self.build_manifest(&mut st)?
+        };
+        let bytes = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| StoreError::Misuse(format!("manifest does not serialize: {e}")))?;
+        // write_durably also fsyncs the temp dir, making the packs' and tables' names durable.
+        write_durably(&self.tmp.join(MANIFEST), &bytes).at(self.tmp.join(MANIFEST))?;
+        let dest = self.snapshots.join(&self.name);
+        rename_noreplace(&self.tmp, &dest).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                StoreError::NameTaken(self.name.clone())
+            } else {
+                StoreError::Io {
+                    path: dest.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        fsync_dir(&self.snapshots).at(&self.snapshots)?;
+        Ok(manifest)
+    }
+
+    /// Drop everything written so far.
+    pub fn abort(mut self) -> Result<()> {
+        self.finished = true;
+        std::fs::remove_dir_all(&self.tmp).at(&self.tmp)?;
+        fsync_dir(&self.snapshots).at(&self.snapshots)
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Best effort: whatever is left is swept at the next Store::open.
+            if let Err(e) = std::fs::remove_dir_all(&self.tmp) {
+                warn!(
+                    "snapshot {:?} not committed; removing {}: {e}",
+                    self.name,
+                    self.tmp.display()
+                );
+            }
+        }
+    }
+}
+
+/// Whether every byte is zero (word at a time).
+fn is_zero(data: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to splits at valid boundaries.
+    let (head, mid, tail) = unsafe { data.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .at(path)?;
+    f.write_all_at(bytes, 0).at(path)?;
+    f.sync_all().at(path)
+}
+
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    crate::fs::sys::renameat2(
+        libc::AT_FDCWD,
+        &c(from)?,
+        libc::AT_FDCWD,
+        &c(to)?,
+        libc::RENAME_NOREPLACE,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection_sees_a_single_byte_anywhere() {
+        let mut b = vec![0u8; 4099];
+        assert!(is_zero(&b[1..]));
+        for i in [0, 1, 7, 8, 2048, 4098] {
+            b[i] = 1;
+            assert!(!is_zero(&b), "{i}");
+            assert!(i == 0 || !is_zero(&b[1..]), "{i}");
+            b[i] = 0;
+        }
+    }
+}
