@@ -47,7 +47,11 @@ fn overlay(dir: &Path, tracking: bool) -> (OverlayFs, u64) {
         },
     )
     .unwrap();
-    let caller = Caller { uid: 0, gid: 0 };
+    let caller = Caller {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
     let (_, opened) = fs
         .create(
             caller,

@@ -457,10 +457,19 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::RW,
     ];
-    if root {
-        // Device nodes and setuid bits in the backing dir work as they do there.
-        options.mount_options.push(fuser::MountOption::Dev);
+    // Never weaker than the backing filesystem: where it is nosuid or nodev, so is the mount
+    // (otherwise a setuid file or a device node there would work through us, as root). As an
+    // ordinary user FUSE is always nosuid,nodev.
+    let backing_flags = crate::fs::sys::statvfs_flags(&req.backing).unwrap_or(u64::MAX);
+    if root && backing_flags & libc::ST_NOSUID == 0 {
         options.mount_options.push(fuser::MountOption::Suid);
+    } else {
+        options.mount_options.push(fuser::MountOption::NoSuid);
+    }
+    if root && backing_flags & libc::ST_NODEV == 0 {
+        options.mount_options.push(fuser::MountOption::Dev);
+    } else {
+        options.mount_options.push(fuser::MountOption::NoDev);
     }
     options.acl = if allow_other {
         fuser::SessionACL::All
@@ -502,10 +511,15 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
             std::thread::Builder::new()
                 .name("signals".into())
                 .spawn(move || {
-                    if let Some(sig) = signals.forever().next() {
+                    // Every signal tries again: a first one may meet a busy mount point.
+                    for sig in signals.forever() {
                         info!("signal {sig}: unmounting {}", mountpoint.display());
-                        if let Err(e) = unmounter.unmount() {
-                            error!("unmount {}: {e}", mountpoint.display());
+                        match unmounter.unmount() {
+                            Ok(()) => break,
+                            Err(e) => error!(
+                                "unmount {}: {e}; still mounted, send the signal again once it is idle, or use grainfs umount --lazy",
+                                mountpoint.display()
+                            ),
                         }
                     }
                 })

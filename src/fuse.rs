@@ -104,6 +104,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -325,8 +326,8 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open_as(Some(caller(req)), ino.0, flags.0) {
             Ok(o) => reply.opened(FileHandle(o.fh), fopen(o.keep_cache)),
             Err(e) => {
                 log_err("open", &e);

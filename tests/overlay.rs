@@ -12,7 +12,11 @@ use grainfs::fs::{
     Attr, Caller, DirEntry, Entry, FileKind, FsError, OverlayFs, OverlayOptions, SetAttr, SetTime,
 };
 
-const ROOT: Caller = Caller { uid: 0, gid: 0 };
+const ROOT: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
 const STORE: &str = ".grainfs";
 
 /// A backing dir in a fresh temp dir, with its store, and the overlay on it.

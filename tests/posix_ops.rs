@@ -2282,3 +2282,87 @@ fn errors_are_the_backing_filesystems() {
         fs::read(r.join("f"))
     });
 }
+
+#[test]
+fn o_trunc_by_another_user_clears_setuid_and_setgid_like_plain_dir() {
+    let m = Mount::new();
+    let plain = common::plain_dir();
+    open_to_others(&m);
+    fs::set_permissions(plain.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mut modes = vec![];
+    for dir in [m.path(), plain.path()] {
+        let f = dir.join("tool");
+        fs::write(&f, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
+        let c = cpath(&f);
+        let errno = as_nobody(|| unsafe {
+            let fd = libc::open(c.as_ptr(), libc::O_WRONLY | libc::O_TRUNC);
+            if fd < 0 {
+                return -1;
+            }
+            libc::close(fd)
+        });
+        assert_eq!(errno, 0, "O_TRUNC as uid 65534 in {}", dir.display());
+        modes.push(fs::metadata(&f).unwrap().permissions().mode() & 0o7777);
+    }
+    assert_eq!(modes[0], modes[1], "mount vs plain dir after O_TRUNC");
+    assert_eq!(
+        modes[0] & 0o6000,
+        0,
+        "setuid/setgid must go: {:o}",
+        modes[0]
+    );
+}
+
+#[test]
+fn the_mount_is_never_less_restrictive_than_the_backing_filesystem() {
+    // A backing dir on a nosuid,nodev filesystem: the overlay must be nosuid,nodev too, or a
+    // setuid file there would run as its owner through the root daemon's mount.
+    let tmp = tempfile::tempdir().unwrap();
+    let fsdir = tmp.path().join("fs");
+    fs::create_dir(&fsdir).unwrap();
+    let c_fs = cpath(&fsdir);
+    let r = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c_fs.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c"size=16m".as_ptr().cast(),
+        )
+    };
+    assert_eq!(r, 0, "mount tmpfs: {}", io::Error::last_os_error());
+    let backing = fsdir.join("b");
+    let mnt = tmp.path().join("m");
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let mut child = std::process::Command::new(common::grainfs_bin())
+        .arg("mount")
+        .arg(&backing)
+        .arg(&mnt)
+        .arg("-f")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !common::is_mounted(&mnt) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let c = cpath(&mnt);
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) });
+    common::force_unmount(&mnt);
+    let _ = common::wait_timeout(&mut child, std::time::Duration::from_secs(10));
+    unsafe { libc::umount2(c_fs.as_ptr(), libc::MNT_DETACH) };
+    r.unwrap();
+    assert_ne!(
+        st.f_flag & libc::ST_NOSUID,
+        0,
+        "mount over a nosuid fs must be nosuid"
+    );
+    assert_ne!(
+        st.f_flag & libc::ST_NODEV,
+        0,
+        "mount over a nodev fs must be nodev"
+    );
+}

@@ -25,7 +25,11 @@ const G: Geometry = Geometry {
     partition_size: PS,
 };
 const INTERVAL: Duration = Duration::from_secs(10);
-const ROOT: Caller = Caller { uid: 0, gid: 0 };
+const ROOT: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
 const STORE: &str = ".grainfs";
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;

@@ -122,6 +122,8 @@ pub struct Opened {
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// The calling process (its supplementary groups are read from /proc); 0 if unknown.
+    pub pid: u32,
 }
 
 /// A timestamp to set.
@@ -318,48 +320,12 @@ impl OverlayFs {
         })
     }
 
-    /// Hand a freshly created inode to the caller, as if the caller had created it.
-    /// `mode` is the mode the inode was created with (umask applied).
-    fn give_to_caller(
-        &self,
-        parent: &Inode,
-        dir_fd: i32,
-        name: &CString,
-        caller: Caller,
-        mode: u32,
-    ) -> FsResult<()> {
-        if !self.chown_new {
-            return Ok(());
-        }
-        let pst = self.stat_of(parent)?;
-        // In a setgid directory the new inode already inherited the directory's group.
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
-            u32::MAX
-        } else {
-            caller.gid
-        };
-        let fd = sys::open_path(dir_fd, name).map_err(FsError::backing("chown new"))?;
-        sys::fchown_fd(fd.as_raw_fd(), caller.uid, gid).map_err(FsError::backing("chown new"))?;
-        // chown of a non-directory clears setuid and setgid, even done by root. Put back what
-        // the caller would have kept creating the file itself: setuid always (the file is
-        // theirs), setgid only when the file's group is the caller's own (we cannot see the
-        // caller's supplementary groups, so stay on the safe side).
-        let special = mode & (libc::S_ISUID | libc::S_ISGID);
-        if special != 0 {
-            let st = sys::fstat(fd.as_raw_fd()).map_err(FsError::backing("chown new"))?;
-            let kind = FileKind::from_mode(st.st_mode);
-            if kind != FileKind::Directory && kind != FileKind::Symlink {
-                let mut keep = mode & libc::S_ISUID;
-                if st.st_gid == caller.gid {
-                    keep |= mode & libc::S_ISGID;
-                }
-                if keep != 0 {
-                    sys::chmod_fd(fd.as_raw_fd(), (st.st_mode & 0o7777) | keep)
-                        .map_err(FsError::backing("chown new"))?;
-                }
-            }
-        }
-        Ok(())
+    /// Run a creating call as the caller when the daemon is root (see `sys::AsCaller`).
+    fn as_caller<T>(&self, caller: Caller, f: impl FnOnce() -> T) -> T {
+        let _id = self
+            .chown_new
+            .then(|| sys::AsCaller::enter(caller.uid, caller.gid, caller.pid));
+        f()
     }
 
     fn file(&self, fh: u64) -> FsResult<Arc<FileHandle>> {
@@ -631,15 +597,10 @@ impl OverlayFs {
         let parent = self.inodes.get(parent)?;
         self.check_not_store(&parent, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("mknod"))?;
-        sys::mknodat(parent.raw_fd(), &c, mode & !umask, rdev as libc::dev_t)
-            .map_err(FsError::backing("mknod"))?;
-        self.give_to_caller(
-            &parent,
-            parent.raw_fd(),
-            &c,
-            caller,
-            (mode & !umask) & 0o7777,
-        )?;
+        self.as_caller(caller, || {
+            sys::mknodat(parent.raw_fd(), &c, mode & !umask, rdev as libc::dev_t)
+        })
+        .map_err(FsError::backing("mknod"))?;
         self.lookup_in(&parent, name)
     }
 
@@ -655,9 +616,10 @@ impl OverlayFs {
         let parent = self.inodes.get(parent)?;
         self.check_not_store(&parent, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("mkdir"))?;
-        sys::mkdirat(parent.raw_fd(), &c, (mode & !umask) & 0o7777)
-            .map_err(FsError::backing("mkdir"))?;
-        self.give_to_caller(&parent, parent.raw_fd(), &c, caller, 0)?;
+        self.as_caller(caller, || {
+            sys::mkdirat(parent.raw_fd(), &c, (mode & !umask) & 0o7777)
+        })
+        .map_err(FsError::backing("mkdir"))?;
         self.lookup_in(&parent, name)
     }
 
@@ -675,8 +637,8 @@ impl OverlayFs {
         let t = CString::new(target.as_os_str().as_bytes()).map_err(|_| {
             FsError::backing("symlink")(std::io::Error::from_raw_os_error(libc::EINVAL))
         })?;
-        sys::symlinkat(&t, parent.raw_fd(), &c).map_err(FsError::backing("symlink"))?;
-        self.give_to_caller(&parent, parent.raw_fd(), &c, caller, 0)?;
+        self.as_caller(caller, || sys::symlinkat(&t, parent.raw_fd(), &c))
+            .map_err(FsError::backing("symlink"))?;
         self.lookup_in(&parent, name)
     }
 
@@ -750,6 +712,12 @@ impl OverlayFs {
 
     /// Open a regular file.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        self.open_as(None, ino, flags)
+    }
+
+    /// Open a regular file for `caller`: an `O_TRUNC` open runs as the caller, so the backing
+    /// filesystem clears setuid/setgid as it does for a truncate by a non-owner.
+    pub fn open_as(&self, caller: Option<Caller>, ino: u64, flags: i32) -> FsResult<Opened> {
         let inode = self.inodes.get(ino)?;
         if inode.kind != FileKind::Regular {
             // Devices and fifos are handled by the kernel; a symlink is never opened by us.
@@ -778,8 +746,12 @@ impl OverlayFs {
                 Ok((0, old.get()))
             },
             || {
-                sys::reopen(inode.raw_fd(), flags & !STRIPPED_OPEN_FLAGS)
-                    .map_err(FsError::backing("open"))
+                let reopen = || sys::reopen(inode.raw_fd(), flags & !STRIPPED_OPEN_FLAGS);
+                match caller {
+                    Some(c) if truncate => self.as_caller(c, reopen),
+                    _ => reopen(),
+                }
+                .map_err(FsError::backing("open"))
             },
             |v, _, _, _| {
                 if truncate {
@@ -824,22 +796,17 @@ impl OverlayFs {
                 Ok((0, old.get()))
             },
             || {
-                sys::openat(
-                    parent_inode.raw_fd(),
-                    &c,
-                    open_flags,
-                    (mode & !umask) & 0o7777,
-                )
+                self.as_caller(caller, || {
+                    sys::openat(
+                        parent_inode.raw_fd(),
+                        &c,
+                        open_flags,
+                        (mode & !umask) & 0o7777,
+                    )
+                })
                 .map_err(FsError::backing("create"))
             },
             |v, _, _, _| v.record_truncate(old.get(), 0, now_ns()),
-        )?;
-        self.give_to_caller(
-            &parent_inode,
-            parent_inode.raw_fd(),
-            &c,
-            caller,
-            (mode & !umask) & 0o7777,
         )?;
         let entry = self.lookup_in(&parent_inode, name)?;
         let inode = self.inodes.get(entry.attr.ino)?;
@@ -879,19 +846,19 @@ impl OverlayFs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let h = self.file(fh)?;
         let len = data.len() as u64;
-        self.tracked(
+        let written = self.tracked(
             h.volume.as_ref(),
             || Ok((offset, len)),
             || sys::pwrite_all(h.file.as_raw_fd(), data, offset).map_err(FsError::backing("write")),
             |v, done, _, _| match done {
-                Some(()) => {
+                Some(_) => {
                     let sequential = h.last_end.swap(offset + len, Ordering::Relaxed) == offset;
                     v.record_write(offset, len, sequential, now_ns())
                 }
                 None => v.record_zero(offset, len, now_ns()),
             },
         )?;
-        Ok(data.len() as u32)
+        Ok(written as u32)
     }
 
     /// Called on every close(2) of a descriptor; nothing is buffered here, so nothing to do.

@@ -254,7 +254,9 @@ pub fn pread_into(fd: RawFd, buf: &mut Vec<u8>, size: usize, offset: u64) -> io:
     Ok(())
 }
 
-pub fn pwrite_all(fd: RawFd, data: &[u8], offset: u64) -> io::Result<()> {
+/// Write all of `data` at `offset`; returns the bytes written, short only when an error came
+/// after part of the data was on disk (ENOSPC), as pwrite(2) would report it.
+pub fn pwrite_all(fd: RawFd, data: &[u8], offset: u64) -> io::Result<usize> {
     let mut done = 0usize;
     while done < data.len() {
         let n = check_size(unsafe {
@@ -266,13 +268,24 @@ pub fn pwrite_all(fd: RawFd, data: &[u8], offset: u64) -> io::Result<()> {
             )
         });
         match n {
+            Ok(0) if done > 0 => return Ok(done),
             Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) if done > 0 => return Ok(done),
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(done)
+}
+
+/// The mount flags (ST_*) of the filesystem holding `path`.
+pub fn statvfs_flags(path: &std::path::Path) -> io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    check(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) })?;
+    Ok(unsafe { st.assume_init() }.f_flag)
 }
 
 pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
@@ -398,4 +411,57 @@ pub fn raise_nofile_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// While alive, this thread's filesystem identity is the caller's: fsuid, fsgid and
+/// supplementary groups (raw syscalls: per thread, unlike the glibc wrappers). New inodes are
+/// then the caller's from birth and the backing filesystem checks permissions as for the
+/// caller, with no chown afterwards (which a rename could redirect) and no lost setuid bits.
+pub struct AsCaller {
+    groups: Vec<libc::gid_t>,
+}
+
+impl AsCaller {
+    /// Take the identity of `uid`/`gid` with the supplementary groups of process `pid`.
+    pub fn enter(uid: u32, gid: u32, pid: u32) -> AsCaller {
+        let mut saved: Vec<libc::gid_t> = vec![0; 256];
+        let n = unsafe { libc::getgroups(saved.len() as libc::c_int, saved.as_mut_ptr()) };
+        saved.truncate(n.max(0) as usize);
+        let groups = caller_groups(pid, gid);
+        unsafe {
+            libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr());
+            libc::syscall(libc::SYS_setfsgid, gid);
+            libc::syscall(libc::SYS_setfsuid, uid);
+        }
+        AsCaller { groups: saved }
+    }
+}
+
+impl Drop for AsCaller {
+    fn drop(&mut self) {
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, libc::geteuid());
+            libc::syscall(libc::SYS_setfsgid, libc::getegid());
+            libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr());
+        }
+    }
+}
+
+/// Supplementary groups of `pid` from /proc (the kernel checked the caller with them); just
+/// `gid` when they cannot be read (the process is gone, or in another pid namespace).
+fn caller_groups(pid: u32, gid: u32) -> Vec<libc::gid_t> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mut groups: Vec<libc::gid_t> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if pid == 0 || groups.is_empty() {
+        groups = vec![gid];
+    }
+    groups
 }
