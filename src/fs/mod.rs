@@ -198,6 +198,9 @@ struct FileHandle {
 struct DirHandle {
     file: File,
     entries: Mutex<Vec<(OsString, u64, FileKind)>>,
+    /// Whether a readdir already served this listing: only then is offset 0 a rewind that
+    /// must read the directory again (opendir just read it).
+    served: std::sync::atomic::AtomicBool,
 }
 
 /// Where the store sits, so that it can be hidden.
@@ -978,6 +981,7 @@ impl OverlayFs {
             Arc::new(DirHandle {
                 file,
                 entries: Mutex::new(entries),
+                served: std::sync::atomic::AtomicBool::new(false),
             }),
         );
         Ok(Opened {
@@ -1038,7 +1042,7 @@ impl OverlayFs {
         let dir = self.dir(fh)?;
         let inode = self.inodes.get(ino)?;
         let mut entries = dir.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if offset == 0 {
+        if offset == 0 && dir.served.swap(true, Ordering::Relaxed) {
             // A rewind sees the directory as it is now.
             *entries = self.read_entries(&inode, &dir.file)?;
         }
@@ -1070,7 +1074,7 @@ impl OverlayFs {
         let dir = self.dir(fh)?;
         let inode = self.inodes.get(ino)?;
         let mut entries = dir.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if offset == 0 {
+        if offset == 0 && dir.served.swap(true, Ordering::Relaxed) {
             *entries = self.read_entries(&inode, &dir.file)?;
         }
         for (i, (name, d_ino, kind)) in entries.iter().enumerate().skip(offset as usize) {
