@@ -261,6 +261,13 @@ pub fn load_table(dir: &Path, fref: &FileRef) -> Result<Vec<Record>> {
         path: path.clone(),
         why,
     };
+    if bytes.len() as u64 != fref.len {
+        return Err(corrupt(format!(
+            "{} bytes, the manifest says {}",
+            bytes.len(),
+            fref.len
+        )));
+    }
     let hash = blake3::hash(&bytes).to_hex();
     if hash.as_str() != fref.blake3 {
         return Err(corrupt(format!(

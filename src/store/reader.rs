@@ -242,6 +242,17 @@ pub struct VolumeReader {
     hits: AtomicU64,
 }
 
+impl std::fmt::Debug for VolumeReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeReader")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("depth", &self.depth)
+            .field("blocks", &self.index.len())
+            .finish()
+    }
+}
+
 impl VolumeReader {
     pub(crate) fn open(snapshots: &Path, m: Manifest, id: VolumeId) -> Result<VolumeReader> {
         let res = resolve(snapshots, m, id)?;

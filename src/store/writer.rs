@@ -399,11 +399,7 @@ impl SnapshotWriter {
     /// Make the snapshot durable and visible. On any error nothing is visible and the temp
     /// data is gone.
     pub fn commit(mut self) -> Result<Manifest> {
-        let r = self.commit_inner();
-        if r.is_ok() {
-            self.finished = true;
-        }
-        r
+        self.commit_inner()
     }
 
     fn commit_inner(&mut self) -> Result<Manifest> {
@@ -431,6 +427,8 @@ impl SnapshotWriter {
                 }
             }
         })?;
+        // Visible from here on: even if the fsync below fails, there is no temp dir to drop.
+        self.finished = true;
         fsync_dir(&self.snapshots).at(&self.snapshots)?;
         Ok(manifest)
     }
