@@ -475,6 +475,16 @@ impl Tracker {
             .clone()
     }
 
+    /// Every tracked volume, as of now.
+    fn all_volumes(&self) -> Vec<Arc<Volume>> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// The volume of `id`, if tracked.
     pub fn get(&self, id: VolumeId) -> Option<Arc<Volume>> {
         self.volumes
@@ -521,13 +531,7 @@ impl Tracker {
     pub fn change_maps_with_paths(&self) -> Vec<ChangeMap> {
         let files = walk_volumes(&self.backing, &self.store);
         let now = now_ns();
-        let vols: Vec<Arc<Volume>> = self
-            .volumes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let vols = self.all_volumes();
         let mut maps: Vec<ChangeMap> = vols
             .iter()
             .map(|v| v.change_map(files.get(&v.id).map(|(p, _)| p.clone()), now))
@@ -538,13 +542,7 @@ impl Tracker {
 
     /// Save every volume (state.json), durably.
     fn save(&self, clean: bool) -> io::Result<()> {
-        let vols: Vec<Arc<Volume>> = self
-            .volumes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let vols = self.all_volumes();
         let mut saved = Vec::with_capacity(vols.len());
         for v in &vols {
             if v.check_stamp() {
@@ -590,13 +588,7 @@ impl Tracker {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, v| v.nlink() != Some(0));
         self.intents.rotate();
-        let vols: Vec<Arc<Volume>> = self
-            .volumes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let vols = self.all_volumes();
         for v in &vols {
             // A writer that saw the old epoch sets its bits before the save below.
             v.drain();
@@ -620,13 +612,7 @@ impl Tracker {
     pub fn shutdown(&self) -> io::Result<()> {
         let _t = self.tick_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.intents.rotate();
-        let vols: Vec<Arc<Volume>> = self
-            .volumes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let vols = self.all_volumes();
         for v in &vols {
             v.drain();
         }

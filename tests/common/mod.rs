@@ -128,15 +128,7 @@ impl Mount {
 
     /// Unmount with `grainfs umount` and wait for the daemon to exit; returns its exit status.
     pub fn unmount(mut self) -> std::process::ExitStatus {
-        let out = umount_retrying(&self.mnt);
-        assert!(
-            out.status.success(),
-            "grainfs umount failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log_text()
-        );
-        let mut child = self.child.take().expect("child");
-        wait_timeout(&mut child, Duration::from_secs(30)).expect("daemon did not exit after umount")
+        self.stop()
     }
 
     /// Kill the daemon with SIGKILL (the mount is left dead until drop detaches it).
