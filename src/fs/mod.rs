@@ -190,7 +190,8 @@ struct FileHandle {
     inode: Arc<Inode>,
     /// The tracked volume, for handles that can change content (tracking on).
     volume: Option<Arc<Volume>>,
-    /// End of this handle's previous write: a write starting there is sequential.
+    /// End of this handle's previous write (0 before the first): a write starting there is
+    /// sequential, so a handle writing from the start of the file is a stream from its first write.
     last_end: AtomicU64,
 }
 
@@ -471,7 +472,7 @@ impl OverlayFs {
                     file,
                     inode,
                     volume,
-                    last_end: AtomicU64::new(u64::MAX),
+                    last_end: AtomicU64::new(0),
                 }),
             );
         Ok(Opened { fh, keep_cache })

@@ -109,7 +109,7 @@ pub enum AccessPattern {
 }
 
 /// The pattern rule: a write is sequential when it starts exactly where the previous write of
-/// the same open handle ended. Over the writes counted, at least 80 % sequential is SEQUENTIAL,
+/// the same open handle ended (offset 0 for a handle's first write). Over the writes counted, at least 80 % sequential is SEQUENTIAL,
 /// at most 20 % is RANDOM, anything between is MIXED. Per handle, because two sequential
 /// streams into one file interleave into what looks random by offset alone.
 pub fn classify(writes: u64, sequential: u64) -> AccessPattern {
