@@ -611,7 +611,9 @@ fn concurrent_writers_give_exact_counts() {
         assert_eq!(p.dirty_blocks, BPP.min(n - i as u64 * BPP), "partition {i}");
         assert_eq!(p.writes, 2 * p.dirty_blocks, "partition {i}");
     }
-    // After a final tick, the saved state agrees and no intent is left.
+    // After two ticks (intents of partitions written during a tick are kept one more, the
+    // md-style lazy clearing), the saved state agrees and no intent is left.
+    fx.tracker.tick().unwrap();
     fx.tracker.tick().unwrap();
     assert!(fx.tracker.pending_intents().is_empty());
     let fx = fx.crash();
@@ -691,9 +693,10 @@ fn state_files_are_private() {
         assert_eq!(mode(&p), 0o600, "{p:?}");
     }
     fx.tracker.tick().unwrap();
+    fx.tracker.tick().unwrap();
     assert!(
         !fx.intent_file().exists(),
-        "tick clears the intent it saved"
+        "the tick after an idle one clears the intent it saved"
     );
     assert_eq!(mode(&dir.join("state.json")), 0o600);
 }
@@ -717,9 +720,12 @@ fn intent_is_durable_before_the_write_and_cleared_by_the_tick() {
         .map(|p| p[1].as_u64().unwrap())
         .collect();
     assert_eq!(on_disk, [0, 2, 3].into());
+    // Written during this tick: kept one more (lazy clearing), then cleared when idle.
+    fx.tracker.tick().unwrap();
+    assert_eq!(fx.tracker.pending_intents(), want);
     fx.tracker.tick().unwrap();
     assert!(fx.tracker.pending_intents().is_empty());
-    // The next write after the tick records its intent again.
+    // The next write after that records its intent again.
     fx.write(fh, 0, 1);
     assert_eq!(fx.tracker.pending_intents(), [(id, 0)].into());
 }
@@ -734,8 +740,11 @@ fn crash_after_a_tick_marks_only_the_partitions_written_since_unknown() {
     fx.write(a, 2 * PS, 1);
     fx.write(a, 6 * PS - 1, 1);
     fx.write(b, 0, BS);
+    // Two ticks: the first keeps the records of what it saved one more tick (lazy clearing),
+    // the second, with those partitions idle, clears them.
     fx.tracker.tick().unwrap();
-    // After the tick: partitions 0 and 3 of a.
+    fx.tracker.tick().unwrap();
+    // After the ticks: partitions 0 and 3 of a.
     fx.write(a, 0, BS);
     fx.write(a, 3 * PS + 5 * BS, 10);
     let data = std::fs::read(fx.backing.join("a.img")).unwrap();
@@ -776,6 +785,7 @@ fn unknowns_from_a_crash_survive_a_clean_restart_and_nothing_more() {
     let fx = Fx::new();
     let (_, a) = fx.create("a.img");
     fx.write(a, PS, BS);
+    fx.tracker.tick().unwrap();
     fx.tracker.tick().unwrap();
     fx.write(a, 0, BS);
     fx.write(a, 3 * PS, 10);
@@ -1163,4 +1173,21 @@ fn a_crash_before_the_commit_gives_the_taken_bits_back_and_a_commit_keeps_them_t
     fx.tracker.commit(&taken).unwrap();
     let fx = fx.restart();
     assert!(!fx.volume("a.img").is_dirty(2), "{:?}", fx.map("a.img"));
+}
+
+#[test]
+fn a_steady_writer_keeps_its_intent_record_across_ticks() {
+    // Lazy clearing: a partition written during every tick keeps its record (so its writes
+    // need no new durable record), and a crash at any point finds it.
+    let fx = Fx::new();
+    let (_, a) = fx.create("a.img");
+    let id = fx.id("a.img");
+    fx.write(a, 0, BS);
+    for _ in 0..3 {
+        fx.tracker.tick().unwrap();
+        assert_eq!(fx.tracker.pending_intents(), [(id, 0)].into());
+        fx.write(a, BS, BS);
+    }
+    let fx = fx.crash();
+    assert_eq!(fx.map("a.img").unknown_partitions, vec![0]);
 }

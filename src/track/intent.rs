@@ -147,6 +147,14 @@ impl IntentLog {
         self.write(&sets)
     }
 
+    /// Keep `pairs` recorded into the current epoch (lazy clearing, as md does): they were
+    /// written during the epoch just saved and are likely written again, so their next write
+    /// costs no durable record. They are on disk already (in `previous`).
+    pub fn carry(&self, pairs: &[(VolumeId, u64)]) {
+        let mut sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
+        sets.current.extend(pairs.iter().copied());
+    }
+
     /// Pairs recorded and not yet cleared (for tests and status).
     pub fn pending(&self) -> BTreeSet<(VolumeId, u64)> {
         let sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());

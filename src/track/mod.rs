@@ -587,8 +587,17 @@ impl Tracker {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, v| v.nlink() != Some(0));
-        self.intents.rotate();
+        let old = self.intents.epoch();
+        let new = self.intents.rotate();
         let vols = self.all_volumes();
+        // Partitions written during the epoch being saved stay recorded (lazy clearing): a
+        // steady writer does not pay a durable record per partition at every tick. Only the
+        // partitions idle for a whole tick are cleared.
+        let mut carried = Vec::new();
+        for v in &vols {
+            carried.extend(v.carry_intents(old, new).into_iter().map(|p| (v.id, p)));
+        }
+        self.intents.carry(&carried);
         for v in &vols {
             // A writer that saw the old epoch sets its bits before the save below.
             v.drain();

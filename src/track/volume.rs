@@ -368,6 +368,27 @@ impl Volume {
         }
     }
 
+    /// Partitions written since the last tick whose intent is recorded in epoch `old`: mark
+    /// them recorded in epoch `new` too (their record is kept on disk, see `IntentLog::carry`)
+    /// and return them. Call before `tick_rates`, which resets the "since the last tick".
+    pub fn carry_intents(&self, old: u64, new: u64) -> Vec<u64> {
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        let rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        let mut carried = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let last = rates.get(i).map_or(0, |r| r.last_writes);
+            if part.counters.writes.load(Ordering::Relaxed) != last
+                && part
+                    .intent_epoch
+                    .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                carried.push(i as u64);
+            }
+        }
+        carried
+    }
+
     /// Update the smoothed rates from the counters, `dt_secs` after the previous tick.
     pub fn tick_rates(&self, dt_secs: f64) {
         let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
