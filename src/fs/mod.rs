@@ -825,7 +825,10 @@ impl OverlayFs {
             ));
         }
         let volume = self.volume_of(&inode, !existed);
-        let opened = self.register_file(File::from(fd), inode, volume)?;
+        // The kernel counts the lookup only if the reply goes out: on failure, give it back.
+        let opened = self
+            .register_file(File::from(fd), inode, volume)
+            .inspect_err(|_| self.inodes.forget(entry.attr.ino, 1))?;
         Ok((entry, opened))
     }
 
