@@ -9,5 +9,6 @@ pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;
+pub mod policy;
 pub mod store;
 pub mod track;
