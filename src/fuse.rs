@@ -123,6 +123,31 @@ fn fopen(keep_cache: bool) -> FopenFlags {
     }
 }
 
+/// Reply to an operation that returns nothing.
+fn empty(reply: ReplyEmpty, r: Result<(), FsError>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+impl FuseAdapter {
+    /// Reply to an operation that returns a looked-up entry.
+    fn entry(&self, op: &str, reply: ReplyEntry, r: Result<crate::fs::Entry, FsError>) {
+        match r {
+            Ok(e) => reply.entry(
+                &self.cache.entry_ttl,
+                &attr(&e.attr),
+                Generation(e.generation),
+            ),
+            Err(e) => {
+                log_err(op, &e);
+                reply.error(errno(&e))
+            }
+        }
+    }
+}
+
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         if let Err(max) = config.set_max_write(MAX_WRITE) {
@@ -145,17 +170,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name) {
-            Ok(e) => reply.entry(
-                &self.cache.entry_ttl,
-                &attr(&e.attr),
-                Generation(e.generation),
-            ),
-            Err(e) => {
-                log_err("lookup", &e);
-                reply.error(errno(&e))
-            }
-        }
+        self.entry("lookup", reply, self.fs.lookup(parent.0, name))
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -225,17 +240,10 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self
+        let r = self
             .fs
-            .mknod(caller(req), parent.0, name, mode, umask, rdev)
-        {
-            Ok(e) => reply.entry(
-                &self.cache.entry_ttl,
-                &attr(&e.attr),
-                Generation(e.generation),
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+            .mknod(caller(req), parent.0, name, mode, umask, rdev);
+        self.entry("mknod", reply, r)
     }
 
     fn mkdir(
@@ -247,28 +255,19 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.fs.mkdir(caller(req), parent.0, name, mode, umask) {
-            Ok(e) => reply.entry(
-                &self.cache.entry_ttl,
-                &attr(&e.attr),
-                Generation(e.generation),
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.entry(
+            "mkdir",
+            reply,
+            self.fs.mkdir(caller(req), parent.0, name, mode, umask),
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.unlink(parent.0, name))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.rmdir(parent.0, name))
     }
 
     fn symlink(
@@ -279,14 +278,11 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.fs.symlink(caller(req), parent.0, link_name, target) {
-            Ok(e) => reply.entry(
-                &self.cache.entry_ttl,
-                &attr(&e.attr),
-                Generation(e.generation),
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.entry(
+            "symlink",
+            reply,
+            self.fs.symlink(caller(req), parent.0, link_name, target),
+        )
     }
 
     fn rename(
@@ -316,14 +312,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.fs.link(ino.0, newparent.0, newname) {
-            Ok(e) => reply.entry(
-                &self.cache.entry_ttl,
-                &attr(&e.attr),
-                Generation(e.generation),
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.entry("link", reply, self.fs.link(ino.0, newparent.0, newname))
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -389,10 +378,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.fs.flush(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.flush(fh.0))
     }
 
     fn release(
@@ -405,10 +391,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.release(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.release(fh.0))
     }
 
     fn fsync(
@@ -419,10 +402,7 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsync(fh.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.fsync(fh.0, datasync))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -510,10 +490,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        match self.fs.releasedir(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.releasedir(fh.0))
     }
 
     fn fsyncdir(
@@ -524,10 +501,7 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsyncdir(fh.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.fsyncdir(fh.0, datasync))
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
@@ -549,10 +523,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.setxattr(ino.0, name, value, flags))
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -572,17 +543,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.removexattr(ino.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.removexattr(ino.0, name))
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.fs.access(caller(req), ino.0, mask.bits()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.access(caller(req), ino.0, mask.bits()))
     }
 
     fn create(
@@ -623,10 +588,7 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        empty(reply, self.fs.fallocate(fh.0, offset, length, mode))
     }
 
     fn lseek(

@@ -588,6 +588,24 @@ impl OverlayFs {
         sys::readlink_fd(inode.raw_fd()).map_err(FsError::backing("readlink"))
     }
 
+    /// Create a node named `name` in `parent` with `make(dir_fd, name)`, as the caller, and
+    /// look it up: the common path of mknod, mkdir and symlink.
+    fn make_node(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        op: &'static str,
+        make: impl FnOnce(i32, &CString) -> std::io::Result<()>,
+    ) -> FsResult<Entry> {
+        let parent = self.inodes.get(parent)?;
+        self.check_not_store(&parent, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing(op))?;
+        self.as_caller(caller, || make(parent.raw_fd(), &c))
+            .map_err(FsError::backing(op))?;
+        self.lookup_in(&parent, name)
+    }
+
     /// Create a fifo, socket or device node (regular files go through `create`).
     pub fn mknod(
         &self,
@@ -598,14 +616,9 @@ impl OverlayFs {
         umask: u32,
         rdev: u32,
     ) -> FsResult<Entry> {
-        let parent = self.inodes.get(parent)?;
-        self.check_not_store(&parent, name)?;
-        let c = sys::name_cstr(name).map_err(FsError::backing("mknod"))?;
-        self.as_caller(caller, || {
-            sys::mknodat(parent.raw_fd(), &c, mode & !umask, rdev as libc::dev_t)
+        self.make_node(caller, parent, name, "mknod", |dir, c| {
+            sys::mknodat(dir, c, mode & !umask, rdev as libc::dev_t)
         })
-        .map_err(FsError::backing("mknod"))?;
-        self.lookup_in(&parent, name)
     }
 
     /// Create a directory.
@@ -617,14 +630,9 @@ impl OverlayFs {
         mode: u32,
         umask: u32,
     ) -> FsResult<Entry> {
-        let parent = self.inodes.get(parent)?;
-        self.check_not_store(&parent, name)?;
-        let c = sys::name_cstr(name).map_err(FsError::backing("mkdir"))?;
-        self.as_caller(caller, || {
-            sys::mkdirat(parent.raw_fd(), &c, (mode & !umask) & 0o7777)
+        self.make_node(caller, parent, name, "mkdir", |dir, c| {
+            sys::mkdirat(dir, c, (mode & !umask) & 0o7777)
         })
-        .map_err(FsError::backing("mkdir"))?;
-        self.lookup_in(&parent, name)
     }
 
     /// Create a symbolic link.
@@ -635,15 +643,12 @@ impl OverlayFs {
         name: &OsStr,
         target: &Path,
     ) -> FsResult<Entry> {
-        let parent = self.inodes.get(parent)?;
-        self.check_not_store(&parent, name)?;
-        let c = sys::name_cstr(name).map_err(FsError::backing("symlink"))?;
         let t = CString::new(target.as_os_str().as_bytes()).map_err(|_| {
             FsError::backing("symlink")(std::io::Error::from_raw_os_error(libc::EINVAL))
         })?;
-        self.as_caller(caller, || sys::symlinkat(&t, parent.raw_fd(), &c))
-            .map_err(FsError::backing("symlink"))?;
-        self.lookup_in(&parent, name)
+        self.make_node(caller, parent, name, "symlink", |dir, c| {
+            sys::symlinkat(&t, dir, c)
+        })
     }
 
     /// Remove a non-directory.
@@ -782,14 +787,16 @@ impl OverlayFs {
         let open_flags = (flags & !(libc::O_APPEND | libc::O_DIRECT | libc::O_NOCTTY))
             | libc::O_CREAT
             | libc::O_NOFOLLOW;
-        // A file created here is tracked from birth; an existing one may have a history.
-        let existed = sys::fstatat(parent_inode.raw_fd(), &c).is_ok();
-        // O_TRUNC on an existing file is a change to its content like any other.
-        let existing = match (&self.tracker, flags & libc::O_TRUNC != 0) {
-            (Some(t), true) => sys::fstatat(parent_inode.raw_fd(), &c)
-                .ok()
-                .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size > 0)
-                .map(|st| t.volume(volume_id(BackingKey::of(&st)), st.st_size as u64, false)),
+        // A file created here is tracked from birth; an existing one may have a history, and
+        // O_TRUNC on it is a change to its content like any other.
+        let before = sys::fstatat(parent_inode.raw_fd(), &c).ok();
+        let existed = before.is_some();
+        let existing = match (&self.tracker, before, flags & libc::O_TRUNC != 0) {
+            (Some(t), Some(st), true)
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size > 0 =>
+            {
+                Some(t.volume(volume_id(BackingKey::of(&st)), st.st_size as u64, false))
+            }
             _ => None,
         };
         let old = std::cell::Cell::new(0u64);

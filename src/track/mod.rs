@@ -113,8 +113,11 @@ pub fn load_state(store: &Path) -> io::Result<Option<SavedState>> {
     Ok(Some(s))
 }
 
+/// Regular files of a backing dir by inode: their path relative to it and their stat.
+pub type VolumeFiles = HashMap<VolumeId, (String, libc::stat)>;
+
 /// Regular files under `backing` (never following a symlink, skipping the store), by inode.
-pub fn walk_volumes(backing: &Path, store: &Path) -> HashMap<VolumeId, (String, libc::stat)> {
+pub fn walk_volumes(backing: &Path, store: &Path) -> VolumeFiles {
     let mut out = HashMap::new();
     let Ok(root) = crate::fs::sys::openat(
         libc::AT_FDCWD,
@@ -220,7 +223,7 @@ pub struct Restored {
 pub fn restore(
     saved: Option<&SavedState>,
     left: &BTreeSet<(VolumeId, u64)>,
-    files: &HashMap<VolumeId, (String, libc::stat)>,
+    files: &VolumeFiles,
     geometry: Geometry,
     rec: &mut Recovery,
 ) -> Restored {
@@ -427,7 +430,7 @@ impl Tracker {
         // Make what recovery found durable before the old intent record goes.
         t.save(false)?;
         t.intents.clear_previous()?;
-        t.publish();
+        t.publish(&files);
         if rec.unclean || !rec.changed_behind.is_empty() {
             info!(
                 "tracking recovered: unclean={} intent partitions={} changed behind our back={:?}",
@@ -514,8 +517,8 @@ impl Tracker {
     /// Publish the immutable change maps of this tick, with paths. Paths come from a walk of
     /// the backing dir (the overlay tracks inodes, not names): cheap for directories of volumes,
     /// the intended use; a tree of a million small files would make each tick pay for it.
-    fn publish(&self) {
-        let maps = self.change_maps_with_paths();
+    fn publish(&self, files: &VolumeFiles) {
+        let maps = self.change_maps(files);
         *self.published.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(maps);
     }
 
@@ -529,7 +532,11 @@ impl Tracker {
 
     /// Fresh change maps with paths relative to the backing dir (walks the backing tree).
     pub fn change_maps_with_paths(&self) -> Vec<ChangeMap> {
-        let files = walk_volumes(&self.backing, &self.store);
+        self.change_maps(&walk_volumes(&self.backing, &self.store))
+    }
+
+    /// Change maps with the paths of an earlier walk of the backing dir.
+    fn change_maps(&self, files: &VolumeFiles) -> Vec<ChangeMap> {
         let now = now_ns();
         let vols = self.all_volumes();
         let mut maps: Vec<ChangeMap> = vols
@@ -613,7 +620,7 @@ impl Tracker {
         }
         self.save(false)?;
         self.intents.clear_previous()?;
-        self.publish();
+        self.publish(&walk_volumes(&self.backing, &self.store));
         Ok(())
     }
 

@@ -239,19 +239,24 @@ impl Volume {
         self.written_since_tick.store(true, Ordering::Relaxed);
     }
 
+    /// Mark the blocks of the byte range `offset..offset+len` (len > 0).
+    fn mark_range(&self, offset: u64, len: u64, bytes: u64, sequential: bool, now_ns: u64) {
+        let shift = self.geometry.block_shift();
+        self.mark_blocks(
+            offset >> shift,
+            (offset + len - 1) >> shift,
+            bytes,
+            sequential,
+            now_ns,
+        );
+    }
+
     /// Record a write of `len` bytes at `offset` that has reached the backing file.
     pub fn record_write(&self, offset: u64, len: u64, sequential: bool, now_ns: u64) {
         if len == 0 {
             return;
         }
-        let shift = self.geometry.block_shift();
-        self.mark_blocks(
-            offset >> shift,
-            (offset + len - 1) >> shift,
-            len,
-            sequential,
-            now_ns,
-        );
+        self.mark_range(offset, len, len, sequential, now_ns);
         self.size.fetch_max(offset + len, Ordering::Relaxed);
     }
 
@@ -261,14 +266,7 @@ impl Volume {
         if len == 0 {
             return;
         }
-        let shift = self.geometry.block_shift();
-        self.mark_blocks(
-            offset >> shift,
-            (offset + len - 1) >> shift,
-            0,
-            false,
-            now_ns,
-        );
+        self.mark_range(offset, len, 0, false, now_ns);
     }
 
     /// Record a size change from `old` to `new_size` bytes. Growing changes no content (the
