@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::snapshot::{CreateReport, CreateRequest};
 use crate::track::ChangeMap;
 
 /// File name of the socket in the store.
@@ -32,6 +33,10 @@ pub enum Request {
         #[serde(default)]
         paths: Vec<String>,
     },
+    /// Take a snapshot (or plan one, with `dry_run`).
+    SnapshotCreate(CreateRequest),
+    /// Delete a snapshot (serialised with snapshot creation).
+    SnapshotDelete { name: String },
 }
 
 /// What `status` reports (also built offline from the saved state).
@@ -54,6 +59,8 @@ pub struct StatusReport {
 pub enum Response {
     Pong,
     Status(StatusReport),
+    Snapshot(CreateReport),
+    Deleted { name: String },
     Error { message: String },
 }
 
@@ -116,10 +123,20 @@ fn serve_conn(conn: UnixStream, handle: &(dyn Fn(Request) -> Response + Send + S
     }
 }
 
-/// Send one request to the daemon of `store` and read its response.
+/// Send one request to the daemon of `store` and read its response (within a minute).
 pub fn request(store: &Path, req: &Request) -> io::Result<Response> {
+    request_within(store, req, Some(Duration::from_secs(60)))
+}
+
+/// Send one request and wait for its response up to `timeout` (None: as long as it takes, for
+/// a snapshot of large volumes).
+pub fn request_within(
+    store: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> io::Result<Response> {
     let mut conn = UnixStream::connect(socket_path(store))?;
-    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    conn.set_read_timeout(timeout)?;
     let mut text = serde_json::to_string(req).map_err(io::Error::other)?;
     text.push('\n');
     conn.write_all(text.as_bytes())?;
@@ -142,6 +159,7 @@ mod tests {
                 Request::Status { paths } => Response::Error {
                     message: paths.join(","),
                 },
+                _ => Response::Pong,
             }),
         )
         .unwrap();

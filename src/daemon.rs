@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::control::{self, Request, Response, StatusReport};
 use crate::fs::{OverlayFs, OverlayOptions};
 use crate::fuse::{FuseAdapter, KernelCache};
+use crate::snapshot::{Engine, EngineOptions};
 use crate::track::{Geometry, Tracker};
 
 /// Why a mount could not be served; each message says what, where and what to do.
@@ -60,6 +61,8 @@ pub enum DaemonError {
     },
     #[error("opening backing dir: {0}")]
     Overlay(#[from] crate::fs::FsError),
+    #[error("snapshot engine: {0}")]
+    Engine(String),
     #[error("serving {mountpoint}: {source}")]
     Serve {
         mountpoint: PathBuf,
@@ -436,7 +439,11 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
             tracker: tracker.clone(),
         },
     )?;
-    start_control(&req, &store, tracker.clone()).map_err(|source| DaemonError::Store {
+    let engine = match &tracker {
+        Some(t) => Some(Arc::new(start_engine(&req, &store, t.clone())?)),
+        None => None,
+    };
+    start_control(&req, &store, tracker.clone(), engine).map_err(|source| DaemonError::Store {
         path: store.clone(),
         source,
     })?;
@@ -579,11 +586,46 @@ impl Ticker {
     }
 }
 
+/// The snapshot engine of this mount.
+fn start_engine(
+    req: &MountRequest,
+    store: &Path,
+    tracker: Arc<Tracker>,
+) -> Result<Engine, DaemonError> {
+    let mountpoint = req.mountpoint.clone();
+    Engine::new(EngineOptions {
+        backing: req.backing.clone(),
+        store_dir: store.to_path_buf(),
+        tracker,
+        policy: req.config.policy.clone(),
+        groups: req.config.groups.clone(),
+        workers: req.config.threads.clamp(1, 4),
+        flush: Box::new(move || {
+            // Dirty pages of shared writable mappings reach us only at writeback; syncfs on
+            // the mount pushes them through our own write path before the barrier.
+            match File::open(&mountpoint) {
+                Ok(f) => {
+                    if unsafe { libc::syncfs(f.as_raw_fd()) } == -1 {
+                        warn!(
+                            "syncfs {} before a snapshot: {}",
+                            mountpoint.display(),
+                            io::Error::last_os_error()
+                        );
+                    }
+                }
+                Err(e) => warn!("open {} before a snapshot: {e}", mountpoint.display()),
+            }
+        }),
+    })
+    .map_err(|e| DaemonError::Engine(e.to_string()))
+}
+
 /// Serve the control socket of this mount.
 fn start_control(
     req: &MountRequest,
     store: &Path,
     tracker: Option<Arc<Tracker>>,
+    engine: Option<Arc<Engine>>,
 ) -> io::Result<()> {
     let backing = req.backing.display().to_string();
     let mountpoint = req.mountpoint.display().to_string();
@@ -612,8 +654,32 @@ fn start_control(
                     volumes,
                 })
             }
+            Request::SnapshotCreate(c) => match &engine {
+                Some(e) => match e.create(&c) {
+                    Ok(r) => Response::Snapshot(r),
+                    Err(err) => Response::Error {
+                        message: err.to_string(),
+                    },
+                },
+                None => no_engine(),
+            },
+            Request::SnapshotDelete { name } => match &engine {
+                Some(e) => match e.delete(&name) {
+                    Ok(()) => Response::Deleted { name },
+                    Err(err) => Response::Error {
+                        message: err.to_string(),
+                    },
+                },
+                None => no_engine(),
+            },
         }),
     )
+}
+
+fn no_engine() -> Response {
+    Response::Error {
+        message: "snapshots need change tracking, and this mount has it off: set tracking.enabled = true in the config and mount again".into(),
+    }
 }
 
 /// True if a volume at `path` (relative to the backing dir) is selected by `paths` (empty:

@@ -10,5 +10,6 @@ pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod policy;
+pub mod snapshot;
 pub mod store;
 pub mod track;

@@ -3,6 +3,7 @@
 
 mod check_config;
 mod mount;
+mod snapshot;
 mod status;
 mod umount;
 
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 pub use check_config::CheckConfigArgs;
 pub use mount::MountArgs;
+pub use snapshot::{SnapshotArgs, SnapshotCommand};
 pub use status::StatusArgs;
 pub use umount::UmountArgs;
 
@@ -40,6 +42,8 @@ pub enum Command {
     CheckConfig(CheckConfigArgs),
     /// Change tracking per volume and partition: dirty bytes, rates, access pattern, unknowns.
     Status(StatusArgs),
+    /// Take, list, verify and delete snapshots.
+    Snapshot(SnapshotArgs),
 }
 
 /// An error for the user: printed as `grainfs: <message>`, exit status 1.
@@ -125,6 +129,10 @@ pub fn run(args: Args) -> i32 {
         Command::Status(s) => {
             init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
             status::run(s)
+        }
+        Command::Snapshot(s) => {
+            init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
+            snapshot::run(s)
         }
     };
     match result {

@@ -30,11 +30,11 @@ pub struct StatusArgs {
 }
 
 /// A grainfs mount found from a path.
-struct Target {
-    backing: PathBuf,
-    mountpoint: Option<PathBuf>,
+pub(super) struct Target {
+    pub backing: PathBuf,
+    pub mountpoint: Option<PathBuf>,
     /// Paths relative to the mount root.
-    rel: Vec<String>,
+    pub rel: Vec<String>,
 }
 
 fn grainfs_mounts() -> Vec<(PathBuf, PathBuf)> {
@@ -55,7 +55,9 @@ fn unescape(s: &str) -> String {
         .replace("\\134", "\\")
 }
 
-fn find_target(args: &StatusArgs, config: &Config) -> Result<Target, CliError> {
+/// The mount (or backing dir) that `paths` are in; with none, the one the working directory is
+/// in, the config's, or the only mount there is.
+pub(super) fn find_target(paths: &[PathBuf], config: &Config) -> Result<Target, CliError> {
     let mounts = grainfs_mounts();
     let containing = |p: &Path| -> Option<(PathBuf, PathBuf)> {
         mounts
@@ -64,9 +66,9 @@ fn find_target(args: &StatusArgs, config: &Config) -> Result<Target, CliError> {
             .max_by_key(|(mp, _)| mp.as_os_str().len())
             .cloned()
     };
-    if !args.paths.is_empty() {
+    if !paths.is_empty() {
         let mut target: Option<Target> = None;
-        for p in &args.paths {
+        for p in paths {
             let abs = std::fs::canonicalize(p).map_err(|source| CliError::Io {
                 what: format!("{}", p.display()),
                 source,
@@ -224,7 +226,7 @@ pub(super) fn run(args: &StatusArgs) -> Result<(), CliError> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    let target = find_target(args, &config)?;
+    let target = find_target(&args.paths, &config)?;
     let store = config.store_dir(&target.backing);
     let report = match control::request(
         &store,

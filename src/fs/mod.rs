@@ -392,6 +392,8 @@ impl OverlayFs {
         // after it would otherwise lose track of it.
         t.before_change(v, offset, len)
             .map_err(FsError::backing("write intent"))?;
+        // A snapshot being captured gets the old content first.
+        v.before_change(offset, len);
         let r = change();
         record(v, r.as_ref().ok(), offset, len);
         r

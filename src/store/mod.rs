@@ -299,9 +299,32 @@ impl Store {
         VolumeReader::open(&self.snapshots, m, id)
     }
 
+    /// The blake3 of every block with data that volume `id` of snapshot `name` reads, through
+    /// its chain (a block absent reads as zeros). `None`: the block has data but no usable hash
+    /// (a shorter snapshot on the way cut it), so it must be treated as different. What a
+    /// rescan compares with.
+    pub fn block_hashes(
+        &self,
+        name: &str,
+        id: VolumeId,
+    ) -> Result<std::collections::HashMap<u64, Option<[u8; 32]>>> {
+        let m = self.manifest(name)?;
+        let res = reader::resolve(&self.snapshots, m, id)?;
+        Ok(res
+            .blocks
+            .iter()
+            .map(|b| (b.block, (b.len == b.rec.len).then_some(b.rec.hash)))
+            .collect())
+    }
+
     /// Re-hash every block snapshot `name` reads, through its whole chain. Err only when the
     /// snapshot itself cannot be read; everything else is a problem in the report.
     pub fn verify(&self, name: &str) -> Result<VerifyReport> {
+        self.verify_with(name, &mut |_| {})
+    }
+
+    /// `verify`, calling `done(path)` after each volume (for a progress bar).
+    pub fn verify_with(&self, name: &str, done: &mut dyn FnMut(&str)) -> Result<VerifyReport> {
         let m = self.manifest(name)?;
         let dir = self.snapshots.join(name);
         let mut report = VerifyReport {
@@ -371,6 +394,7 @@ impl Store {
                     ));
                 }
             }
+            done(&v.path);
         }
         Ok(report)
     }

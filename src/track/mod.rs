@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use intent::IntentLog;
 pub use volume::{
-    ChangeMap, FileStamp, Geometry, PartitionMap, SavedVolume, Taken, Volume, VolumeId,
+    BeforeChange, ChangeMap, FileStamp, Geometry, PartitionMap, SavedVolume, Taken, Volume,
+    VolumeId,
 };
 
 /// Format version of the saved tracking state.
@@ -640,16 +641,18 @@ impl Tracker {
 
     /// The snapshot barrier (DESIGN.md "Snapshot protocol" step 2): close the write gates of
     /// `ids` in a fixed order (by id, so two barriers never deadlock), let in-flight writes
-    /// drain, run `at_instant` (the caller records the namespace there), take every volume's
-    /// dirty bits, and reopen the gates. No data is copied inside. A write that returned before
-    /// this call is in the taken bits; one that starts after it is in the live map. The taken
-    /// bits are saved as pending before this returns, so a crash before the snapshot commits
-    /// gives them back to the live map at the next start.
+    /// drain, take every volume's dirty bits, run `at_instant` with the volumes and what was
+    /// taken (the caller records the namespace and registers its capture there), and reopen the
+    /// gates. No data is copied inside. A write that returned before this call is in the taken
+    /// bits; one that starts after it is in the live map. The taken bits are saved as pending
+    /// before this returns, so a crash before the snapshot commits gives them back to the live
+    /// map at the next start; if that save fails, they are merged back at once and the error
+    /// returned (with what `at_instant` returned, so the caller can undo its part).
     pub fn barrier<R>(
         &self,
         ids: &[VolumeId],
-        at_instant: impl FnOnce() -> R,
-    ) -> io::Result<(R, Vec<Taken>)> {
+        at_instant: impl FnOnce(&[Arc<Volume>], &[Taken]) -> R,
+    ) -> Result<(R, Vec<Taken>), (R, io::Error)> {
         let mut vols: Vec<Arc<Volume>> = {
             let map = self.volumes.read().unwrap_or_else(|p| p.into_inner());
             ids.iter().filter_map(|id| map.get(id).cloned()).collect()
@@ -660,22 +663,32 @@ impl Tracker {
         let r;
         {
             let _gates: Vec<_> = vols.iter().map(|v| v.close_gate()).collect();
-            r = at_instant();
             taken = vols
                 .iter()
                 .map(|v| v.take_for_snapshot())
                 .collect::<Vec<_>>();
+            r = at_instant(&vols, &taken);
         }
-        let _t = self.tick_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.save(false)?;
-        Ok((r, taken))
+        let saved = {
+            let _t = self.tick_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.save(false)
+        };
+        match saved {
+            Ok(()) => Ok((r, taken)),
+            Err(e) => {
+                // Best effort: the live maps get the bits back even if this save fails too.
+                let _ = self.abort(&taken);
+                Err((r, e))
+            }
+        }
     }
 
-    /// The snapshot of `taken` committed: its bits stop being pending.
-    pub fn commit(&self, taken: &[Taken]) -> io::Result<()> {
+    /// The snapshot of `taken` committed as `snapshot` (name, created_ns): its bits stop being
+    /// pending, and the volumes' dirty bits are relative to it from now on.
+    pub fn commit(&self, taken: &[Taken], snapshot: (&str, u64)) -> io::Result<()> {
         for t in taken {
             if let Some(v) = self.get(t.id) {
-                v.commit_taken(t);
+                v.commit_taken(t, (snapshot.0.to_string(), snapshot.1));
             }
         }
         let _t = self.tick_lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +96,40 @@ pub struct Partition {
     pub intent_epoch: AtomicU64,
 }
 
+/// What must see a volume's content before it changes: the snapshot engine's copy-before-write
+/// capture (DESIGN.md "Write path" step 2). Called inside the volume's write gate, before the
+/// change reaches the backing file. It must not fail the change: a capture that cannot copy
+/// gives up its snapshot instead.
+pub trait BeforeChange: Send + Sync {
+    /// `offset..offset+len` (len > 0) of the volume is about to change.
+    fn before_change(&self, offset: u64, len: u64);
+}
+
+/// The capture slot of a volume: empty on the write path's fast path.
+#[derive(Default)]
+struct CaptureSlot {
+    attached: AtomicBool,
+    capture: RwLock<Option<Arc<dyn BeforeChange>>>,
+}
+
+impl std::fmt::Debug for CaptureSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptureSlot")
+            .field("attached", &self.attached.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// What uncommitted snapshot barriers took from a volume (the union of them): saved as if it were
+/// still live, so a crash before the commit loses none of it.
+#[derive(Debug, Default)]
+struct PendingTake {
+    bits: Vec<u64>,
+    unknown_all: bool,
+    unknown: BTreeSet<u64>,
+    low_water: Option<u64>,
+}
+
 /// One tracked volume.
 #[derive(Debug)]
 pub struct Volume {
@@ -112,7 +146,7 @@ pub struct Volume {
     unknown: Mutex<BTreeSet<u64>>,
     /// Dirty bits taken by a snapshot barrier whose snapshot is not committed yet: saved with
     /// the state, so a crash before the commit merges them back instead of losing them.
-    pending: Mutex<Option<Vec<u64>>>,
+    pending: Mutex<Option<PendingTake>>,
     rates: Mutex<Vec<Rates>>,
     /// Whether anything was written through the overlay since the last tick.
     written_since_tick: AtomicBool,
@@ -123,6 +157,10 @@ pub struct Volume {
     /// The write gate (DESIGN.md "Write path"): writers hold it shared from the intent check
     /// until their bits are set; a tick or a snapshot barrier takes it exclusively.
     gate: RwLock<()>,
+    /// A snapshot capture in progress on this volume, if any.
+    capture: CaptureSlot,
+    /// The committed snapshot the dirty bits are relative to: (name, created_ns).
+    base: Mutex<Option<(String, u64)>>,
 }
 
 impl Volume {
@@ -143,7 +181,45 @@ impl Volume {
             stamp: Mutex::new(FileStamp::default()),
             fd: Mutex::new(None),
             gate: RwLock::new(()),
+            capture: CaptureSlot::default(),
+            base: Mutex::new(None),
         }
+    }
+
+    /// Attach (Some) or detach (None) a snapshot capture. Attach only with the gate closed, so
+    /// that no write in flight has passed the copy-before-write check without it.
+    pub fn set_capture(&self, capture: Option<Arc<dyn BeforeChange>>) {
+        let mut slot = self
+            .capture
+            .capture
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        self.capture
+            .attached
+            .store(capture.is_some(), Ordering::Release);
+        *slot = capture;
+    }
+
+    /// Copy-before-write: let an attached capture save `offset..offset+len` before it changes.
+    /// Call inside the gate.
+    pub fn before_change(&self, offset: u64, len: u64) {
+        if len == 0 || !self.capture.attached.load(Ordering::Acquire) {
+            return;
+        }
+        let capture = self
+            .capture
+            .capture
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(c) = capture {
+            c.before_change(offset, len);
+        }
+    }
+
+    /// The committed snapshot the dirty bits are relative to.
+    pub fn base(&self) -> Option<(String, u64)> {
+        self.base.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Enter the write gate (shared).
@@ -408,20 +484,27 @@ impl Volume {
     /// Everything needed to save this volume and restore it after a restart.
     pub fn saved(&self, path: Option<String>) -> SavedVolume {
         let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unknown = self
+            .unknown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut low_water = self.low_water.load(Ordering::Relaxed);
+        // Unknowns a barrier took come back unknown after a crash before its commit.
+        if let Some(p) = pending.as_ref() {
+            unknown.extend(p.unknown.iter().copied());
+            low_water = low_water.min(p.low_water.unwrap_or(u64::MAX));
+        }
         SavedVolume {
             id: self.id,
             path,
             stamp: self.stamp(),
             size: self.size(),
-            low_water: self.low_water.load(Ordering::Relaxed),
-            unknown_all: self.unknown_all.load(Ordering::Relaxed),
-            unknown: self
-                .unknown
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .copied()
-                .collect(),
+            low_water,
+            unknown_all: self.unknown_all.load(Ordering::Relaxed)
+                || pending.as_ref().is_some_and(|p| p.unknown_all),
+            unknown: unknown.into_iter().collect(),
             // Sparse: a 2 TiB volume with a few changes saves a few words, not 512 Ki of them.
             bitmap: self
                 .bitmap
@@ -437,12 +520,10 @@ impl Volume {
                 .map(|(i, p)| (i as u64, p.counters.values()))
                 .filter(|(_, c)| c.writes != 0 || c.dirty_blocks != 0 || c.last_update_ns != 0)
                 .collect(),
-            pending: self
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            base: self.base(),
+            pending: pending
                 .iter()
-                .flat_map(|w| w.iter().copied().enumerate())
+                .flat_map(|p| p.bits.iter().copied().enumerate())
                 .filter(|(_, w)| *w != 0)
                 .map(|(i, w)| (i as u64, w))
                 .collect(),
@@ -487,6 +568,7 @@ impl Volume {
         }
         v.low_water.store(s.low_water, Ordering::Relaxed);
         v.unknown_all.store(s.unknown_all, Ordering::Relaxed);
+        *v.base.lock().unwrap_or_else(|p| p.into_inner()) = s.base.clone();
         *v.unknown.lock().unwrap_or_else(|p| p.into_inner()) = s.unknown.iter().copied().collect();
         {
             let mut rates = v.rates.lock().unwrap_or_else(|p| p.into_inner());
@@ -609,14 +691,17 @@ impl Volume {
         }
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         // An earlier uncommitted take stays covered: pending is the union.
-        let mut all = pending.take().unwrap_or_default();
-        if all.len() < bits.len() {
-            all.resize(bits.len(), 0);
+        let all = pending.get_or_insert_with(PendingTake::default);
+        if all.bits.len() < bits.len() {
+            all.bits.resize(bits.len(), 0);
         }
-        for (a, b) in all.iter_mut().zip(&bits) {
+        for (a, b) in all.bits.iter_mut().zip(&bits) {
             *a |= b;
         }
-        *pending = Some(all);
+        all.unknown_all |= unknown_all;
+        all.unknown.extend(unknown.iter().copied());
+        all.low_water = Some(all.low_water.unwrap_or(u64::MAX).min(low_water));
+        drop(pending);
         Taken {
             id: self.id,
             bits,
@@ -628,8 +713,10 @@ impl Volume {
     }
 
     /// The snapshot that took `t` is committed: its bits are no longer pending.
-    pub fn commit_taken(&self, _t: &Taken) {
+    /// `snapshot` (name, created_ns) is what the dirty bits are relative to from now on.
+    pub fn commit_taken(&self, _t: &Taken, snapshot: (String, u64)) {
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.base.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
     }
 
     /// The snapshot that took `t` failed: everything it took is dirty (or unknown) again.
@@ -687,6 +774,9 @@ pub struct SavedVolume {
     /// Bits taken by an uncommitted snapshot: (word index, bits); merged back at restore.
     #[serde(default)]
     pub pending: Vec<(u64, u64)>,
+    /// The committed snapshot (name, created_ns) the dirty bits are relative to.
+    #[serde(default)]
+    pub base: Option<(String, u64)>,
 }
 
 /// The published change map of one partition.

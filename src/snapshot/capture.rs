@@ -1,0 +1,336 @@
+//! Copy-before-write capture of one volume (DESIGN.md "Snapshot protocol" step 3): the blocks
+//! a snapshot needs, registered at the barrier, copied into the store either by the capture
+//! workers or by a writer that is about to change one of them, whichever comes first, and
+//! exactly once, always with the content the block had at the barrier.
+//!
+//! A block's pending bit is only ever cleared under its stripe lock, after its content is in
+//! the store (or the snapshot has failed): a writer that finds the bit set copies the block
+//! itself; one that finds it clear, or waits for the stripe while a worker copies it, then
+//! changes content that is already saved. This module reads the backing file and writes the
+//! store; it never changes a live volume and never fails a user's write: an error marks the
+//! whole group snapshot failed, and the engine aborts it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::store::{SnapshotWriter, VolumeHandle};
+use crate::track::{BeforeChange, Geometry};
+
+/// Stripe locks per volume: enough that a writer and a worker rarely meet on one.
+const STRIPES: usize = 64;
+
+/// What the capture does with a pending block of a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockAction {
+    /// INCREMENTAL: store the block (it is dirty).
+    Store,
+    /// FULL: store the block unless it is a hole (all-zero blocks cost nothing either way).
+    Full,
+    /// Rescan: store the block only if it differs from the parent's.
+    Rescan,
+}
+
+/// The first failure of a group snapshot, shared by its captures.
+#[derive(Debug, Default)]
+pub struct Failure {
+    failed: AtomicBool,
+    why: Mutex<Option<String>>,
+}
+
+impl Failure {
+    /// Record a failure (the first one is kept).
+    pub fn fail(&self, why: String) {
+        let mut w = self.why.lock().unwrap_or_else(|p| p.into_inner());
+        if w.is_none() {
+            *w = Some(why);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Why the snapshot failed, if it did.
+    pub fn why(&self) -> Option<String> {
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A fixed-size atomic bitmap of the blocks still to copy.
+struct PendingBits {
+    words: Vec<AtomicU64>,
+    left: AtomicU64,
+}
+
+impl PendingBits {
+    fn from_words(words: Vec<u64>) -> PendingBits {
+        let left = words.iter().map(|w| w.count_ones() as u64).sum();
+        PendingBits {
+            words: words.into_iter().map(AtomicU64::new).collect(),
+            left: AtomicU64::new(left),
+        }
+    }
+
+    fn is_set(&self, b: u64) -> bool {
+        self.words
+            .get((b / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (b % 64)) != 0)
+    }
+
+    fn clear(&self, b: u64) {
+        if let Some(w) = self.words.get((b / 64) as usize) {
+            if w.fetch_and(!(1 << (b % 64)), Ordering::AcqRel) & (1 << (b % 64)) != 0 {
+                self.left.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// What a capture did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Blocks saved by writers just before they changed them.
+    pub by_writers: u64,
+    /// Blocks saved by the capture workers.
+    pub by_workers: u64,
+    /// Blocks of rescanned partitions found equal to the parent's (not stored).
+    pub unchanged: u64,
+    /// Blocks skipped as holes.
+    pub holes: u64,
+}
+
+/// The capture of one volume of a snapshot being taken.
+pub struct Capture {
+    /// The volume's path at the barrier (for messages).
+    pub path: String,
+    source: File,
+    size: u64,
+    geometry: Geometry,
+    pending: PendingBits,
+    actions: Vec<BlockAction>,
+    /// For rescanned partitions: the parent's block hashes (absent: zeros there).
+    parent_hashes: HashMap<u64, Option<[u8; 32]>>,
+    writer: Arc<SnapshotWriter>,
+    handle: VolumeHandle,
+    failure: Arc<Failure>,
+    stripes: Vec<Mutex<()>>,
+    by_writers: AtomicU64,
+    by_workers: AtomicU64,
+    unchanged: AtomicU64,
+    holes: AtomicU64,
+}
+
+/// Everything a capture needs, gathered at the barrier.
+pub struct CaptureSpec {
+    pub path: String,
+    /// Read-only fd on the volume's backing inode (keeps an unlinked file readable).
+    pub source: File,
+    /// Size at the barrier.
+    pub size: u64,
+    pub geometry: Geometry,
+    /// Blocks to copy, one bit per block.
+    pub pending: Vec<u64>,
+    /// Per partition.
+    pub actions: Vec<BlockAction>,
+    pub parent_hashes: HashMap<u64, Option<[u8; 32]>>,
+    pub writer: Arc<SnapshotWriter>,
+    pub handle: VolumeHandle,
+    pub failure: Arc<Failure>,
+}
+
+thread_local! {
+    static BLOCK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Capture {
+    pub fn new(s: CaptureSpec) -> Capture {
+        Capture {
+            path: s.path,
+            source: s.source,
+            size: s.size,
+            geometry: s.geometry,
+            pending: PendingBits::from_words(s.pending),
+            actions: s.actions,
+            parent_hashes: s.parent_hashes,
+            writer: s.writer,
+            handle: s.handle,
+            failure: s.failure,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            by_writers: AtomicU64::new(0),
+            by_workers: AtomicU64::new(0),
+            unchanged: AtomicU64::new(0),
+            holes: AtomicU64::new(0),
+        }
+    }
+
+    /// Blocks still to copy.
+    pub fn left(&self) -> u64 {
+        self.pending.left.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> CaptureStats {
+        CaptureStats {
+            by_writers: self.by_writers.load(Ordering::Relaxed),
+            by_workers: self.by_workers.load(Ordering::Relaxed),
+            unchanged: self.unchanged.load(Ordering::Relaxed),
+            holes: self.holes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn blocks(&self) -> u64 {
+        self.geometry.blocks(self.size)
+    }
+
+    /// Save block `b` if it is still pending. Returns whether this call saved it.
+    fn save(&self, b: u64) -> bool {
+        if !self.pending.is_set(b) {
+            return false;
+        }
+        let _stripe = self.stripes[(b as usize) % STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !self.pending.is_set(b) {
+            return false;
+        }
+        if !self.failure.failed() {
+            if let Err(why) = self.copy(b) {
+                self.failure.fail(why);
+            }
+        }
+        // Cleared even on failure: the snapshot is dead, nobody must wait for this block.
+        self.pending.clear(b);
+        true
+    }
+
+    /// Copy block `b` as it is in the backing file now (the caller guarantees: as at the
+    /// barrier) into the store.
+    fn copy(&self, b: u64) -> Result<(), String> {
+        let bs = self.geometry.block_size;
+        let start = b * bs;
+        let len = bs.min(self.size - start) as usize;
+        let action = self.actions[(b / self.geometry.blocks_per_partition()) as usize];
+        if action == BlockAction::Full && self.is_hole(start, len as u64) {
+            self.holes.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        BLOCK_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            buf.resize(len, 0);
+            let mut done = 0;
+            while done < len {
+                match self.source.read_at(&mut buf[done..], start + done as u64) {
+                    // Shorter than at the barrier: only a change behind the overlay's back
+                    // can do that; what is missing reads as zeros, as a sparse end would.
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("reading {} block {b}: {e}", self.path)),
+                }
+            }
+            if action == BlockAction::Rescan && self.same_as_parent(b, &buf) {
+                self.unchanged.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            self.writer
+                .put_block(self.handle, b, &buf)
+                .map_err(|e| format!("storing {} block {b}: {e}", self.path))
+        })
+    }
+
+    /// Whether `start..start+len` holds no data (SEEK_DATA finds none before its end).
+    fn is_hole(&self, start: u64, len: u64) -> bool {
+        // SAFETY: lseek on an fd we own.
+        let r = unsafe { libc::lseek(self.source.as_raw_fd(), start as i64, libc::SEEK_DATA) };
+        if r == -1 {
+            // ENXIO: no data from here to the end of the file.
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        r as u64 >= start + len
+    }
+
+    fn same_as_parent(&self, b: u64, data: &[u8]) -> bool {
+        let zero = data.iter().all(|&x| x == 0);
+        match self.parent_hashes.get(&b) {
+            None => zero,
+            Some(None) => false,
+            Some(Some(h)) => !zero && blake3::hash(data).as_bytes() == h,
+        }
+    }
+
+    /// Save every pending block of word `w` (64 blocks): the workers' unit of work.
+    pub fn save_word(&self, w: usize) {
+        let Some(word) = self.pending.words.get(w) else {
+            return;
+        };
+        let mut bits = word.load(Ordering::Acquire);
+        while bits != 0 && !self.failure.failed() {
+            let i = bits.trailing_zeros() as u64;
+            bits &= bits - 1;
+            if self.save(w as u64 * 64 + i) {
+                self.by_workers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Indexes of the words with pending blocks.
+    pub fn busy_words(&self) -> Vec<usize> {
+        self.pending
+            .words
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.load(Ordering::Relaxed) != 0)
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+impl BeforeChange for Capture {
+    fn before_change(&self, offset: u64, len: u64) {
+        if self.pending.left.load(Ordering::Relaxed) == 0 || self.failure.failed() {
+            return;
+        }
+        let bs = self.geometry.block_size;
+        let nblocks = self.blocks();
+        let first = offset / bs;
+        let last = ((offset.saturating_add(len) - 1) / bs).min(nblocks.saturating_sub(1));
+        if first >= nblocks {
+            return;
+        }
+        for b in first..=last {
+            if self.save(b) {
+                self.by_writers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Run `workers` threads that copy every pending block of `captures` until none is left or
+/// the snapshot failed.
+pub fn run_workers(captures: &[Arc<Capture>], workers: usize, failure: &Failure) {
+    let work: Vec<(usize, usize)> = captures
+        .iter()
+        .enumerate()
+        .flat_map(|(c, cap)| cap.busy_words().into_iter().map(move |w| (c, w)))
+        .collect();
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            s.spawn(|| loop {
+                if failure.failed() {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(c, w)) = work.get(i) else {
+                    return;
+                };
+                captures[c].save_word(w);
+            });
+        }
+    });
+}

@@ -1,0 +1,882 @@
+//! The snapshot engine (DESIGN.md "Snapshot protocol"): plan, barrier, copy-before-write
+//! capture, commit, abort, for a group of volumes at one instant. It joins the tracker (dirty
+//! bits, write gates), the policy (FULL or INCREMENTAL per partition, with a reason) and the
+//! store (where the snapshot is written and committed). FUSE-free: it runs against the backing
+//! dir and the tracker that the overlay feeds, so tests drive it without a mount.
+//!
+//! It must never change a live volume, never show a partial snapshot, and never lose a change:
+//! on any failure the taken dirty bits go back to the live maps.
+//!
+//! Lock order: `Engine::busy` (one snapshot operation at a time), then the volumes' write
+//! gates (inside `Tracker::barrier`, in id order), then a capture's stripe locks, then the
+//! store writer's state.
+
+pub mod capture;
+pub mod group;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{GroupConfig, PolicyConfig};
+use crate::fs::sys;
+use crate::policy::{self, Decision, Kind, PartitionState};
+use crate::store::{
+    check_name, Manifest, PartitionKind, SnapshotWriter, Store, StoreError, VolumeEntry, VolumeMeta,
+};
+use crate::track::{now_ns, ChangeMap, Geometry, Taken, Tracker, Volume, VolumeId};
+use capture::{BlockAction, Capture, CaptureSpec, CaptureStats, Failure};
+use group::{GroupTree, Selection, ALL};
+
+/// How often the engine retries a barrier when the group's files changed between its walk
+/// and the barrier (a file created or renamed in between).
+const BARRIER_ATTEMPTS: usize = 5;
+
+/// `grainfs snapshot create`, as sent to the daemon.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CreateRequest {
+    /// A group of the config (or `all`); None with no paths means `all`.
+    pub group: Option<String>,
+    /// Path globs relative to the backing dir, instead of a group.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// One partition of a volume in a plan or a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PartitionReport {
+    pub index: u64,
+    /// FULL or INCREMENTAL.
+    pub kind: String,
+    pub rescan: bool,
+    pub reason: String,
+}
+
+/// One volume of a plan or a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeReport {
+    pub path: String,
+    pub size: u64,
+    /// FULL, INCREMENTAL or HYBRID.
+    pub kind: String,
+    /// Bytes of block data stored (0 in a dry run).
+    pub stored_bytes: u64,
+    pub partitions: Vec<PartitionReport>,
+}
+
+/// What `snapshot create` did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CreateReport {
+    pub name: String,
+    pub group: String,
+    pub parent: Option<String>,
+    pub dry_run: bool,
+    /// The snapshot's instant.
+    pub created_ns: u64,
+    /// How long writers of the group were held at the barrier.
+    pub barrier_us: u64,
+    /// From the barrier to the commit.
+    pub capture_ms: u64,
+    pub volumes: Vec<VolumeReport>,
+    pub stored_bytes: u64,
+    pub logical_bytes: u64,
+    /// Blocks saved by writers (copy-before-write) and by the capture workers.
+    pub blocks_by_writers: u64,
+    pub blocks_by_workers: u64,
+    /// Blocks of rescanned partitions found unchanged.
+    pub blocks_unchanged: u64,
+}
+
+/// Why a snapshot operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{0}")]
+    Request(String),
+    #[error("another snapshot operation is running; try again when it is done")]
+    Busy,
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot {name:?} aborted: {why}. Nothing of it was kept; the live volumes are untouched and their changes stay tracked for the next snapshot")]
+    Aborted { name: String, why: String },
+}
+
+type Result<T> = std::result::Result<T, SnapshotError>;
+
+/// The snapshot engine of one mount.
+pub struct Engine {
+    root: OwnedFd,
+    /// (dev, ino) of the store, when it sits inside the backing dir: never part of a group.
+    store_key: Option<(u64, u64)>,
+    store: Store,
+    tracker: Arc<Tracker>,
+    policy: PolicyConfig,
+    groups: Vec<GroupConfig>,
+    workers: usize,
+    /// Pushes dirty pages of shared mappings on the mount to the daemon (syncfs), so that the
+    /// barrier sees them; a no-op without a mount.
+    flush: Box<dyn Fn() + Send + Sync>,
+    busy: Mutex<()>,
+}
+
+/// Everything the engine is built from.
+pub struct EngineOptions {
+    pub backing: std::path::PathBuf,
+    pub store_dir: std::path::PathBuf,
+    pub tracker: Arc<Tracker>,
+    pub policy: PolicyConfig,
+    pub groups: Vec<GroupConfig>,
+    /// Capture worker threads.
+    pub workers: usize,
+    pub flush: Box<dyn Fn() + Send + Sync>,
+}
+
+/// A volume readied before the barrier.
+struct Prepared {
+    source: File,
+    /// The change map before the barrier (its rates feed the policy).
+    map: ChangeMap,
+    parent_hashes: Option<HashMap<u64, Option<[u8; 32]>>>,
+}
+
+/// What the engine did inside the barrier.
+#[derive(Default)]
+struct AtInstant {
+    created_ns: u64,
+    captures: Vec<(Arc<Volume>, Arc<Capture>)>,
+    plans: Vec<(VolumeId, String, u64, Vec<Decision>)>,
+    /// The group gained a file since the walk: gates reopened untouched, try again.
+    retry: bool,
+    /// Volumes gone from the group since the walk (unlinked, renamed away).
+    dropped: HashSet<VolumeId>,
+    error: Option<SnapshotError>,
+    pause: Duration,
+}
+
+impl Engine {
+    /// Set up the engine; opens (and sweeps) the store.
+    pub fn new(o: EngineOptions) -> Result<Engine> {
+        let c = std::ffi::CString::new(o.backing.as_os_str().as_encoded_bytes())
+            .map_err(|_| SnapshotError::Request("backing path has a NUL byte".into()))?;
+        let root = sys::openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(
+            |source| SnapshotError::Io {
+                what: format!("opening {}", o.backing.display()),
+                source,
+            },
+        )?;
+        let store_key = std::fs::metadata(&o.store_dir).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        Ok(Engine {
+            root,
+            store_key,
+            store: Store::open(&o.store_dir)?,
+            tracker: o.tracker,
+            policy: o.policy,
+            groups: o.groups,
+            workers: o.workers.max(1),
+            flush: o.flush,
+            busy: Mutex::new(()),
+        })
+    }
+
+    /// The store the engine writes.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock_busy(&self, wait: bool) -> Result<std::sync::MutexGuard<'_, ()>> {
+        if wait {
+            return Ok(self.busy.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        match self.busy.try_lock() {
+            Ok(g) => Ok(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(SnapshotError::Busy),
+        }
+    }
+
+    /// The group a request names, and what it selects.
+    fn resolve(&self, req: &CreateRequest) -> Result<(String, Selection)> {
+        if !req.paths.is_empty() {
+            if req.group.is_some() {
+                return Err(SnapshotError::Request(
+                    "give a group or --path globs, not both".into(),
+                ));
+            }
+            let group = "paths".to_string();
+            return Ok((
+                group,
+                Selection::globs(&req.paths).map_err(SnapshotError::Request)?,
+            ));
+        }
+        let name = req.group.as_deref().unwrap_or(ALL);
+        if let Some(g) = self.groups.iter().find(|g| g.name == name) {
+            return Ok((
+                name.to_string(),
+                Selection::globs(&g.volumes).map_err(SnapshotError::Request)?,
+            ));
+        }
+        if name == ALL {
+            return Ok((ALL.to_string(), Selection::All));
+        }
+        let known: Vec<&str> = self
+            .groups
+            .iter()
+            .map(|g| g.name.as_str())
+            .chain([ALL])
+            .collect();
+        Err(SnapshotError::Request(format!(
+            "no group {name:?} in the config (groups: {})",
+            known.join(", ")
+        )))
+    }
+
+    /// The name of the new snapshot: the one asked for, or `<group>-<UTC time>`.
+    fn pick_name(&self, group: &str, asked: Option<&str>) -> Result<String> {
+        let taken = |n: &str| self.store.snapshots_dir().join(n).exists();
+        if let Some(n) = asked {
+            check_name(n)?;
+            if taken(n) {
+                return Err(StoreError::NameTaken(n.to_string()).into());
+            }
+            return Ok(n.to_string());
+        }
+        let base = format!("{group}-{}", utc_stamp(now_ns() / 1_000_000_000));
+        let mut name = base.clone();
+        let mut i = 2;
+        while taken(&name) {
+            name = format!("{base}-{i}");
+            i += 1;
+        }
+        check_name(&name)?;
+        Ok(name)
+    }
+
+    /// The newest committed snapshot of `group` with the tracker's geometry.
+    fn parent_of(&self, group: &str) -> Result<Option<Manifest>> {
+        let mut best: Option<Manifest> = None;
+        for l in self.store.list()? {
+            let Ok(info) = l.info else { continue };
+            if info.group != group {
+                continue;
+            }
+            let m = self.store.manifest(&l.name)?;
+            if m.geometry != self.tracker.geometry() {
+                continue;
+            }
+            if best.as_ref().is_none_or(|b| m.created_ns >= b.created_ns) {
+                best = Some(m);
+            }
+        }
+        Ok(best)
+    }
+
+    /// Take a snapshot (or, with `dry_run`, say what it would store and why).
+    pub fn create(&self, req: &CreateRequest) -> Result<CreateReport> {
+        let _busy = self.lock_busy(false)?;
+        let (group, sel) = self.resolve(req)?;
+        let name = self.pick_name(&group, req.name.as_deref())?;
+        let parent = self.parent_of(&group)?;
+        if req.dry_run {
+            return self.dry_run(name, group, &sel, parent.as_ref());
+        }
+        // Shared writable mappings reach the daemon only at writeback: push them now, so a
+        // store through a mapping that returned before this call is in the snapshot.
+        (self.flush)();
+        for _ in 0..BARRIER_ATTEMPTS {
+            if let Some(report) = self.attempt(&name, &group, &sel, parent.as_ref())? {
+                return Ok(report);
+            }
+        }
+        Err(SnapshotError::Request(format!(
+            "the files of group {group:?} kept changing (created, renamed) during {BARRIER_ATTEMPTS} barriers; try again"
+        )))
+    }
+
+    /// Walk the group and ready its volumes for the barrier.
+    fn prepare(
+        &self,
+        sel: &Selection,
+        parent: Option<&Manifest>,
+    ) -> Result<(GroupTree, HashMap<VolumeId, Prepared>)> {
+        let tree =
+            group::walk(&self.root, self.store_key, sel).map_err(|source| SnapshotError::Io {
+                what: "walking the backing dir".into(),
+                source,
+            })?;
+        let mut out = HashMap::new();
+        for (id, e) in &tree.volumes {
+            let fd = match sys::open_beneath(self.root.as_raw_fd(), &e.path, libc::O_RDONLY) {
+                Ok(fd) => fd,
+                // Gone or replaced since the walk: the barrier's own walk sorts it out.
+                Err(_) => continue,
+            };
+            let st = sys::fstat(fd.as_raw_fd()).map_err(|source| SnapshotError::Io {
+                what: format!("stat {}", e.path),
+                source,
+            })?;
+            if (st.st_dev, st.st_ino) != (id.dev, id.ino) {
+                continue;
+            }
+            let volume = self.tracker.volume(*id, st.st_size as u64, false);
+            volume.attach_fd(|| {
+                sys::open_beneath(self.root.as_raw_fd(), &e.path, libc::O_PATH)
+                    .ok()
+                    .filter(|fd| {
+                        sys::fstat(fd.as_raw_fd())
+                            .is_ok_and(|s| (s.st_dev, s.st_ino) == (id.dev, id.ino))
+                    })
+            });
+            volume.first_stamp(&st);
+            let map = volume.change_map(None, now_ns());
+            let in_parent = parent.is_some_and(|p| p.volume(*id).is_some());
+            let needs_hashes = in_parent
+                && (map.unknown_all
+                    || !map.unknown_partitions.is_empty()
+                    || !self.base_is(&volume, parent));
+            let parent_hashes = match (needs_hashes, parent) {
+                (true, Some(p)) => Some(self.store.block_hashes(&p.name, *id)?),
+                _ => None,
+            };
+            out.insert(
+                *id,
+                Prepared {
+                    source: File::from(fd),
+                    map,
+                    parent_hashes,
+                },
+            );
+        }
+        Ok((tree, out))
+    }
+
+    /// Whether `v`'s dirty bits are relative to `parent`.
+    fn base_is(&self, v: &Volume, parent: Option<&Manifest>) -> bool {
+        match (v.base(), parent) {
+            (Some((n, t)), Some(p)) => n == p.name && t == p.created_ns,
+            _ => false,
+        }
+    }
+
+    /// One barrier and capture; Ok(None) when the group changed under it and it must be
+    /// tried again.
+    fn attempt(
+        &self,
+        name: &str,
+        group: &str,
+        sel: &Selection,
+        parent: Option<&Manifest>,
+    ) -> Result<Option<CreateReport>> {
+        let (_, mut prepared) = self.prepare(sel, parent)?;
+        if prepared.is_empty() {
+            return Err(SnapshotError::Request(format!(
+                "group {group:?} has no regular file in the backing dir"
+            )));
+        }
+        let geometry = self.tracker.geometry();
+        let writer =
+            Arc::new(
+                self.store
+                    .begin(name, group, geometry, parent.map(|p| p.name.as_str()))?,
+            );
+        let failure = Arc::new(Failure::default());
+        let ids: Vec<VolumeId> = prepared.keys().copied().collect();
+        let asked = Instant::now();
+        let barrier = self.tracker.barrier(&ids, |vols, taken| {
+            let mut r = self.at_instant(vols, taken, &mut prepared, sel, parent, &writer, &failure);
+            r.pause = asked.elapsed();
+            r
+        });
+        let (mut r, taken) = match barrier {
+            Ok(x) => x,
+            Err((r, e)) => {
+                // The tracker already gave the bits back.
+                detach(&r.captures);
+                return Err(SnapshotError::Aborted {
+                    name: name.to_string(),
+                    why: format!("saving the tracking state at the barrier: {e}"),
+                });
+            }
+        };
+        if r.retry || r.error.is_some() {
+            detach(&r.captures);
+            self.give_back(&taken);
+            return match r.error.take() {
+                Some(e) => Err(e),
+                None => Ok(None),
+            };
+        }
+        let (kept, dropped): (Vec<Taken>, Vec<Taken>) =
+            taken.into_iter().partition(|t| !r.dropped.contains(&t.id));
+        self.give_back(&dropped);
+        let caps: Vec<Arc<Capture>> = r.captures.iter().map(|(_, c)| c.clone()).collect();
+        capture::run_workers(&caps, self.workers, &failure);
+        detach(&r.captures);
+        let mut stats = CaptureStats::default();
+        for c in &caps {
+            let s = c.stats();
+            stats.by_writers += s.by_writers;
+            stats.by_workers += s.by_workers;
+            stats.unchanged += s.unchanged;
+        }
+        let left: u64 = caps.iter().map(|c| c.left()).sum();
+        drop(caps);
+        r.captures.clear();
+        let abort = |why: String| {
+            self.give_back(&kept);
+            SnapshotError::Aborted {
+                name: name.to_string(),
+                why,
+            }
+        };
+        if let Some(why) = failure.why() {
+            return Err(abort(why));
+        }
+        if left != 0 {
+            return Err(abort(format!("{left} block(s) were never captured")));
+        }
+        let Ok(mut writer) = Arc::try_unwrap(writer) else {
+            return Err(abort("the store writer is still in use".into()));
+        };
+        writer.set_created_ns(r.created_ns);
+        let manifest = match writer.commit() {
+            Ok(m) => m,
+            Err(e) => return Err(abort(format!("committing: {e}"))),
+        };
+        if let Err(e) = self.tracker.commit(&kept, (name, r.created_ns)) {
+            // The snapshot is committed. The saved state still says the bits are pending; if
+            // the daemon died before the next save, the next snapshot would rescan them.
+            warn!("snapshot {name}: saving the tracking state after the commit: {e}");
+        }
+        let report = self.report(&manifest, &r, stats, asked.elapsed());
+        info!(
+            "snapshot {name} of group {group}: {} volume(s), {} bytes stored, barrier {} us, capture {} ms",
+            report.volumes.len(),
+            report.stored_bytes,
+            report.barrier_us,
+            report.capture_ms
+        );
+        Ok(Some(report))
+    }
+
+    /// Merge taken dirty bits back into the live maps (best effort: a failed save is logged;
+    /// the bits are back in memory either way).
+    fn give_back(&self, taken: &[Taken]) {
+        if taken.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tracker.abort(taken) {
+            warn!("saving the tracking state after giving back a snapshot's changes: {e}");
+        }
+    }
+
+    /// The barrier's work, with the group's write gates closed and its dirty bits taken:
+    /// record the namespace, plan each volume from what was taken, register its capture.
+    /// Copies no data: the time here grows with the number of files and partitions, not with
+    /// the bytes in them.
+    #[allow(clippy::too_many_arguments)]
+    fn at_instant(
+        &self,
+        vols: &[Arc<Volume>],
+        taken: &[Taken],
+        prepared: &mut HashMap<VolumeId, Prepared>,
+        sel: &Selection,
+        parent: Option<&Manifest>,
+        writer: &Arc<SnapshotWriter>,
+        failure: &Arc<Failure>,
+    ) -> AtInstant {
+        let mut r = AtInstant {
+            created_ns: now_ns(),
+            ..AtInstant::default()
+        };
+        let tree = match group::walk(&self.root, self.store_key, sel) {
+            Ok(t) => t,
+            Err(source) => {
+                r.error = Some(SnapshotError::Io {
+                    what: "walking the backing dir at the barrier".into(),
+                    source,
+                });
+                return r;
+            }
+        };
+        // A file of the group that the walk missed, or whose volume the tracker dropped and
+        // made anew since (so its gate is not among the closed ones): not at this instant.
+        let gated: HashSet<VolumeId> = vols.iter().map(|v| v.id).collect();
+        if tree
+            .volumes
+            .keys()
+            .any(|id| !prepared.contains_key(id) || !gated.contains(id))
+        {
+            r.retry = true;
+            return r;
+        }
+        for e in tree.namespace {
+            writer.add_namespace_entry(e);
+        }
+        let geometry = self.tracker.geometry();
+        for (v, t) in vols.iter().zip(taken) {
+            let (Some(entry), Some(prep)) = (tree.volumes.get(&v.id), prepared.get_mut(&v.id))
+            else {
+                r.dropped.insert(v.id);
+                continue;
+            };
+            let size = entry.stat.st_size as u64;
+            let parent_vol = parent.and_then(|p| p.volume(v.id));
+            let base_ok = self.base_is(v, parent);
+            let plan = plan(
+                t,
+                size,
+                geometry,
+                &prep.map,
+                parent_vol,
+                base_ok,
+                parent,
+                &self.policy,
+            );
+            if plan.iter().any(|d| d.rescan) && prep.parent_hashes.is_none() {
+                // Tracking was lost between the walk and the barrier (rare): read the
+                // parent's hashes now.
+                if let Some(p) = parent {
+                    match self.store.block_hashes(&p.name, v.id) {
+                        Ok(h) => prep.parent_hashes = Some(h),
+                        Err(e) => {
+                            r.error = Some(e.into());
+                            return r;
+                        }
+                    }
+                }
+            }
+            let meta = VolumeMeta {
+                id: v.id,
+                path: entry.path.clone(),
+                size,
+                mode: entry.stat.st_mode,
+                uid: entry.stat.st_uid,
+                gid: entry.stat.st_gid,
+                mtime_ns: group::mtime_ns(&entry.stat),
+            };
+            let handle = match writer.add_volume(meta) {
+                Ok(h) => h,
+                Err(e) => {
+                    r.error = Some(e.into());
+                    return r;
+                }
+            };
+            for d in &plan {
+                let kind = match d.kind {
+                    Kind::Full => PartitionKind::Full,
+                    Kind::Incremental => PartitionKind::Incremental,
+                };
+                if let Err(e) = writer.set_partition(handle, d.partition, kind, &d.reason) {
+                    r.error = Some(e.into());
+                    return r;
+                }
+            }
+            let source = match prep.source.try_clone() {
+                Ok(f) => f,
+                Err(source) => {
+                    r.error = Some(SnapshotError::Io {
+                        what: format!("duplicating the fd of {}", entry.path),
+                        source,
+                    });
+                    return r;
+                }
+            };
+            let cap = Arc::new(Capture::new(CaptureSpec {
+                path: entry.path.clone(),
+                source,
+                size,
+                geometry,
+                pending: pending_blocks(t, size, geometry, &plan),
+                actions: plan
+                    .iter()
+                    .map(|d| match (d.kind, d.rescan) {
+                        (Kind::Full, _) => BlockAction::Full,
+                        (Kind::Incremental, true) => BlockAction::Rescan,
+                        (Kind::Incremental, false) => BlockAction::Store,
+                    })
+                    .collect(),
+                parent_hashes: prep.parent_hashes.take().unwrap_or_default(),
+                writer: writer.clone(),
+                handle,
+                failure: failure.clone(),
+            }));
+            v.set_capture(Some(cap.clone()));
+            r.captures.push((v.clone(), cap));
+            r.plans.push((v.id, entry.path.clone(), size, plan));
+        }
+        r
+    }
+
+    fn report(
+        &self,
+        m: &Manifest,
+        r: &AtInstant,
+        stats: CaptureStats,
+        elapsed: Duration,
+    ) -> CreateReport {
+        let mut volumes: Vec<VolumeReport> = r
+            .plans
+            .iter()
+            .map(|(id, path, size, plan)| VolumeReport {
+                path: path.clone(),
+                size: *size,
+                kind: policy::volume_kind(plan).to_string(),
+                stored_bytes: m.volume(*id).map_or(0, |v| v.stored_bytes),
+                partitions: plan.iter().map(partition_report).collect(),
+            })
+            .collect();
+        volumes.sort_by(|a, b| a.path.cmp(&b.path));
+        CreateReport {
+            name: m.name.clone(),
+            group: m.group.clone(),
+            parent: m.parent.clone(),
+            dry_run: false,
+            created_ns: m.created_ns,
+            barrier_us: r.pause.as_micros() as u64,
+            capture_ms: elapsed.saturating_sub(r.pause).as_millis() as u64,
+            stored_bytes: volumes.iter().map(|v| v.stored_bytes).sum(),
+            logical_bytes: volumes.iter().map(|v| v.size).sum(),
+            volumes,
+            blocks_by_writers: stats.by_writers,
+            blocks_by_workers: stats.by_workers,
+            blocks_unchanged: stats.unchanged,
+        }
+    }
+
+    /// The plan from the live change maps, without a barrier.
+    fn dry_run(
+        &self,
+        name: String,
+        group: String,
+        sel: &Selection,
+        parent: Option<&Manifest>,
+    ) -> Result<CreateReport> {
+        let tree =
+            group::walk(&self.root, self.store_key, sel).map_err(|source| SnapshotError::Io {
+                what: "walking the backing dir".into(),
+                source,
+            })?;
+        if tree.volumes.is_empty() {
+            return Err(SnapshotError::Request(format!(
+                "group {group:?} has no regular file in the backing dir"
+            )));
+        }
+        let geometry = self.tracker.geometry();
+        let mut volumes = Vec::new();
+        for (id, e) in &tree.volumes {
+            let size = e.stat.st_size as u64;
+            let (taken, map, base_ok) = match self.tracker.get(*id) {
+                Some(v) => {
+                    let map = v.change_map(None, now_ns());
+                    (taken_view(&v, &map), map, self.base_is(&v, parent))
+                }
+                None => {
+                    // Never seen by the tracker: unknown, as the barrier would find it.
+                    let v = Volume::new(*id, geometry, size);
+                    v.mark_unknown_all();
+                    let map = v.change_map(None, now_ns());
+                    (taken_view(&v, &map), map, false)
+                }
+            };
+            let parent_vol = parent.and_then(|p| p.volume(*id));
+            let plan = plan(
+                &taken,
+                size,
+                geometry,
+                &map,
+                parent_vol,
+                base_ok,
+                parent,
+                &self.policy,
+            );
+            volumes.push(VolumeReport {
+                path: e.path.clone(),
+                size,
+                kind: policy::volume_kind(&plan).to_string(),
+                stored_bytes: 0,
+                partitions: plan.iter().map(partition_report).collect(),
+            });
+        }
+        volumes.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(CreateReport {
+            name,
+            group,
+            parent: parent.map(|p| p.name.clone()),
+            dry_run: true,
+            logical_bytes: volumes.iter().map(|v| v.size).sum(),
+            volumes,
+            ..CreateReport::default()
+        })
+    }
+
+    /// Delete snapshot `name` (one no other depends on), in turn with snapshot creation.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let _busy = self.lock_busy(true)?;
+        self.store.delete(name)?;
+        info!("snapshot {name} deleted");
+        Ok(())
+    }
+}
+
+/// What a barrier would take from `v` now (for a dry run).
+fn taken_view(v: &Volume, map: &ChangeMap) -> Taken {
+    let blocks = map.size.div_ceil(map.block_size);
+    let mut bits = vec![0u64; blocks.div_ceil(64) as usize];
+    for b in 0..blocks {
+        if v.is_dirty(b) {
+            bits[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+    Taken {
+        id: v.id,
+        bits,
+        unknown_all: map.unknown_all,
+        unknown: map.unknown_partitions.iter().copied().collect(),
+        size: map.size,
+        low_water: map.low_water,
+    }
+}
+
+fn partition_report(d: &Decision) -> PartitionReport {
+    PartitionReport {
+        index: d.partition,
+        kind: match d.kind {
+            Kind::Full => "FULL",
+            Kind::Incremental => "INCREMENTAL",
+        }
+        .to_string(),
+        rescan: d.rescan,
+        reason: d.reason.clone(),
+    }
+}
+
+fn bit(bits: &[u64], b: u64) -> bool {
+    bits.get((b / 64) as usize)
+        .is_some_and(|w| w & (1 << (b % 64)) != 0)
+}
+
+/// The policy's decision for every partition of a volume of `size` bytes, from what the
+/// barrier took. `base_ok`: the dirty bits are relative to `parent` (otherwise every partition
+/// the parent has is rescanned, unless a FULL rule applies).
+#[allow(clippy::too_many_arguments)]
+fn plan(
+    t: &Taken,
+    size: u64,
+    g: Geometry,
+    map: &ChangeMap,
+    parent_vol: Option<&VolumeEntry>,
+    base_ok: bool,
+    parent: Option<&Manifest>,
+    policy_config: &PolicyConfig,
+) -> Vec<Decision> {
+    let bpp = g.blocks_per_partition();
+    let nblocks = g.blocks(size);
+    (0..g.partitions(size))
+        .map(|p| {
+            let first = p * bpp;
+            let end = (first + bpp).min(nblocks);
+            let dirty = (first..end).filter(|&b| bit(&t.bits, b)).count() as u64;
+            let state = PartitionState {
+                partition: p,
+                blocks: end - first,
+                dirty_blocks: dirty,
+                change_rate: map
+                    .partitions
+                    .get(p as usize)
+                    .map_or(0.0, |m| m.change_rate),
+                unknown: t.unknown_all || t.unknown.contains(&p) || !base_ok,
+                parent_depth: parent_vol
+                    .and_then(|v| v.partitions.get(p as usize))
+                    .map(|e| e.depth),
+            };
+            let mut d = policy::decide(&state, policy_config);
+            if d.rescan && !base_ok && !(t.unknown_all || t.unknown.contains(&p)) {
+                d.reason = format!(
+                    "the change map is not relative to the parent {:?} (a snapshot of another group, or a deleted one, came in between): blocks are hashed and only those that differ are stored",
+                    parent.map_or("", |m| m.name.as_str())
+                );
+            }
+            d
+        })
+        .collect()
+}
+
+/// The blocks a capture must copy: every block of FULL and rescanned partitions, the taken
+/// dirty blocks of INCREMENTAL ones.
+fn pending_blocks(t: &Taken, size: u64, g: Geometry, plan: &[Decision]) -> Vec<u64> {
+    let nblocks = g.blocks(size);
+    let bpp = g.blocks_per_partition();
+    let mut words = vec![0u64; nblocks.div_ceil(64) as usize];
+    for d in plan {
+        let first = d.partition * bpp;
+        let end = (first + bpp).min(nblocks);
+        let all = d.kind == Kind::Full || d.rescan;
+        for b in first..end {
+            if all || bit(&t.bits, b) {
+                words[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+    }
+    words
+}
+
+/// Detach the captures from their volumes and wait for writers inside the gates to leave, so
+/// that no writer still holds a capture (and with it the store writer).
+fn detach(captures: &[(Arc<Volume>, Arc<Capture>)]) {
+    for (v, _) in captures {
+        v.set_capture(None);
+    }
+    for (v, _) in captures {
+        v.drain();
+    }
+}
+
+/// `YYYYMMDDTHHMMSSZ` for a Unix time (UTC), as snapshot names use it.
+pub fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamps_are_civil_dates() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_stamp(1_795_000_000 + 3_723), "20261118T120843Z");
+    }
+}
