@@ -387,6 +387,7 @@ impl OverlayFs {
             return change();
         };
         let _gate = v.enter();
+        v.check_stamp_before_change();
         let (offset, len) = range()?;
         // If the intent cannot be made durable (store full), the change is refused: a crash
         // after it would otherwise lose track of it.
@@ -424,6 +425,9 @@ impl OverlayFs {
         vols.sort_by_key(|v| v.id);
         vols.dedup_by_key(|v| v.id);
         let gates: Vec<_> = vols.iter().map(|v| v.enter()).collect();
+        for v in &vols {
+            v.check_stamp_before_change();
+        }
         let r = op();
         for v in &vols {
             v.touch();

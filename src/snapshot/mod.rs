@@ -343,6 +343,11 @@ impl Engine {
                     })
             });
             volume.first_stamp(&st);
+            // A change made behind the overlay's back since the last tick must count in this
+            // snapshot, not only in the next: look now, as a tick would.
+            if volume.check_stamp() {
+                warn!("{} changed behind the overlay's back: rescanned", e.path);
+            }
             let map = volume.change_map(None, now_ns());
             let in_parent = parent.is_some_and(|p| p.volume(*id).is_some());
             let needs_hashes = in_parent

@@ -426,6 +426,24 @@ impl Volume {
         self.written_since_tick.store(true, Ordering::Relaxed);
     }
 
+    /// Call inside the gate before a change through the overlay. The first such change since
+    /// the last stamp check looks at the file first: a stamp that moved in between was moved
+    /// by someone else, and the volume becomes unknown (so that change is not hidden by ours).
+    /// Later changes in the same interval cost nothing. Returns true if it marked the volume.
+    pub fn check_stamp_before_change(&self) -> bool {
+        if self.written_since_tick.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        let before = self.stamp();
+        match self.refresh_stamp() {
+            Some(now) if before != FileStamp::default() && now != before => {
+                self.mark_unknown_all();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Refresh the stamp with the gate held (no write in flight); if nothing went through the
     /// overlay since the last check and the stamp moved anyway, someone changed the backing
     /// file directly: mark the volume unknown and return true.
