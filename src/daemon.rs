@@ -438,6 +438,10 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
             },
             tracker: tracker.clone(),
         },
+    )?
+    .with_snapshots(
+        &store,
+        req.config.snapdir == crate::config::SnapDir::Visible,
     )?;
     let engine = match &tracker {
         Some(t) => Some(Arc::new(start_engine(&req, &store, t.clone())?)),

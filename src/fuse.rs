@@ -16,7 +16,7 @@ use fuser::{
 };
 use log::{debug, warn};
 
-use crate::fs::{Attr, Caller, FileKind, FsError, OverlayFs, SetAttr, SetTime, Xattr};
+use crate::fs::{Attr, Caller, FileKind, FsError, OverlayFs, SetAttr, SetTime, Validity, Xattr};
 
 /// Kernel cache settings, chosen on purpose:
 ///
@@ -32,11 +32,19 @@ use crate::fs::{Attr, Caller, FileKind, FsError, OverlayFs, SetAttr, SetTime, Xa
 /// - keep_cache is set on open only when the file's size, mtime and ctime are the same as at its
 ///   previous open, so re-reading an unchanged volume is served from the page cache, and a file
 ///   changed behind our back is never served stale.
+/// - The snapshot view (`OverlayFs::validity`): `.snapshots` and each `<name>` in it are never
+///   cached, so a new snapshot shows at once and a deleted one is gone at once; everything
+///   below a `<name>` never changes and is cached for `IMMUTABLE_TTL`.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelCache {
     pub attr_ttl: Duration,
     pub entry_ttl: Duration,
 }
+
+/// Entry and attribute timeout of what a snapshot holds. Any long value is right for content
+/// that never changes; an hour bounds the memory the kernel spends on a deleted snapshot's
+/// dentries, which nothing can reach once its `<name>` is gone.
+pub const IMMUTABLE_TTL: Duration = Duration::from_secs(3600);
 
 /// Largest write the kernel sends in one request. 1 MiB halves the request count of the
 /// sequential benchmark against fuser's 128 KiB kernel default while keeping per-thread
@@ -132,11 +140,20 @@ fn empty(reply: ReplyEmpty, r: Result<(), FsError>) {
 }
 
 impl FuseAdapter {
+    /// The timeouts (attributes, entry) of `ino`.
+    fn ttl(&self, ino: u64) -> (Duration, Duration) {
+        match self.fs.validity(ino) {
+            Validity::Configured => (self.cache.attr_ttl, self.cache.entry_ttl),
+            Validity::Uncached => (Duration::ZERO, Duration::ZERO),
+            Validity::Immutable => (IMMUTABLE_TTL, IMMUTABLE_TTL),
+        }
+    }
+
     /// Reply to an operation that returns a looked-up entry.
     fn entry(&self, op: &str, reply: ReplyEntry, r: Result<crate::fs::Entry, FsError>) {
         match r {
             Ok(e) => reply.entry(
-                &self.cache.entry_ttl,
+                &self.ttl(e.attr.ino).1,
                 &attr(&e.attr),
                 Generation(e.generation),
             ),
@@ -179,7 +196,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&self.cache.attr_ttl, &attr(&a)),
+            Ok(a) => reply.attr(&self.ttl(a.ino).0, &attr(&a)),
             Err(e) => {
                 log_err("getattr", &e);
                 reply.error(errno(&e))
@@ -215,7 +232,7 @@ impl Filesystem for FuseAdapter {
             fh: fh.map(|f| f.0),
         };
         match self.fs.setattr(ino.0, &set) {
-            Ok(a) => reply.attr(&self.cache.attr_ttl, &attr(&a)),
+            Ok(a) => reply.attr(&self.ttl(a.ino).0, &attr(&a)),
             Err(e) => {
                 log_err("setattr", &e);
                 reply.error(errno(&e))
@@ -437,13 +454,13 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entry_ttl = self.cache.entry_ttl;
         let r = self.fs.readdirplus(ino.0, fh.0, offset, |d, e| match e {
+            // One timeout for both: fuser sends the same for the entry and its attributes.
             Some(e) => reply.add(
                 INodeNo(d.ino),
                 d.offset,
                 &d.name,
-                &entry_ttl,
+                &self.ttl(e.attr.ino).1,
                 &attr(&e.attr),
                 Generation(e.generation),
             ),
@@ -565,7 +582,7 @@ impl Filesystem for FuseAdapter {
             .create(caller(req), parent.0, name, mode, umask, flags)
         {
             Ok((e, o)) => reply.created(
-                &self.cache.entry_ttl,
+                &self.ttl(e.attr.ino).1,
                 &attr(&e.attr),
                 Generation(e.generation),
                 FileHandle(o.fh),

@@ -73,7 +73,6 @@ impl Fx {
                 OverlayOptions {
                     store: Some(store.clone()),
                     tracker: Some(tracker.clone()),
-                    ..Default::default()
                 },
             )
             .unwrap(),
@@ -544,6 +543,9 @@ fn two_volumes_are_consistent_at_one_instant() {
     }
 }
 
+/// (size, blake3) of every volume, by id.
+type VolumeHashes = HashMap<VolumeId, (u64, blake3::Hash)>;
+
 #[derive(Clone, Debug)]
 enum Op {
     Write {
@@ -590,7 +592,7 @@ proptest! {
         let fx = Fx::new();
         let names = ["a.img", "b.img", "c.img"];
         let mut fh: Vec<u64> = names.iter().map(|n| fx.create(n)).collect();
-        let mut taken: Vec<(String, HashMap<VolumeId, (u64, blake3::Hash)>)> = Vec::new();
+        let mut taken: Vec<(String, VolumeHashes)> = Vec::new();
         let mut n = 0;
         for op in ops {
             match op {
@@ -605,7 +607,11 @@ proptest! {
                     fx.fs.write(fh[vol], 0, &random_bytes(n as u64, 5000)).unwrap();
                 }
                 Op::Behind { vol, off } => {
-                    // The mtime must move for the stamp check to see it.
+                    // An outside change is found by the stamp check (inode, size, mtime, ctime)
+                    // unless the overlay changed the same file earlier in the same tracking
+                    // interval (README, known limits): a tick first, as the daemon's would
+                    // come. The mtime must move for the check to see it.
+                    fx.tracker.tick().unwrap();
                     std::thread::sleep(Duration::from_millis(5));
                     let f = std::fs::OpenOptions::new().write(true).open(fx.backing.join(names[vol])).unwrap();
                     f.write_all_at(&random_bytes(off, 100), off).unwrap();
@@ -613,7 +619,7 @@ proptest! {
                 Op::Snapshot => {
                     n += 1;
                     let name = format!("p{n}");
-                    let state: HashMap<VolumeId, (u64, blake3::Hash)> =
+                    let state: VolumeHashes =
                         names.iter().map(|v| (fx.id(v), fx.live_hash(v))).collect();
                     fx.snapshot(&name);
                     taken.push((name, state));

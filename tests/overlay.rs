@@ -1,16 +1,20 @@
 //! OverlayFs driven directly on a temp dir, without a mount: lookup counting, hard links, file
 //! round trips, directory listings, the hidden store, name checks, setattr, unlinked files,
-//! rename flags, stale handles and sparse files.
+//! rename flags, stale handles, sparse files, and the read-only snapshot view.
 
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use grainfs::fs::inode::ROOT_INO;
+use grainfs::fs::inode::{ROOT_INO, SNAPVIEW};
+use grainfs::fs::snapview::SNAPDIR_INO;
 use grainfs::fs::{
     Attr, Caller, DirEntry, Entry, FileKind, FsError, OverlayFs, OverlayOptions, SetAttr, SetTime,
+    Validity, Xattr,
 };
+use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
+use grainfs::track::{Geometry, VolumeId};
 
 const ROOT: Caller = Caller {
     uid: 0,
@@ -884,4 +888,294 @@ fn mkdir_symlink_rmdir_through_the_overlay() {
     f.fs.unlink(d.attr.ino, OsStr::new("s")).unwrap();
     f.fs.rmdir(ROOT_INO, OsStr::new("d")).unwrap();
     assert!(!f.backing.join("d").exists());
+}
+
+// ---- the snapshot view ----
+
+const SNAP_CONTENT: &[u8] = b"snapshot content";
+
+/// A fixture whose store holds snapshot `s1` (`vms/a.img`, mode 0640, and the symlink
+/// `vms/cur`), with the snapshot view on.
+fn snap_fixture(visible: bool) -> Fixture {
+    let Fixture { _tmp, backing, fs } = fixture_with(|b| {
+        std::fs::write(b.join("live.txt"), b"live").unwrap();
+        let store = Store::open(&b.join(STORE)).unwrap();
+        let geometry = Geometry {
+            block_size: 4096,
+            partition_size: 1 << 20,
+        };
+        let w = store.begin("s1", "all", geometry, None).unwrap();
+        let h = w
+            .add_volume(VolumeMeta {
+                id: VolumeId { dev: 1, ino: 2 },
+                path: "vms/a.img".into(),
+                size: SNAP_CONTENT.len() as u64,
+                mode: 0o100640,
+                uid: 0,
+                gid: 0,
+                mtime_ns: 1_000_000_000,
+            })
+            .unwrap();
+        w.set_partition(h, 0, PartitionKind::Full, "test").unwrap();
+        w.put_block(h, 0, SNAP_CONTENT).unwrap();
+        w.add_namespace_entry(NamespaceEntry {
+            path: "vms/cur".into(),
+            kind: EntryKind::Symlink,
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            target: Some("a.img".into()),
+        });
+        w.commit().unwrap();
+    });
+    let fs = fs
+        .with_snapshots(&backing.join(STORE), visible)
+        .expect("with_snapshots");
+    Fixture { _tmp, backing, fs }
+}
+
+#[test]
+fn the_snapshot_view_has_its_own_inodes_and_takes_no_references() {
+    let f = snap_fixture(false);
+    let names = |ino| -> Vec<String> {
+        list(&f, ino)
+            .iter()
+            .map(|d| d.name.to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(ROOT_INO),
+        [".", "..", "live.txt"],
+        "hidden by default"
+    );
+    let snaps = lookup(&f, ROOT_INO, ".snapshots");
+    assert_eq!(snaps.attr.ino, SNAPDIR_INO);
+    assert_eq!(SNAPDIR_INO, SNAPVIEW);
+    assert_eq!(
+        (snaps.attr.kind, snaps.attr.perm),
+        (FileKind::Directory, 0o555)
+    );
+    assert_eq!(names(SNAPDIR_INO), [".", "..", "s1"]);
+    let s1 = lookup(&f, SNAPDIR_INO, "s1");
+    let vms = lookup(&f, s1.attr.ino, "vms");
+    let a = lookup(&f, vms.attr.ino, "a.img");
+    let cur = lookup(&f, vms.attr.ino, "cur");
+    for e in [&s1, &vms, &a, &cur] {
+        assert!(e.attr.ino > SNAPVIEW, "{:#x}", e.attr.ino);
+    }
+    assert_eq!(
+        (a.attr.size, a.attr.perm, a.attr.kind),
+        (SNAP_CONTENT.len() as u64, 0o640, FileKind::Regular)
+    );
+    assert_eq!(a.attr.mtime, UNIX_EPOCH + Duration::from_secs(1));
+    assert_eq!(f.fs.readlink(cur.attr.ino).unwrap(), b"a.img");
+    assert_eq!(f.fs.getattr(a.attr.ino, None).unwrap(), a.attr);
+    assert_eq!(lookup(&f, vms.attr.ino, "..").attr.ino, s1.attr.ino);
+    assert_eq!(
+        errno(f.fs.lookup(vms.attr.ino, OsStr::new("nope"))),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(f.fs.lookup(SNAPDIR_INO, OsStr::new("s2"))),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(f.fs.lookup(SNAPDIR_INO, OsStr::new(".tmp-s1"))),
+        libc::ENOENT
+    );
+    // `.snapshots` and `<name>` are asked every time, the rest is cached for good; backing
+    // inodes keep the configured timeouts.
+    assert_eq!(f.fs.validity(SNAPDIR_INO), Validity::Uncached);
+    assert_eq!(f.fs.validity(s1.attr.ino), Validity::Uncached);
+    assert_eq!(f.fs.validity(vms.attr.ino), Validity::Immutable);
+    assert_eq!(f.fs.validity(a.attr.ino), Validity::Immutable);
+    let live = lookup(&f, ROOT_INO, "live.txt");
+    assert_eq!(f.fs.validity(live.attr.ino), Validity::Configured);
+    // None of this reached the backing inode table, and forget leaves the view alone.
+    assert_eq!(f.fs.inode_count(), 2);
+    f.fs.forget(a.attr.ino, 5);
+    f.fs.forget(SNAPDIR_INO, 1);
+    assert_eq!(f.fs.getattr(a.attr.ino, None).unwrap(), a.attr);
+    assert_eq!(lookup(&f, vms.attr.ino, "a.img").attr.ino, a.attr.ino);
+    assert_eq!(
+        f.fs.statfs(a.attr.ino).unwrap().bsize,
+        f.fs.statfs(ROOT_INO).unwrap().bsize
+    );
+}
+
+#[test]
+fn readdirplus_of_the_root_gives_snapshots_when_visible_without_a_reference() {
+    let f = snap_fixture(true);
+    let dh = f.fs.opendir(ROOT_INO).unwrap();
+    let mut seen = Vec::new();
+    f.fs.readdirplus(ROOT_INO, dh.fh, 0, |d, e| {
+        if let Some(e) = e {
+            assert_eq!(e.attr.ino, d.ino);
+            seen.push((d.name.to_string_lossy().into_owned(), d.ino));
+        }
+        false
+    })
+    .unwrap();
+    f.fs.releasedir(dh.fh).unwrap();
+    seen.sort();
+    assert_eq!(seen[0], (".snapshots".to_string(), SNAPDIR_INO));
+    assert_eq!(seen[1].0, "live.txt");
+    assert_eq!(f.fs.inode_count(), 2, "root and live.txt only");
+    // Inside the view, readdirplus gives every entry its attributes.
+    let s1 = lookup(&f, SNAPDIR_INO, "s1").attr.ino;
+    let dh = f.fs.opendir(s1).unwrap();
+    let mut inside = Vec::new();
+    f.fs.readdirplus(s1, dh.fh, 0, |d, e| {
+        inside.push((
+            d.name.to_string_lossy().into_owned(),
+            e.map(|e| e.attr.kind),
+        ));
+        false
+    })
+    .unwrap();
+    f.fs.releasedir(dh.fh).unwrap();
+    assert_eq!(
+        inside,
+        [
+            (".".to_string(), None),
+            ("..".to_string(), None),
+            ("vms".to_string(), Some(FileKind::Directory)),
+        ]
+    );
+}
+
+#[test]
+fn the_snapshot_view_reads_and_refuses_every_change() {
+    let f = snap_fixture(false);
+    let s1 = lookup(&f, SNAPDIR_INO, "s1").attr.ino;
+    let vms = lookup(&f, s1, "vms").attr.ino;
+    let a = lookup(&f, vms, "a.img").attr.ino;
+    let live = lookup(&f, ROOT_INO, "live.txt").attr.ino;
+    let n = |s: &str| OsStr::new(s).to_os_string();
+
+    let o = f.fs.open(a, libc::O_RDONLY).unwrap();
+    assert!(o.keep_cache, "snapshot content never changes");
+    assert_eq!(read_all(&f, o.fh, 0, 4096), SNAP_CONTENT);
+    assert_eq!(read_all(&f, o.fh, 9, 3), &SNAP_CONTENT[9..12]);
+    assert!(read_all(&f, o.fh, 100, 10).is_empty());
+    assert_eq!(f.fs.handle_ino(o.fh).unwrap(), a);
+    assert_eq!(f.fs.lseek(o.fh, 0, libc::SEEK_DATA).unwrap(), 0);
+    assert_eq!(
+        f.fs.lseek(o.fh, 0, libc::SEEK_HOLE).unwrap(),
+        SNAP_CONTENT.len() as i64
+    );
+    assert_eq!(errno(f.fs.lseek(o.fh, 100, libc::SEEK_DATA)), libc::ENXIO);
+    f.fs.flush(o.fh).unwrap();
+    f.fs.fsync(o.fh, false).unwrap();
+    let lo = f.fs.open(live, libc::O_RDWR).unwrap();
+
+    let erofs: Vec<(&str, i32)> = vec![
+        ("write", errno(f.fs.write(o.fh, 0, b"x"))),
+        ("fallocate", errno(f.fs.fallocate(o.fh, 0, 10, 0))),
+        (
+            "copy into",
+            errno(f.fs.copy_file_range(lo.fh, 0, o.fh, 0, 4)),
+        ),
+        ("open O_WRONLY", errno(f.fs.open(a, libc::O_WRONLY))),
+        ("open O_RDWR", errno(f.fs.open(a, libc::O_RDWR))),
+        (
+            "open O_TRUNC",
+            errno(f.fs.open(a, libc::O_RDONLY | libc::O_TRUNC)),
+        ),
+        (
+            "chmod",
+            errno(f.fs.setattr(
+                a,
+                &SetAttr {
+                    mode: Some(0o777),
+                    ..SetAttr::default()
+                },
+            )),
+        ),
+        (
+            "truncate",
+            errno(f.fs.setattr(
+                a,
+                &SetAttr {
+                    size: Some(0),
+                    ..SetAttr::default()
+                },
+            )),
+        ),
+        (
+            "create",
+            errno(f.fs.create(ROOT, vms, &n("new"), 0o644, 0, libc::O_WRONLY)),
+        ),
+        ("mkdir", errno(f.fs.mkdir(ROOT, vms, &n("d"), 0o755, 0))),
+        (
+            "mknod",
+            errno(f.fs.mknod(ROOT, vms, &n("p"), libc::S_IFIFO | 0o644, 0, 0)),
+        ),
+        (
+            "symlink",
+            errno(f.fs.symlink(ROOT, vms, &n("l"), Path::new("x"))),
+        ),
+        ("unlink", errno(f.fs.unlink(vms, &n("a.img")))),
+        ("rmdir", errno(f.fs.rmdir(s1, &n("vms")))),
+        ("rmdir snapshot", errno(f.fs.rmdir(SNAPDIR_INO, &n("s1")))),
+        (
+            "rename inside",
+            errno(f.fs.rename(vms, &n("a.img"), vms, &n("b"), 0)),
+        ),
+        (
+            "rename out",
+            errno(f.fs.rename(vms, &n("a.img"), ROOT_INO, &n("b"), 0)),
+        ),
+        (
+            "rename in",
+            errno(f.fs.rename(ROOT_INO, &n("live.txt"), vms, &n("b"), 0)),
+        ),
+        ("link out", errno(f.fs.link(a, ROOT_INO, &n("hl")))),
+        ("link in", errno(f.fs.link(live, vms, &n("hl")))),
+        ("setxattr", errno(f.fs.setxattr(a, &n("user.x"), b"1", 0))),
+        ("removexattr", errno(f.fs.removexattr(a, &n("user.x")))),
+        ("access W_OK", errno(f.fs.access(ROOT, a, libc::W_OK))),
+        (
+            "unlink .snapshots",
+            errno(f.fs.unlink(ROOT_INO, &n(".snapshots"))),
+        ),
+        (
+            "rmdir .snapshots",
+            errno(f.fs.rmdir(ROOT_INO, &n(".snapshots"))),
+        ),
+        (
+            "rename onto .snapshots",
+            errno(f.fs.rename(ROOT_INO, &n("live.txt"), ROOT_INO, &n(".snapshots"), 0)),
+        ),
+        (
+            "mkdir .snapshots",
+            errno(f.fs.mkdir(ROOT, ROOT_INO, &n(".snapshots"), 0o755, 0)),
+        ),
+    ];
+    for (what, e) in erofs {
+        assert_eq!(e, libc::EROFS, "{what}");
+    }
+    // Copying out is the kernel's job (read and write): EXDEV makes it fall back.
+    assert_eq!(
+        errno(f.fs.copy_file_range(o.fh, 0, lo.fh, 0, 4)),
+        libc::EXDEV
+    );
+    assert_eq!(errno(f.fs.getxattr(a, &n("user.x"), 0)), libc::ENODATA);
+    assert_eq!(f.fs.listxattr(a, 0).unwrap(), Xattr::Size(0));
+    f.fs.access(ROOT, a, libc::R_OK).unwrap();
+    let other = Caller {
+        uid: 1000,
+        gid: 1000,
+        pid: 0,
+    };
+    assert_eq!(errno(f.fs.access(other, a, libc::R_OK)), libc::EACCES);
+    f.fs.access(other, SNAPDIR_INO, libc::R_OK | libc::X_OK)
+        .unwrap();
+    assert_eq!(read_all(&f, o.fh, 0, 4096), SNAP_CONTENT, "still the same");
+    assert_eq!(std::fs::read(f.backing.join("live.txt")).unwrap(), b"live");
+    f.fs.release(o.fh).unwrap();
+    f.fs.release(lo.fh).unwrap();
+    assert_eq!(errno(f.fs.flush(o.fh)), libc::EBADF);
+    assert_eq!(errno(f.fs.release(o.fh)), libc::EBADF);
 }

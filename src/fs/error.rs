@@ -2,6 +2,8 @@
 
 use std::io;
 
+use crate::store::StoreError;
+
 /// An error from an overlay operation.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -27,6 +29,9 @@ pub enum FsError {
     /// Snapshots are read-only.
     #[error("snapshots are read-only")]
     ReadOnly,
+    /// The snapshot store could not serve the snapshot view.
+    #[error("snapshot view: {0}")]
+    Store(#[from] StoreError),
 }
 
 impl FsError {
@@ -39,6 +44,13 @@ impl FsError {
             FsError::Reserved(_) => libc::EACCES,
             FsError::NotSupported => libc::EOPNOTSUPP,
             FsError::ReadOnly => libc::EROFS,
+            FsError::Store(e) => match e {
+                StoreError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+                // A name that is not a snapshot's (deleted, or never valid) is simply absent.
+                StoreError::NotFound(_) | StoreError::BadName { .. } => libc::ENOENT,
+                // Damage and broken chains: the data cannot be served.
+                _ => libc::EIO,
+            },
         }
     }
 

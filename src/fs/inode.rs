@@ -11,7 +11,9 @@
 //! next lookup would make one file show a new st_ino, and two names of one hard link show two
 //! numbers (tar, rsync -H, du and cp -a then copy or count the file twice). So the number is a
 //! function of the backing (dev, ino): the backing inode number itself on the backing dir's
-//! filesystem, a hash of (dev, ino) with the top bit set on any other one (see `ino_for`).
+//! filesystem, a hash of (dev, ino) with the top bit set on any other one (see `ino_for`). The
+//! numbers with the top two bits set are the snapshot view's (`SNAPVIEW`); this table never
+//! hands them out.
 //!
 //! Lock order: `InodeTable::inner` is a leaf lock; nothing else is taken while it is held.
 
@@ -27,6 +29,15 @@ pub const ROOT_INO: u64 = 1;
 /// Inode numbers from here up are hashes of a (dev, ino) that is not on the backing dir's
 /// filesystem; below it they are that filesystem's own inode numbers.
 const FOREIGN: u64 = 1 << 63;
+
+/// Inode numbers from here up (the top two bits set) belong to the read-only snapshot view
+/// (`snapview`): a foreign hash always has bit 62 clear, so the two spaces never meet.
+pub const SNAPVIEW: u64 = 0xC000_0000_0000_0000;
+
+/// Whether `ino` is one of the snapshot view's inode numbers.
+pub fn is_snapview(ino: u64) -> bool {
+    ino >= SNAPVIEW
+}
 
 /// Identity of a backing inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,13 +115,19 @@ impl Inner {
         let mut ino = if key.dev == self.root_dev && key.ino > ROOT_INO && key.ino < FOREIGN {
             key.ino
         } else {
-            FOREIGN | mix(key.ino ^ mix(key.dev))
+            foreign(key.ino ^ mix(key.dev))
         };
         while self.by_ino.contains_key(&ino) {
-            ino = FOREIGN | mix(ino);
+            ino = foreign(ino);
         }
         ino
     }
+}
+
+/// A number in the foreign range for hash input `x`: top bit set, bit 62 clear (the range with
+/// both set is the snapshot view's).
+fn foreign(x: u64) -> u64 {
+    FOREIGN | (mix(x) & !(SNAPVIEW ^ FOREIGN))
 }
 
 /// splitmix64's finaliser: a bijection of u64 that scatters nearby values.
@@ -291,11 +308,13 @@ mod tests {
         let other = t.lookup(key(DEV + 1, 5000), FileKind::Regular, fd()).ino;
         let other2 = t.lookup(key(DEV + 2, 5000), FileKind::Regular, fd()).ino;
         assert!(other >= FOREIGN && other2 >= FOREIGN);
+        assert!(!is_snapview(other) && !is_snapview(other2));
         assert_ne!(other, other2);
         // Inode numbers the backing filesystem cannot give us unchanged.
         let one = t.lookup(key(DEV, ROOT_INO), FileKind::Regular, fd()).ino;
         let huge = t.lookup(key(DEV, u64::MAX), FileKind::Regular, fd()).ino;
         assert!(one >= FOREIGN && huge >= FOREIGN && one != huge);
+        assert!(!is_snapview(one) && !is_snapview(huge));
         // The root's own key is the root.
         assert_eq!(
             t.lookup(key(DEV, 2), FileKind::Directory, fd()).ino,
@@ -319,5 +338,25 @@ mod tests {
         assert_eq!(t.lookup(k, FileKind::Directory, fd()).ino, new);
         assert_eq!(t.nlookup(new), 2);
         assert!(t.get(old).is_err());
+    }
+
+    /// Foreign numbers, including the ones the collision loop walks to, stay out of the
+    /// snapshot view's range whatever the hash gives.
+    #[test]
+    fn foreign_numbers_never_enter_the_snapshot_view_range() {
+        for x in (0..100_000u64).chain([u64::MAX, SNAPVIEW, FOREIGN]) {
+            let ino = foreign(x);
+            assert!(ino >= FOREIGN && !is_snapview(ino), "{x:#x} -> {ino:#x}");
+        }
+        let t = table();
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..500 {
+            // Devices other than the backing one: all foreign numbers, from many hash inputs.
+            let ino = t
+                .lookup(key(DEV + 1 + i % 7, i / 7), FileKind::Regular, fd())
+                .ino;
+            assert!(!is_snapview(ino), "{ino:#x}");
+            assert!(seen.insert(ino), "{ino:#x} handed out twice");
+        }
     }
 }

@@ -4,9 +4,14 @@
 //! the backing dir. It returns plain structs (`Entry`, `Attr`, `Opened`...) and never sees a
 //! FUSE reply, so tests drive it directly on a temp dir. It must never resolve a multi-component
 //! path under the backing dir, never follow a symlink, and never expose the store.
+//!
+//! With a snapshot view (`with_snapshots`), `.snapshots` in the root is the view's (`snapview`),
+//! whatever the backing dir holds under that name: every operation on one of its inodes or
+//! handles goes there, and every change to it is refused with EROFS here.
 
 mod error;
 pub mod inode;
+pub mod snapview;
 pub mod sys;
 
 use std::collections::HashMap;
@@ -20,7 +25,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use error::{FsError, FsResult};
-use inode::{BackingKey, ContentStamp, Inode, InodeTable, ROOT_INO};
+use inode::{is_snapview, BackingKey, ContentStamp, Inode, InodeTable, ROOT_INO};
+use snapview::{SnapView, SNAPDIR_NAME, SNAP_FH};
 
 use crate::track::{now_ns, Tracker, Volume, VolumeId};
 
@@ -175,6 +181,17 @@ pub enum Xattr {
     Data(Vec<u8>),
 }
 
+/// How long the kernel may cache an inode's entry and attributes (fuse.rs turns it into TTLs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Validity {
+    /// A backing inode: it may change behind the overlay's back, so the configured timeouts.
+    Configured,
+    /// Asked again every time: `.snapshots` and its `<name>` entries come and go with snapshots.
+    Uncached,
+    /// Never changes while the mount lives: what a snapshot holds.
+    Immutable,
+}
+
 /// Options of the overlay that are not about the kernel.
 #[derive(Clone, Default)]
 pub struct OverlayOptions {
@@ -223,6 +240,8 @@ pub struct OverlayFs {
     /// When the daemon runs as root, new inodes are handed to the caller.
     chown_new: bool,
     tracker: Option<Arc<Tracker>>,
+    /// The read-only `.snapshots` view; None without a store to show.
+    snapview: Option<SnapView>,
 }
 
 thread_local! {
@@ -265,7 +284,48 @@ impl OverlayFs {
             hidden,
             chown_new: sys::geteuid() == 0,
             tracker: options.tracker,
+            snapview: None,
         })
+    }
+
+    /// Show the snapshots of the store in `store_dir` under `.snapshots` in the root, listed
+    /// there only when `visible`. (A builder rather than an `OverlayOptions` field: the view
+    /// opens the store, which can fail, and callers building options by hand stay unchanged.)
+    pub fn with_snapshots(mut self, store_dir: &Path, visible: bool) -> FsResult<OverlayFs> {
+        self.snapview = Some(SnapView::new(store_dir, visible)?);
+        Ok(self)
+    }
+
+    /// How long the kernel may cache `ino`'s entry and attributes.
+    pub fn validity(&self, ino: u64) -> Validity {
+        match self.snap(ino) {
+            Some(v) => v.validity(ino),
+            None => Validity::Configured,
+        }
+    }
+
+    /// The snapshot view, if `ino` is one of its inodes.
+    fn snap(&self, ino: u64) -> Option<&SnapView> {
+        self.snapview.as_ref().filter(|_| is_snapview(ino))
+    }
+
+    /// The snapshot view, if `fh` is one of its handles.
+    fn snap_fh(&self, fh: u64) -> Option<&SnapView> {
+        self.snapview.as_ref().filter(|_| snapview::owns_fh(fh))
+    }
+
+    /// Refuse a change that touches any of `inos` in the snapshot view.
+    fn refuse_snap(inos: &[u64]) -> FsResult<()> {
+        if inos.iter().any(|&i| is_snapview(i)) {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Whether `name` in `dir` is the snapshot view's `.snapshots` (which shadows any backing
+    /// entry of that name: that one is neither listed nor reachable).
+    fn is_snapdir(&self, dir: &Inode, name: &OsStr) -> bool {
+        self.snapview.is_some() && dir.ino == ROOT_INO && name == SNAPDIR_NAME
     }
 
     /// The backing dir this overlay serves.
@@ -287,10 +347,16 @@ impl OverlayFs {
         matches!(&self.hidden, Some(h) if h.parent == parent.key && h.name == name)
     }
 
-    /// Refuse names that would create, replace or remove the store.
+    /// Refuse names that would create, replace or remove the store or `.snapshots`.
     fn check_not_store(&self, parent: &Inode, name: &OsStr) -> FsResult<()> {
         if self.is_store(parent, name) {
             return Err(FsError::Reserved(name.to_os_string()));
+        }
+        // EROFS, as for every change to the view: only unlink, rmdir and rename of the name
+        // reach here through the kernel (it always looks up as an existing directory, so the
+        // kernel itself answers EEXIST to mkdir, mknod, symlink, link and O_EXCL creates).
+        if self.is_snapdir(parent, name) {
+            return Err(FsError::ReadOnly);
         }
         Ok(())
     }
@@ -301,6 +367,9 @@ impl OverlayFs {
 
     /// Look `name` up in `parent` and take a kernel reference on the result.
     fn lookup_in(&self, parent: &Inode, name: &OsStr) -> FsResult<Entry> {
+        if let (true, Some(v)) = (self.is_snapdir(parent, name), &self.snapview) {
+            return Ok(v.snapdir_entry());
+        }
         let c = sys::name_cstr(name).map_err(FsError::backing("lookup"))?;
         if self.is_store(parent, name) {
             return Err(FsError::Backing {
@@ -488,17 +557,27 @@ impl OverlayFs {
 
     /// Look up a directory entry.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        if let Some(v) = self.snap(parent) {
+            return v.lookup(parent, name);
+        }
         let parent = self.inodes.get(parent)?;
         self.lookup_in(&parent, name)
     }
 
     /// Drop `nlookup` kernel references to `ino`.
     pub fn forget(&self, ino: u64, nlookup: u64) {
+        // The view's inodes live as long as the mount: nothing to count.
+        if is_snapview(ino) {
+            return;
+        }
         self.inodes.forget(ino, nlookup);
     }
 
     /// Attributes of an inode, through its open handle when the kernel gives one.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        if let Some(v) = self.snap(ino) {
+            return v.getattr(ino);
+        }
         if let Some(fh) = fh {
             if let Ok(h) = self.file(fh) {
                 let st = sys::fstat(h.file.as_raw_fd()).map_err(FsError::backing("getattr"))?;
@@ -512,6 +591,7 @@ impl OverlayFs {
 
     /// chmod, chown, truncate and utimens, in that order; returns the new attributes.
     pub fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        Self::refuse_snap(&[ino])?;
         let inode = self.inodes.get(ino)?;
         let handle = match set.fh {
             Some(fh) => self.file(fh).ok(),
@@ -590,6 +670,9 @@ impl OverlayFs {
 
     /// The target of a symlink.
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        if let Some(v) = self.snap(ino) {
+            return v.readlink(ino);
+        }
         let inode = self.inodes.get(ino)?;
         sys::readlink_fd(inode.raw_fd()).map_err(FsError::backing("readlink"))
     }
@@ -604,6 +687,7 @@ impl OverlayFs {
         op: &'static str,
         make: impl FnOnce(i32, &CString) -> std::io::Result<()>,
     ) -> FsResult<Entry> {
+        Self::refuse_snap(&[parent])?;
         let parent = self.inodes.get(parent)?;
         self.check_not_store(&parent, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing(op))?;
@@ -659,6 +743,7 @@ impl OverlayFs {
 
     /// Remove a non-directory.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        Self::refuse_snap(&[parent])?;
         let parent = self.inodes.get(parent)?;
         self.check_not_store(&parent, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("unlink"))?;
@@ -673,6 +758,7 @@ impl OverlayFs {
 
     /// Remove an empty directory.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        Self::refuse_snap(&[parent])?;
         let parent = self.inodes.get(parent)?;
         self.check_not_store(&parent, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("rmdir"))?;
@@ -688,6 +774,7 @@ impl OverlayFs {
         newname: &OsStr,
         flags: u32,
     ) -> FsResult<()> {
+        Self::refuse_snap(&[parent, newparent])?;
         let parent = self.inodes.get(parent)?;
         let newparent = self.inodes.get(newparent)?;
         self.check_not_store(&parent, name)?;
@@ -713,6 +800,7 @@ impl OverlayFs {
 
     /// Create a hard link to `ino` as `newname` in `newparent`.
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
+        Self::refuse_snap(&[ino, newparent])?;
         let inode = self.inodes.get(ino)?;
         let newparent = self.inodes.get(newparent)?;
         self.check_not_store(&newparent, newname)?;
@@ -733,6 +821,9 @@ impl OverlayFs {
     /// Open a regular file for `caller`: an `O_TRUNC` open runs as the caller, so the backing
     /// filesystem clears setuid/setgid as it does for a truncate by a non-owner.
     pub fn open_as(&self, caller: Option<Caller>, ino: u64, flags: i32) -> FsResult<Opened> {
+        if let Some(v) = self.snap(ino) {
+            return v.open(ino, flags, self.new_fh() | SNAP_FH);
+        }
         let inode = self.inodes.get(ino)?;
         if inode.kind != FileKind::Regular {
             // Devices and fifos are handled by the kernel; a symlink is never opened by us.
@@ -787,6 +878,7 @@ impl OverlayFs {
         umask: u32,
         flags: i32,
     ) -> FsResult<(Entry, Opened)> {
+        Self::refuse_snap(&[parent])?;
         let parent_inode = self.inodes.get(parent)?;
         self.check_not_store(&parent_inode, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("create"))?;
@@ -853,6 +945,9 @@ impl OverlayFs {
         size: u32,
         with: impl FnOnce(&[u8]) -> R,
     ) -> FsResult<R> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.read(fh, offset, size, with);
+        }
         let h = self.file(fh)?;
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -864,6 +959,9 @@ impl OverlayFs {
 
     /// Write all of `data` at `offset`.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        if snapview::owns_fh(fh) {
+            return Err(FsError::ReadOnly);
+        }
         let h = self.file(fh)?;
         let len = data.len() as u64;
         let written = self.tracked(
@@ -883,11 +981,17 @@ impl OverlayFs {
 
     /// Called on every close(2) of a descriptor; nothing is buffered here, so nothing to do.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.check_handle(fh);
+        }
         self.file(fh).map(drop)
     }
 
     /// The last close of an open file.
     pub fn release(&self, fh: u64) -> FsResult<()> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.release(fh);
+        }
         self.files
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -898,12 +1002,18 @@ impl OverlayFs {
 
     /// fsync or fdatasync the backing file.
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.check_handle(fh);
+        }
         let h = self.file(fh)?;
         sys::fsync(h.file.as_raw_fd(), datasync).map_err(FsError::backing("fsync"))
     }
 
     /// fallocate(2), including FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        if snapview::owns_fh(fh) {
+            return Err(FsError::ReadOnly);
+        }
         let h = self.file(fh)?;
         let old = std::cell::Cell::new(0u64);
         self.tracked(
@@ -944,6 +1054,9 @@ impl OverlayFs {
 
     /// lseek(2) on the backing file: SEEK_DATA and SEEK_HOLE see its real holes.
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.lseek(fh, offset, whence);
+        }
         let h = self.file(fh)?;
         sys::lseek(h.file.as_raw_fd(), offset, whence).map_err(FsError::backing("lseek"))
     }
@@ -957,6 +1070,16 @@ impl OverlayFs {
         off_out: u64,
         len: u64,
     ) -> FsResult<u64> {
+        if snapview::owns_fh(fh_out) {
+            return Err(FsError::ReadOnly);
+        }
+        if snapview::owns_fh(fh_in) {
+            // Snapshot data is not in a file the kernel could copy from: EXDEV makes it fall
+            // back to reading and writing (ENOSYS would turn copy_file_range off for the mount).
+            return Err(FsError::backing("copy_file_range")(
+                std::io::Error::from_raw_os_error(libc::EXDEV),
+            ));
+        }
         let a = self.file(fh_in)?;
         let b = self.file(fh_out)?;
         self.tracked(
@@ -975,6 +1098,9 @@ impl OverlayFs {
 
     /// The inode number an open file handle refers to (for the tracking layer to come).
     pub fn handle_ino(&self, fh: u64) -> FsResult<u64> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.handle_ino(fh);
+        }
         Ok(self.file(fh)?.inode.ino)
     }
 
@@ -982,6 +1108,9 @@ impl OverlayFs {
 
     /// Open a directory and read its entries.
     pub fn opendir(&self, ino: u64) -> FsResult<Opened> {
+        if let Some(v) = self.snap(ino) {
+            return v.opendir(ino, self.new_fh() | SNAP_FH);
+        }
         let inode = self.inodes.get(ino)?;
         if inode.kind != FileKind::Directory {
             return Err(FsError::backing("opendir")(
@@ -1015,10 +1144,19 @@ impl OverlayFs {
             (OsString::from("."), dir.key.ino, FileKind::Directory),
             (OsString::from(".."), 0, FileKind::Directory),
         ];
+        if let (Some(v), ROOT_INO) = (&self.snapview, dir.ino) {
+            if v.visible() {
+                out.push((
+                    SNAPDIR_NAME.into(),
+                    snapview::SNAPDIR_INO,
+                    FileKind::Directory,
+                ));
+            }
+        }
         for e in rd {
             let e = e.map_err(FsError::backing("readdir"))?;
             let name = e.file_name();
-            if self.is_store(dir, &name) {
+            if self.is_store(dir, &name) || self.is_snapdir(dir, &name) {
                 continue;
             }
             let kind = match e.file_type() {
@@ -1056,6 +1194,9 @@ impl OverlayFs {
         offset: u64,
         mut add: impl FnMut(DirEntry) -> bool,
     ) -> FsResult<()> {
+        if let Some(v) = self.snap(ino) {
+            return v.readdir(ino, fh, offset, false, |d, _| add(d));
+        }
         let dir = self.dir(fh)?;
         let inode = self.inodes.get(ino)?;
         let mut entries = dir.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -1088,6 +1229,9 @@ impl OverlayFs {
         offset: u64,
         mut add: impl FnMut(DirEntry, Option<&Entry>) -> bool,
     ) -> FsResult<()> {
+        if let Some(v) = self.snap(ino) {
+            return v.readdir(ino, fh, offset, true, add);
+        }
         let dir = self.dir(fh)?;
         let inode = self.inodes.get(ino)?;
         let mut entries = dir.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -1114,7 +1258,7 @@ impl OverlayFs {
             let full = add(d, entry.as_ref());
             if full {
                 if let Some(e) = entry {
-                    self.inodes.forget(e.attr.ino, 1);
+                    self.forget(e.attr.ino, 1);
                 }
                 break;
             }
@@ -1124,6 +1268,9 @@ impl OverlayFs {
 
     /// Close a directory handle.
     pub fn releasedir(&self, fh: u64) -> FsResult<()> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.releasedir(fh);
+        }
         self.dirs
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -1134,6 +1281,9 @@ impl OverlayFs {
 
     /// fsync a directory.
     pub fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.check_handle(fh);
+        }
         let d = self.dir(fh)?;
         sys::fsync(d.file.as_raw_fd(), datasync).map_err(FsError::backing("fsyncdir"))
     }
@@ -1142,6 +1292,7 @@ impl OverlayFs {
 
     /// statfs of the backing filesystem.
     pub fn statfs(&self, ino: u64) -> FsResult<StatFs> {
+        // The snapshot view's inodes (and unknown ones) get the backing filesystem's figures.
         let inode = self
             .inodes
             .get(ino)
@@ -1171,6 +1322,12 @@ impl OverlayFs {
 
     /// getxattr: with size 0, the size of the value.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Xattr> {
+        if self.snap(ino).is_some() {
+            // Snapshots record no xattrs.
+            return Err(FsError::backing("getxattr")(
+                std::io::Error::from_raw_os_error(libc::ENODATA),
+            ));
+        }
         let inode = self.xattr_target(ino)?;
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
         let mut buf = vec![0u8; size as usize];
@@ -1185,14 +1342,18 @@ impl OverlayFs {
 
     /// listxattr: with size 0, the size of the list.
     pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<Xattr> {
-        let inode = self.inodes.get(ino)?;
-        if inode.kind == FileKind::Symlink {
+        // Symlinks (no user xattrs on Linux) and the snapshot view (none recorded) list none.
+        let inode = match self.snap(ino) {
+            Some(_) => None,
+            None => Some(self.inodes.get(ino)?).filter(|i| i.kind != FileKind::Symlink),
+        };
+        let Some(inode) = inode else {
             return Ok(if size == 0 {
                 Xattr::Size(0)
             } else {
                 Xattr::Data(Vec::new())
             });
-        }
+        };
         let mut buf = vec![0u8; size as usize];
         let n = sys::listxattr(inode.raw_fd(), &mut buf).map_err(FsError::backing("listxattr"))?;
         if size == 0 {
@@ -1204,6 +1365,7 @@ impl OverlayFs {
 
     /// setxattr with XATTR_CREATE / XATTR_REPLACE passed through.
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        Self::refuse_snap(&[ino])?;
         let inode = self.xattr_target(ino)?;
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
         self.metadata_change(&[inode.key], || {
@@ -1213,6 +1375,7 @@ impl OverlayFs {
 
     /// removexattr.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        Self::refuse_snap(&[ino])?;
         let inode = self.xattr_target(ino)?;
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
         self.metadata_change(&[inode.key], || {
@@ -1223,34 +1386,47 @@ impl OverlayFs {
     /// access(2): checked against the inode's mode for the caller (the kernel normally does
     /// this itself under `default_permissions`, so this is only reached without it).
     pub fn access(&self, caller: Caller, ino: u64, mask: i32) -> FsResult<()> {
+        if let Some(v) = self.snap(ino) {
+            return v.access(caller, ino, mask);
+        }
         let inode = self.inodes.get(ino)?;
         let st = self.stat_of(&inode)?;
-        if mask == libc::F_OK || caller.uid == 0 {
-            if caller.uid == 0
-                && mask & libc::X_OK != 0
-                && inode.kind != FileKind::Directory
-                && st.st_mode & 0o111 == 0
-            {
-                return Err(FsError::backing("access")(
-                    std::io::Error::from_raw_os_error(libc::EACCES),
-                ));
-            }
-            return Ok(());
+        permits(caller, inode.kind, st.st_mode, st.st_uid, st.st_gid, mask)
+    }
+}
+
+/// Whether `mask` (R_OK, W_OK, X_OK or F_OK) is allowed to `caller` on an inode of `kind`
+/// with `mode` owned by `uid`:`gid`; root may do anything but execute a file with no x bit.
+fn permits(
+    caller: Caller,
+    kind: FileKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mask: i32,
+) -> FsResult<()> {
+    let denied = || FsError::backing("access")(std::io::Error::from_raw_os_error(libc::EACCES));
+    if mask == libc::F_OK || caller.uid == 0 {
+        if caller.uid == 0
+            && mask & libc::X_OK != 0
+            && kind != FileKind::Directory
+            && mode & 0o111 == 0
+        {
+            return Err(denied());
         }
-        let bits = if st.st_uid == caller.uid {
-            (st.st_mode >> 6) & 7
-        } else if st.st_gid == caller.gid {
-            (st.st_mode >> 3) & 7
-        } else {
-            st.st_mode & 7
-        } as i32;
-        if bits & mask == mask {
-            Ok(())
-        } else {
-            Err(FsError::backing("access")(
-                std::io::Error::from_raw_os_error(libc::EACCES),
-            ))
-        }
+        return Ok(());
+    }
+    let bits = if uid == caller.uid {
+        (mode >> 6) & 7
+    } else if gid == caller.gid {
+        (mode >> 3) & 7
+    } else {
+        mode & 7
+    } as i32;
+    if bits & mask == mask {
+        Ok(())
+    } else {
+        Err(denied())
     }
 }
 

@@ -372,6 +372,10 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+pub fn getegid() -> u32 {
+    unsafe { libc::getegid() }
+}
+
 /// The raw fd of anything that has one (keeps call sites short).
 pub fn raw(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()

@@ -312,6 +312,34 @@ impl VolumeReader {
         self.index.iter().map(|l| l.len as u64).sum()
     }
 
+    /// lseek SEEK_DATA: the first offset at or after `offset` inside a block with data (None:
+    /// only zeros from there to the end). Blocks are the unit: a block with data counts whole.
+    pub fn seek_data(&self, offset: u64) -> Option<u64> {
+        if offset >= self.size {
+            return None;
+        }
+        let block = offset / self.block_size;
+        let i = self.index.partition_point(|l| l.block < block);
+        let loc = self.index.get(i)?;
+        let at = (loc.block * self.block_size).max(offset);
+        (at < self.size).then_some(at)
+    }
+
+    /// lseek SEEK_HOLE: the first offset at or after `offset` in a block without data, or the
+    /// size (the end of a file counts as a hole); None at or past the end.
+    pub fn seek_hole(&self, offset: u64) -> Option<u64> {
+        if offset >= self.size {
+            return None;
+        }
+        let mut block = offset / self.block_size;
+        let mut i = self.index.partition_point(|l| l.block < block);
+        while self.index.get(i).is_some_and(|l| l.block == block) {
+            block += 1;
+            i += 1;
+        }
+        Some((block * self.block_size).max(offset).min(self.size))
+    }
+
     /// Read counters.
     pub fn stats(&self) -> ReaderStats {
         ReaderStats {

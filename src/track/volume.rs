@@ -157,6 +157,8 @@ pub struct Volume {
     /// The write gate (DESIGN.md "Write path"): writers hold it shared from the intent check
     /// until their bits are set; a tick or a snapshot barrier takes it exclusively.
     gate: RwLock<()>,
+    /// Serialises `check_stamp_before_change`.
+    stamp_check: Mutex<()>,
     /// A snapshot capture in progress on this volume, if any.
     capture: CaptureSlot,
     /// The committed snapshot the dirty bits are relative to: (name, created_ns).
@@ -181,6 +183,7 @@ impl Volume {
             stamp: Mutex::new(FileStamp::default()),
             fd: Mutex::new(None),
             gate: RwLock::new(()),
+            stamp_check: Mutex::new(()),
             capture: CaptureSlot::default(),
             base: Mutex::new(None),
         }
@@ -431,17 +434,26 @@ impl Volume {
     /// by someone else, and the volume becomes unknown (so that change is not hidden by ours).
     /// Later changes in the same interval cost nothing. Returns true if it marked the volume.
     pub fn check_stamp_before_change(&self) -> bool {
-        if self.written_since_tick.swap(true, Ordering::Relaxed) {
+        // A plain load first: the write path must not bounce a cache line between writers.
+        if self.written_since_tick.load(Ordering::Acquire) {
+            return false;
+        }
+        // Writers that arrive while the first one checks wait for it: a write of theirs
+        // before the check ends would look like a change behind our back.
+        let _check = self.stamp_check.lock().unwrap_or_else(|p| p.into_inner());
+        if self.written_since_tick.load(Ordering::Acquire) {
             return false;
         }
         let before = self.stamp();
-        match self.refresh_stamp() {
+        let moved = match self.refresh_stamp() {
             Some(now) if before != FileStamp::default() && now != before => {
                 self.mark_unknown_all();
                 true
             }
             _ => false,
-        }
+        };
+        self.written_since_tick.store(true, Ordering::Release);
+        moved
     }
 
     /// Refresh the stamp with the gate held (no write in flight); if nothing went through the
