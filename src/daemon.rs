@@ -447,7 +447,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         Some(t) => Some(Arc::new(start_engine(&req, &store, t.clone())?)),
         None => None,
     };
-    start_control(&req, &store, tracker.clone(), engine).map_err(|source| DaemonError::Store {
+    start_control(&req, &store, store_dir.real(), tracker.clone(), engine).map_err(|source| DaemonError::Store {
         path: store.clone(),
         source,
     })?;
@@ -508,7 +508,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         req.backing.display(),
         req.mountpoint.display(),
         req.config.threads,
-        store.display()
+        store_dir.real().display()
     );
 
     if root {
@@ -628,9 +628,16 @@ fn start_engine(
 fn start_control(
     req: &MountRequest,
     store: &Path,
+    real_store: &Path,
     tracker: Option<Arc<Tracker>>,
     engine: Option<Arc<Engine>>,
 ) -> io::Result<()> {
+    // The daemon reaches its store through `/proc/self/fd/N`; users must see the real path.
+    let (fd_path, real_path) = (
+        store.display().to_string(),
+        real_store.display().to_string(),
+    );
+    let shown = move |e: &dyn std::fmt::Display| e.to_string().replace(&fd_path, &real_path);
     let backing = req.backing.display().to_string();
     let mountpoint = req.mountpoint.display().to_string();
     let tracking = req.config.tracking.clone();
@@ -662,7 +669,7 @@ fn start_control(
                 Some(e) => match e.create(&c) {
                     Ok(r) => Response::Snapshot(r),
                     Err(err) => Response::Error {
-                        message: err.to_string(),
+                        message: shown(&err),
                     },
                 },
                 None => no_engine(),
@@ -671,7 +678,7 @@ fn start_control(
                 Some(e) => match e.delete(&name) {
                     Ok(()) => Response::Deleted { name },
                     Err(err) => Response::Error {
-                        message: err.to_string(),
+                        message: shown(&err),
                     },
                 },
                 None => no_engine(),
