@@ -447,9 +447,11 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         Some(t) => Some(Arc::new(start_engine(&req, &store, t.clone())?)),
         None => None,
     };
-    start_control(&req, &store, store_dir.real(), tracker.clone(), engine).map_err(|source| DaemonError::Store {
-        path: store.clone(),
-        source,
+    start_control(&req, &store, store_dir.real(), tracker.clone(), engine).map_err(|source| {
+        DaemonError::Store {
+            path: store.clone(),
+            source,
+        }
     })?;
     let ticker = tracker.as_ref().map(|t| Ticker::start(t.clone()));
     let cache = KernelCache {
