@@ -882,41 +882,59 @@ impl OverlayFs {
         let parent_inode = self.inodes.get(parent)?;
         self.check_not_store(&parent_inode, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("create"))?;
-        let open_flags = (flags & !(libc::O_APPEND | libc::O_DIRECT | libc::O_NOCTTY))
+        // With tracking, O_TRUNC is not left to the open: the name is only resolved by the
+        // open itself, so which inode it truncates is known only after it. The file is opened
+        // without it, and the truncation then runs on that inode's volume like any other
+        // change (inside its gate, copy-before-write first, recorded), as the caller, so the
+        // backing filesystem clears setuid/setgid as an O_TRUNC by the caller would.
+        let accmode = flags & libc::O_ACCMODE;
+        let truncate_after =
+            self.tracker.is_some() && flags & libc::O_TRUNC != 0 && accmode != libc::O_RDONLY;
+        let mut open_flags = (flags & !(libc::O_APPEND | libc::O_DIRECT | libc::O_NOCTTY))
             | libc::O_CREAT
             | libc::O_NOFOLLOW;
-        // A file created here is tracked from birth; an existing one may have a history, and
-        // O_TRUNC on it is a change to its content like any other.
-        let before = sys::fstatat(parent_inode.raw_fd(), &c).ok();
-        let existed = before.is_some();
-        let existing = match (&self.tracker, before, flags & libc::O_TRUNC != 0) {
-            (Some(t), Some(st), true)
-                if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size > 0 =>
-            {
-                Some(t.volume(volume_id(BackingKey::of(&st)), st.st_size as u64, false))
+        if truncate_after {
+            open_flags &= !libc::O_TRUNC;
+        }
+        // A file created here is tracked from birth; an existing one may have a history.
+        let existed = sys::fstatat(parent_inode.raw_fd(), &c).is_ok();
+        let fd = self
+            .as_caller(caller, || {
+                sys::openat(
+                    parent_inode.raw_fd(),
+                    &c,
+                    open_flags,
+                    (mode & !umask) & 0o7777,
+                )
+            })
+            .map_err(FsError::backing("create"))?;
+        if truncate_after {
+            let st = sys::fstat(fd.as_raw_fd()).map_err(FsError::backing("create"))?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size > 0 {
+                let volume = self.tracker.as_ref().map(|t| {
+                    let v = t.volume(volume_id(BackingKey::of(&st)), st.st_size as u64, false);
+                    v.first_stamp(&st);
+                    v
+                });
+                let old = std::cell::Cell::new(0u64);
+                self.tracked(
+                    volume.as_ref(),
+                    || {
+                        old.set(
+                            sys::fstat(fd.as_raw_fd())
+                                .map_err(FsError::backing("create"))?
+                                .st_size as u64,
+                        );
+                        Ok((0, old.get()))
+                    },
+                    || {
+                        self.as_caller(caller, || sys::ftruncate(fd.as_raw_fd(), 0))
+                            .map_err(FsError::backing("create"))
+                    },
+                    |v, _, _, _| v.record_truncate(old.get(), 0, now_ns()),
+                )?;
             }
-            _ => None,
-        };
-        let old = std::cell::Cell::new(0u64);
-        let fd = self.tracked(
-            existing.as_ref(),
-            || {
-                old.set(sys::fstatat(parent_inode.raw_fd(), &c).map_or(0, |st| st.st_size as u64));
-                Ok((0, old.get()))
-            },
-            || {
-                self.as_caller(caller, || {
-                    sys::openat(
-                        parent_inode.raw_fd(),
-                        &c,
-                        open_flags,
-                        (mode & !umask) & 0o7777,
-                    )
-                })
-                .map_err(FsError::backing("create"))
-            },
-            |v, _, _, _| v.record_truncate(old.get(), 0, now_ns()),
-        )?;
+        }
         let entry = self.lookup_in(&parent_inode, name)?;
         let inode = self.inodes.get(entry.attr.ino)?;
         if inode.key

@@ -76,6 +76,18 @@ impl FileStamp {
     }
 }
 
+/// CLOCK_REALTIME in ns (the clock file timestamps come from; the fine one, so it is never
+/// behind a timestamp the kernel just gave).
+fn realtime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Smoothed rates of one partition, updated at each tick.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rates {
@@ -159,6 +171,8 @@ pub struct Volume {
     gate: RwLock<()>,
     /// Serialises `check_stamp_before_change`.
     stamp_check: Mutex<()>,
+    /// Wall clock (ns) right after the last change made through the overlay.
+    last_own_change_ns: AtomicU64,
     /// A snapshot capture in progress on this volume, if any.
     capture: CaptureSlot,
     /// The committed snapshot the dirty bits are relative to: (name, created_ns).
@@ -184,6 +198,7 @@ impl Volume {
             fd: Mutex::new(None),
             gate: RwLock::new(()),
             stamp_check: Mutex::new(()),
+            last_own_change_ns: AtomicU64::new(0),
             capture: CaptureSlot::default(),
             base: Mutex::new(None),
         }
@@ -315,7 +330,7 @@ impl Volume {
                 .counters
                 .record(bytes / nparts, m.newly_dirty, sequential, now_ns);
         }
-        self.written_since_tick.store(true, Ordering::Relaxed);
+        self.note_own_change();
     }
 
     /// Mark the blocks of the byte range `offset..offset+len` (len > 0).
@@ -359,7 +374,7 @@ impl Volume {
             let shift = self.geometry.block_shift();
             self.mark_blocks(new_size >> shift, (old - 1) >> shift, 0, false, now_ns);
         }
-        self.written_since_tick.store(true, Ordering::Relaxed);
+        self.note_own_change();
     }
 
     /// Current size as the write path knows it.
@@ -426,7 +441,15 @@ impl Volume {
     /// content (chmod, chown, utimens, link, rename, xattrs), so it is not taken for a change
     /// behind our back.
     pub fn touch(&self) {
+        self.note_own_change();
+    }
+
+    /// Note a change made through the overlay, right after it: the file's ctime can be no later
+    /// than now, so a ctime after this moment at the next stamp check is someone else's.
+    fn note_own_change(&self) {
         self.written_since_tick.store(true, Ordering::Relaxed);
+        self.last_own_change_ns
+            .fetch_max(realtime_ns(), Ordering::Relaxed);
     }
 
     /// Call inside the gate before a change through the overlay. The first such change since
@@ -463,8 +486,16 @@ impl Volume {
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let touched = self.written_since_tick.swap(false, Ordering::Relaxed);
         let before = self.stamp();
+        // Our own changes explain a moved stamp only up to the ctime of the last of them: a
+        // later ctime is a change behind our back made after it (within one tick of the clock,
+        // a change right after ours can still hide behind it).
+        let own_until = self.last_own_change_ns.load(Ordering::Relaxed) as i128;
         match self.refresh_stamp() {
-            Some(now) if !touched && before != FileStamp::default() && now != before => {
+            Some(now)
+                if before != FileStamp::default()
+                    && now != before
+                    && (!touched || now.ctime_ns > own_until) =>
+            {
                 self.mark_unknown_all();
                 true
             }
