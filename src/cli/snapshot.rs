@@ -259,9 +259,21 @@ pub(super) fn run(args: &SnapshotArgs) -> Result<(), CliError> {
                     return Err(daemon_error(format!("daemon: unexpected answer {other:?}")))
                 }
                 // No daemon: nothing else can be writing the store.
-                Err(_) => open_store(&store_dir)?
-                    .delete(name)
-                    .map_err(|e| CliError::Usage(e.to_string()))?,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    open_store(&store_dir)?
+                        .delete(name)
+                        .map_err(|e| CliError::Usage(e.to_string()))?
+                }
+                Err(e) => {
+                    return Err(CliError::Usage(format!(
+                        "the daemon did not answer ({e}); nothing was deleted"
+                    )))
+                }
             }
             println!("deleted {name}");
             Ok(())

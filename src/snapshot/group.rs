@@ -126,17 +126,31 @@ pub fn walk(
     let mut stack = vec![(top, String::new())];
     while let Some((dir, prefix)) = stack.pop() {
         let listing = sys::proc_path(dir.as_raw_fd());
-        // A directory that vanished or cannot be read is left out, as `find` would.
-        let Ok(rd) = std::fs::read_dir(OsStr::from_bytes(listing.as_bytes())) else {
-            continue;
+        // Only a name removed while we walk may be skipped; any other error would leave part
+        // of the group out of the snapshot without a word, so it fails the walk.
+        let gone = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOENT);
+        let rd = match std::fs::read_dir(OsStr::from_bytes(listing.as_bytes())) {
+            Ok(rd) => rd,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
         };
-        for e in rd.flatten() {
-            let name = e.file_name();
-            let Ok(c) = sys::name_cstr(&name) else {
-                continue;
-            };
-            let Ok(st) = sys::fstatat(dir.as_raw_fd(), &c) else {
-                continue;
+        for e in rd {
+            let name = e?.file_name();
+            if name.to_str().is_none() {
+                // Manifests and the `.snapshots` view name files in UTF-8.
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{prefix}/{}: the name is not UTF-8, which snapshots cannot record yet; rename it",
+                        name.to_string_lossy()
+                    ),
+                ));
+            }
+            let c = sys::name_cstr(&name)?;
+            let st = match sys::fstatat(dir.as_raw_fd(), &c) {
+                Ok(st) => st,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
             };
             let path = if prefix.is_empty() {
                 name.to_string_lossy().into_owned()
@@ -162,13 +176,16 @@ pub fn walk(
                     if skip == Some((st.st_dev, st.st_ino)) {
                         continue;
                     }
-                    if let Ok(sub) = sys::openat(
+                    match sys::openat(
                         dir.as_raw_fd(),
                         &c,
                         libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
                         0,
                     ) {
-                        stack.push((sub, entry.path.clone()));
+                        Ok(sub) => stack.push((sub, entry.path.clone())),
+                        // Removed, or replaced by a non-directory, since its stat.
+                        Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => {}
+                        Err(e) => return Err(e),
                     }
                     dirs.push(entry);
                 }

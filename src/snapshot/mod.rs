@@ -321,18 +321,34 @@ impl Engine {
             })?;
         let mut out = HashMap::new();
         for (id, e) in &tree.volumes {
-            let fd = match sys::open_beneath(self.root.as_raw_fd(), &e.path, libc::O_RDONLY) {
+            // O_PATH first: whatever the name is now (a fifo swapped in would block a plain
+            // open), nothing is opened for reading until it is the regular file walked.
+            let path_fd = match sys::open_beneath(self.root.as_raw_fd(), &e.path, libc::O_PATH) {
                 Ok(fd) => fd,
                 // Gone or replaced since the walk: the barrier's own walk sorts it out.
-                Err(_) => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => continue,
+                Err(source) => {
+                    return Err(SnapshotError::Io {
+                        what: format!("opening {}", e.path),
+                        source,
+                    })
+                }
             };
-            let st = sys::fstat(fd.as_raw_fd()).map_err(|source| SnapshotError::Io {
+            let st = sys::fstat(path_fd.as_raw_fd()).map_err(|source| SnapshotError::Io {
                 what: format!("stat {}", e.path),
                 source,
             })?;
-            if (st.st_dev, st.st_ino) != (id.dev, id.ino) {
+            if (st.st_dev, st.st_ino) != (id.dev, id.ino)
+                || st.st_mode & libc::S_IFMT != libc::S_IFREG
+            {
                 continue;
             }
+            let fd = sys::reopen(path_fd.as_raw_fd(), libc::O_RDONLY).map_err(|source| {
+                SnapshotError::Io {
+                    what: format!("opening {}", e.path),
+                    source,
+                }
+            })?;
             let volume = self.tracker.volume(*id, st.st_size as u64, false);
             volume.attach_fd(|| {
                 sys::open_beneath(self.root.as_raw_fd(), &e.path, libc::O_PATH)
@@ -537,6 +553,16 @@ impl Engine {
         for (v, t) in vols.iter().zip(taken) {
             let (Some(entry), Some(prep)) = (tree.volumes.get(&v.id), prepared.get_mut(&v.id))
             else {
+                // Not found by the walk: left out only if it was unlinked; a file still linked
+                // somewhere was renamed during the walk (or out of the group): walk again.
+                let linked = prepared
+                    .get(&v.id)
+                    .and_then(|p| sys::fstat(p.source.as_raw_fd()).ok())
+                    .is_none_or(|st| st.st_nlink > 0);
+                if linked {
+                    r.retry = true;
+                    return r;
+                }
                 r.dropped.insert(v.id);
                 continue;
             };
@@ -771,6 +797,7 @@ fn partition_report(d: &Decision) -> PartitionReport {
     }
 }
 
+#[cfg(test)]
 fn bit(bits: &[u64], b: u64) -> bool {
     bits.get((b / 64) as usize)
         .is_some_and(|w| w & (1 << (b % 64)) != 0)
@@ -796,7 +823,7 @@ fn plan(
         .map(|p| {
             let first = p * bpp;
             let end = (first + bpp).min(nblocks);
-            let dirty = (first..end).filter(|&b| bit(&t.bits, b)).count() as u64;
+            let dirty = count_range(&t.bits, first, end);
             let state = PartitionState {
                 partition: p,
                 blocks: end - first,
@@ -832,13 +859,39 @@ fn pending_blocks(t: &Taken, size: u64, g: Geometry, plan: &[Decision]) -> Vec<u
         let first = d.partition * bpp;
         let end = (first + bpp).min(nblocks);
         let all = d.kind == Kind::Full || d.rescan;
-        for b in first..end {
-            if all || bit(&t.bits, b) {
-                words[(b / 64) as usize] |= 1 << (b % 64);
-            }
-        }
+        for_words(first, end, |w, mask| {
+            let taken = t.bits.get(w).copied().unwrap_or(0);
+            words[w] |= if all { mask } else { taken & mask };
+        });
     }
     words
+}
+
+/// Call `f(word, mask)` for each word of bits `first..end`, with the mask of the bits in range:
+/// work in words, not bits, so the barrier stays quick on volumes of millions of blocks.
+fn for_words(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
+    let mut b = first;
+    while b < end {
+        let w = b / 64;
+        let lo = b % 64;
+        let hi = (end - w * 64).min(64);
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        f(w as usize, mask);
+        b = (w + 1) * 64;
+    }
+}
+
+/// The number of set bits of `bits` in `first..end`.
+fn count_range(bits: &[u64], first: u64, end: u64) -> u64 {
+    let mut n = 0;
+    for_words(first, end, |w, mask| {
+        n += (bits.get(w).copied().unwrap_or(0) & mask).count_ones() as u64
+    });
+    n
 }
 
 /// Detach the captures from their volumes and wait for writers inside the gates to leave, so
@@ -877,6 +930,20 @@ pub fn utc_stamp(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn word_ranges_count_and_mask_exactly() {
+        let bits = vec![u64::MAX, 0b1011, u64::MAX];
+        assert_eq!(count_range(&bits, 0, 192), 64 + 3 + 64);
+        assert_eq!(count_range(&bits, 3, 5), 2);
+        assert_eq!(count_range(&bits, 63, 66), 1 + 1 + 1);
+        assert_eq!(count_range(&bits, 64, 64), 0);
+        assert_eq!(count_range(&bits, 190, 200), 2);
+        for (first, end) in [(0, 1), (5, 70), (64, 128), (1, 191)] {
+            let slow = (first..end).filter(|&b| bit(&bits, b)).count() as u64;
+            assert_eq!(count_range(&bits, first, end), slow, "{first}..{end}");
+        }
+    }
 
     #[test]
     fn utc_stamps_are_civil_dates() {
