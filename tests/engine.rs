@@ -48,7 +48,6 @@ struct Fx {
     backing: PathBuf,
     store: PathBuf,
     fs: Arc<OverlayFs>,
-    tracker: Arc<Tracker>,
     engine: Engine,
 }
 
@@ -92,7 +91,6 @@ impl Fx {
             backing,
             store,
             fs,
-            tracker,
             engine,
         }
     }
