@@ -237,9 +237,16 @@ impl Capture {
                 self.unchanged.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
-            self.writer
-                .put_block(self.handle, b, &buf)
-                .map_err(|e| format!("storing {} block {b}: {e}", self.path))
+            // The pack takes the bytes straight from the volume (a reflink where the filesystem
+            // can); `buf` gives their hash. Both see the content at the barrier: the block is
+            // still pending, under its stripe lock.
+            let res = if done == len {
+                self.writer
+                    .put_block_from(self.handle, b, &buf, &self.source, start)
+            } else {
+                self.writer.put_block(self.handle, b, &buf)
+            };
+            res.map_err(|e| format!("storing {} block {b}: {e}", self.path))
         })
     }
 

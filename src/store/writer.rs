@@ -199,6 +199,31 @@ impl SnapshotWriter {
     /// block of the volume). An all-zero block costs no data: a FULL partition omits it, an
     /// INCREMENTAL one records it as zeros. Safe to call from several threads.
     pub fn put_block(&self, vol: VolumeHandle, block: u64, data: &[u8]) -> Result<()> {
+        self.put(vol, block, data, None)
+    }
+
+    /// `put_block` for a block whose bytes `data` also sit in `source` at `offset` (and stay
+    /// there until this returns): the pack gets them by `copy_file_range` at a 4 KiB-aligned
+    /// offset, which is a reflink (shared extents, no copy) on filesystems that can, and an
+    /// in-kernel copy elsewhere. `data` still gives the hash.
+    pub fn put_block_from(
+        &self,
+        vol: VolumeHandle,
+        block: u64,
+        data: &[u8],
+        source: &File,
+        offset: u64,
+    ) -> Result<()> {
+        self.put(vol, block, data, Some((source, offset)))
+    }
+
+    fn put(
+        &self,
+        vol: VolumeHandle,
+        block: u64,
+        data: &[u8],
+        source: Option<(&File, u64)>,
+    ) -> Result<()> {
         let bs = self.geometry.block_size;
         let zero = is_zero(data);
         // Hash outside the lock: it is the costly part.
@@ -239,7 +264,7 @@ impl SnapshotWriter {
                 hash,
             }
         } else {
-            let (pack, offset) = match self.append(&mut st, data) {
+            let (pack, offset) = match self.append(&mut st, data, source) {
                 Ok(x) => x,
                 Err(e) => {
                     st.failed = Some(e.to_string());
@@ -258,11 +283,16 @@ impl SnapshotWriter {
         Ok(())
     }
 
-    fn append(&self, st: &mut BuildState, data: &[u8]) -> Result<(u32, u64)> {
+    fn append(
+        &self,
+        st: &mut BuildState,
+        data: &[u8],
+        source: Option<(&File, u64)>,
+    ) -> Result<(u32, u64)> {
         let need_new = st
             .packs
             .last()
-            .is_none_or(|p| p.len + data.len() as u64 > PACK_LIMIT);
+            .is_none_or(|p| align(p.len) + data.len() as u64 > PACK_LIMIT);
         if need_new {
             let name = format!("pack-{:06}", st.packs.len());
             let path = self.tmp.join(&name);
@@ -282,11 +312,23 @@ impl SnapshotWriter {
         }
         let idx = st.packs.len() - 1;
         let p = &mut st.packs[idx];
-        let offset = p.len;
-        p.file
-            .write_all_at(data, offset)
-            .at(self.tmp.join(&p.name))?;
-        p.len += data.len() as u64;
+        let len = data.len() as u64;
+        // Whole blocks go at 4 KiB-aligned offsets, where a reflink can share extents; the gap
+        // before them is a hole. Records carry their offsets, so readers never notice.
+        let offset = match source {
+            Some(_) if len.is_multiple_of(ALIGN) => align(p.len),
+            _ => p.len,
+        };
+        let copied = match source {
+            Some((src, at)) if len.is_multiple_of(ALIGN) => copy_range(src, at, &p.file, offset, len),
+            _ => false,
+        };
+        if !copied {
+            p.file
+                .write_all_at(data, offset)
+                .at(self.tmp.join(&p.name))?;
+        }
+        p.len = offset + len;
         Ok((idx as u32, offset))
     }
 
@@ -454,6 +496,32 @@ impl Drop for SnapshotWriter {
             }
         }
     }
+}
+
+/// Alignment of whole blocks in packs (the smallest block size, and the page size).
+const ALIGN: u64 = 4096;
+
+fn align(x: u64) -> u64 {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+/// Copy `len` bytes with copy_file_range; false if the kernel or filesystem cannot (the caller
+/// writes the bytes itself then, over whatever part was copied).
+fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> bool {
+    let mut done = 0;
+    while done < len {
+        match crate::fs::sys::copy_file_range(
+            src.as_raw_fd(),
+            src_off + done,
+            dst.as_raw_fd(),
+            dst_off + done,
+            len - done,
+        ) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => done += n,
+        }
+    }
+    true
 }
 
 /// Whether every byte is zero (word at a time).
