@@ -148,6 +148,15 @@ impl Fx {
             .unwrap()
     }
 
+    /// Write the backing file directly, behind the overlay's back.
+    fn write_behind(&self, name: &str, off: u64, data: &[u8]) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.backing.join(name))
+            .unwrap();
+        f.write_all_at(data, off).unwrap();
+    }
+
     fn store(&self) -> Store {
         Store::open(&self.store).unwrap()
     }
@@ -366,13 +375,8 @@ fn a_change_behind_the_overlays_back_is_found_by_rescan() {
         .unwrap();
     fx.snapshot("s1");
     // Someone writes the backing file directly.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(fx.backing.join("a.img"))
-        .unwrap();
     std::thread::sleep(Duration::from_millis(20));
-    f.write_all_at(b"behind", 7 * BS).unwrap();
-    drop(f);
+    fx.write_behind("a.img", 7 * BS, b"behind");
     let r = fx.snapshot("s2");
     assert!(r.volumes[0].partitions[0].rescan, "{r:?}");
     assert_eq!(r.stored_bytes, BS);
@@ -390,12 +394,7 @@ fn a_change_behind_the_overlays_back_after_one_through_it_is_found_too() {
     fx.fs.write(a, 2 * BS, b"through the mount").unwrap();
     // A clock tick later, someone writes the backing file directly.
     std::thread::sleep(Duration::from_millis(25));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(fx.backing.join("a.img"))
-        .unwrap();
-    f.write_all_at(b"behind", 20 * BS).unwrap();
-    drop(f);
+    fx.write_behind("a.img", 20 * BS, b"behind");
     let r = fx.snapshot("s2");
     assert!(r.volumes[0].partitions.iter().all(|p| p.rescan), "{r:?}");
     assert_eq!(r.stored_bytes, 2 * BS);
@@ -636,8 +635,7 @@ proptest! {
                     // the daemon's tick would end it. The clock must move for the ctime rule.
                     fx.tracker.tick().unwrap();
                     std::thread::sleep(Duration::from_millis(25));
-                    let f = std::fs::OpenOptions::new().write(true).open(fx.backing.join(names[vol])).unwrap();
-                    f.write_all_at(&random_bytes(off, 100), off).unwrap();
+                    fx.write_behind(names[vol], off, &random_bytes(off, 100));
                 }
                 Op::Snapshot => {
                     n += 1;

@@ -320,7 +320,9 @@ impl SnapshotWriter {
             _ => p.len,
         };
         let copied = match source {
-            Some((src, at)) if len.is_multiple_of(ALIGN) => copy_range(src, at, &p.file, offset, len),
+            Some((src, at)) if len.is_multiple_of(ALIGN) => {
+                copy_range(src, at, &p.file, offset, len)
+            }
             _ => false,
         };
         if !copied {
