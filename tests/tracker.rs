@@ -1167,6 +1167,8 @@ fn abort_gives_the_taken_bits_back() {
     fx.write(a, 7 * BS, 1);
     fx.tracker.abort(&taken).unwrap();
     assert_eq!(fx.dirty("a.img", 16), vec![2, 7]);
+    // The counters count both again, as the policy's dirty fraction needs.
+    assert_eq!(fx.map("a.img").partitions[0].dirty_blocks, 2);
 }
 
 #[test]

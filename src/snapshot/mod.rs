@@ -776,6 +776,7 @@ fn taken_view(v: &Volume, map: &ChangeMap) -> Taken {
     }
     Taken {
         id: v.id,
+        counts: Vec::new(),
         bits,
         unknown_all: map.unknown_all,
         unknown: map.unknown_partitions.iter().copied().collect(),

@@ -736,13 +736,18 @@ impl Volume {
         let unknown = std::mem::take(&mut *self.unknown.lock().unwrap_or_else(|p| p.into_inner()));
         let size = self.size();
         let low_water = self.low_water.swap(size, Ordering::Relaxed);
-        {
+        let counts: Vec<(u64, u64)> = {
             let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
-            for p in parts.iter() {
-                p.counters.dirty_blocks.store(0, Ordering::Relaxed);
-                p.counters.overwrites.store(0, Ordering::Relaxed);
-            }
-        }
+            parts
+                .iter()
+                .map(|p| {
+                    (
+                        p.counters.dirty_blocks.swap(0, Ordering::Relaxed),
+                        p.counters.overwrites.swap(0, Ordering::Relaxed),
+                    )
+                })
+                .collect()
+        };
         {
             // Rates restart from the reset counters.
             let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
@@ -765,6 +770,7 @@ impl Volume {
         drop(pending);
         Taken {
             id: self.id,
+            counts,
             bits,
             unknown_all,
             unknown,
@@ -783,6 +789,15 @@ impl Volume {
     /// The snapshot that took `t` failed: everything it took is dirty (or unknown) again.
     pub fn abort_taken(&self, t: &Taken) {
         self.bitmap.merge(&t.bits);
+        {
+            // The counters the barrier reset count again (the policy's dirty fractions and
+            // the change rates must not read low after an aborted snapshot).
+            let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+            for (p, (dirty, over)) in parts.iter().zip(&t.counts) {
+                p.counters.dirty_blocks.fetch_add(*dirty, Ordering::Relaxed);
+                p.counters.overwrites.fetch_add(*over, Ordering::Relaxed);
+            }
+        }
         if t.unknown_all {
             self.mark_unknown_all();
         }
@@ -804,6 +819,8 @@ impl Volume {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Taken {
     pub id: VolumeId,
+    /// Per partition: the dirty-block and overwrite counters the barrier reset.
+    pub counts: Vec<(u64, u64)>,
     /// Dirty bits since the previous snapshot, one per block.
     pub bits: Vec<u64>,
     /// Tracking was lost for the whole volume: rescan all of it.
