@@ -337,6 +337,7 @@ pub fn run_workers(captures: &[Arc<Capture>], workers: usize, failure: &Failure)
                     return;
                 };
                 captures[c].save_word(w);
+                captures[c].writer.pace();
             });
         }
     });

@@ -25,6 +25,8 @@ use crate::track::{fsync_dir, now_ns, write_durably, Geometry, VolumeId};
 
 /// A pack file is closed and the next one started once it would exceed this size.
 pub const PACK_LIMIT: u64 = 1 << 30;
+/// Bytes a build may append before `pace` starts their writeback.
+const PACE_CHUNK: u64 = 8 << 20;
 
 /// A volume as it is at the snapshot's instant (from the barrier's namespace record).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +55,10 @@ struct PackOut {
     file: File,
     name: String,
     len: u64,
+    /// Writeback started up to here (see `pace`).
+    flushing: u64,
+    /// Writeback waited for up to here.
+    flushed: u64,
 }
 
 #[derive(Default)]
@@ -308,6 +314,8 @@ impl SnapshotWriter {
                 file,
                 name,
                 len: PACK_HEADER_LEN,
+                flushing: 0,
+                flushed: 0,
             });
         }
         let idx = st.packs.len() - 1;
@@ -332,6 +340,52 @@ impl SnapshotWriter {
         }
         p.len = offset + len;
         Ok((idx as u32, offset))
+    }
+
+    /// Keep the build's dirty page cache small: once `PACE_CHUNK` bytes were appended since the
+    /// last call that did something, start their writeback and wait for the chunk before them.
+    /// Without this a large capture fills the page cache up to the kernel's dirty limit, and
+    /// then every writer on the machine, the volumes' own included, is throttled while it
+    /// drains (stalls of a second were measured). Call it from capture workers, never from a
+    /// user's write: it waits for the disk. The waiting happens outside the state lock.
+    pub fn pace(&self) {
+        let (file, start, wait) = {
+            let mut st = self.state();
+            let Some(p) = st.packs.last_mut() else {
+                return;
+            };
+            if p.len - p.flushing < PACE_CHUNK {
+                return;
+            }
+            let Ok(file) = p.file.try_clone() else {
+                return;
+            };
+            let start = (p.flushing, p.len);
+            let wait = (p.flushed, p.flushing);
+            p.flushed = p.flushing;
+            p.flushing = p.len;
+            (file, start, wait)
+        };
+        // Best effort: an error here shows again at the commit's fsync, which decides.
+        // SAFETY: sync_file_range on an fd we own.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                start.0 as i64,
+                (start.1 - start.0) as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+            if wait.1 > wait.0 {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    wait.0 as i64,
+                    (wait.1 - wait.0) as i64,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                );
+            }
+        }
     }
 
     /// Record a directory or symlink of the group's tree.
