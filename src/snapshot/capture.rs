@@ -317,6 +317,30 @@ impl BeforeChange for Capture {
     }
 }
 
+/// Put this thread's I/O in the idle class: a writer's copy-before-write, which the user's
+/// write waits for, must not queue behind the workers' reads of whole volumes (measured: cold
+/// FULL captures stalled 4 KiB writers for 250 ms without it). The kernel's I/O schedulers
+/// with priorities (mq-deadline, bfq) serve idle requests when nothing else waits, and age
+/// them so a busy volume delays the capture without starving it.
+fn background_io() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    thread_local! { static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
+    if DONE.with(|d| d.replace(true)) {
+        return;
+    }
+    // SAFETY: ioprio_set on the calling thread (who = 0); failure only means no priority.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        );
+    }
+}
+
 /// Run `workers` threads that copy every pending block of `captures` until none is left or
 /// the snapshot failed.
 pub fn run_workers(captures: &[Arc<Capture>], workers: usize, failure: &Failure) {
@@ -329,6 +353,7 @@ pub fn run_workers(captures: &[Arc<Capture>], workers: usize, failure: &Failure)
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| loop {
+                background_io();
                 if failure.failed() {
                     return;
                 }

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::warn;
 
@@ -52,7 +52,7 @@ struct VolumeBuild {
 }
 
 struct PackOut {
-    file: File,
+    file: Arc<File>,
     name: String,
     len: u64,
     /// Writeback started up to here (see `pace`).
@@ -261,44 +261,64 @@ impl SnapshotWriter {
                 data.len()
             )));
         }
-        let rec = if zero {
-            Record {
+        if zero {
+            st.volumes[vol.0].records.push(Record {
                 block,
                 pack: ZERO_PACK,
                 len: 0,
                 offset: 0,
                 hash,
-            }
-        } else {
-            let (pack, offset) = match self.append(&mut st, data, source) {
-                Ok(x) => x,
-                Err(e) => {
-                    st.failed = Some(e.to_string());
-                    return Err(e);
-                }
-            };
-            Record {
-                block,
-                pack,
-                len: data.len() as u32,
-                offset,
-                hash,
+            });
+            return Ok(());
+        }
+        // Reserve the place under the lock, write outside it: a writer's copy-before-write must
+        // not queue behind a worker's write that the kernel is throttling.
+        let (pack, offset, file, path) = match self.reserve(&mut st, data.len() as u64, source) {
+            Ok(x) => x,
+            Err(e) => {
+                st.failed = Some(e.to_string());
+                return Err(e);
             }
         };
-        st.volumes[vol.0].records.push(rec);
+        drop(st);
+        let copied = match source {
+            Some((src, at)) if (data.len() as u64).is_multiple_of(ALIGN) => {
+                copy_range(src, at, &file, offset, data.len() as u64)
+            }
+            _ => false,
+        };
+        let written = if copied {
+            Ok(())
+        } else {
+            file.write_all_at(data, offset).at(&path)
+        };
+        let mut st = self.state();
+        if let Err(e) = written {
+            st.failed = Some(e.to_string());
+            return Err(e);
+        }
+        st.volumes[vol.0].records.push(Record {
+            block,
+            pack,
+            len: data.len() as u32,
+            offset,
+            hash,
+        });
         Ok(())
     }
 
-    fn append(
+    /// Reserve `len` bytes in the current pack (starting a new one when it is full): the pack's
+    /// index, the offset, its file and path.
+    fn reserve(
         &self,
         st: &mut BuildState,
-        data: &[u8],
+        len: u64,
         source: Option<(&File, u64)>,
-    ) -> Result<(u32, u64)> {
+    ) -> Result<(u32, u64, Arc<File>, PathBuf)> {
         let need_new = st
             .packs
             .last()
-            .is_none_or(|p| align(p.len) + data.len() as u64 > PACK_LIMIT);
+            .is_none_or(|p| align(p.len) + len > PACK_LIMIT);
         if need_new {
             let name = format!("pack-{:06}", st.packs.len());
             let path = self.tmp.join(&name);
@@ -311,7 +331,7 @@ impl SnapshotWriter {
                 .at(&path)?;
             file.write_all_at(&pack_header(), 0).at(&path)?;
             st.packs.push(PackOut {
-                file,
+                file: Arc::new(file),
                 name,
                 len: PACK_HEADER_LEN,
                 flushing: 0,
@@ -320,26 +340,15 @@ impl SnapshotWriter {
         }
         let idx = st.packs.len() - 1;
         let p = &mut st.packs[idx];
-        let len = data.len() as u64;
-        // Whole blocks go at 4 KiB-aligned offsets, where a reflink can share extents; the gap
-        // before them is a hole. Records carry their offsets, so readers never notice.
+        // Whole blocks copied from the volume go at 4 KiB-aligned offsets, where a reflink can
+        // share extents; the gap before them is a hole. Records carry their offsets, so readers
+        // never notice.
         let offset = match source {
             Some(_) if len.is_multiple_of(ALIGN) => align(p.len),
             _ => p.len,
         };
-        let copied = match source {
-            Some((src, at)) if len.is_multiple_of(ALIGN) => {
-                copy_range(src, at, &p.file, offset, len)
-            }
-            _ => false,
-        };
-        if !copied {
-            p.file
-                .write_all_at(data, offset)
-                .at(self.tmp.join(&p.name))?;
-        }
         p.len = offset + len;
-        Ok((idx as u32, offset))
+        Ok((idx as u32, offset, p.file.clone(), self.tmp.join(&p.name)))
     }
 
     /// Keep the build's dirty page cache small: once `PACE_CHUNK` bytes were appended since the
@@ -357,9 +366,7 @@ impl SnapshotWriter {
             if p.len - p.flushing < PACE_CHUNK {
                 return;
             }
-            let Ok(file) = p.file.try_clone() else {
-                return;
-            };
+            let file = p.file.clone();
             let start = (p.flushing, p.len);
             let wait = (p.flushed, p.flushing);
             p.flushed = p.flushing;
