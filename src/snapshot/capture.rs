@@ -149,6 +149,11 @@ thread_local! {
 
 impl Capture {
     pub fn new(s: CaptureSpec) -> Capture {
+        // No readahead on the capture's own fd: pages the kernel reads ahead for a worker (in
+        // the idle I/O class) stay locked until that slow read completes, and a writer needing
+        // one of them would wait behind it. Blocks are read whole anyway.
+        // SAFETY: fadvise on an fd we own; failure only keeps readahead.
+        unsafe { libc::posix_fadvise(s.source.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
         Capture {
             path: s.path,
             source: s.source,
