@@ -93,10 +93,6 @@ fn locate(at: &Where) -> Result<(Config, PathBuf, PathBuf), CliError> {
     Ok((config, target.backing, store))
 }
 
-fn daemon_error(message: String) -> CliError {
-    CliError::Usage(message)
-}
-
 fn open_store(store: &Path) -> Result<Store, CliError> {
     if !store.join("snapshots").is_dir() {
         return Err(CliError::Usage(format!(
@@ -126,9 +122,9 @@ pub(super) fn run(args: &SnapshotArgs) -> Result<(), CliError> {
             });
             let report = match control::request_within(&store, &req, None) {
                 Ok(Response::Snapshot(r)) => r,
-                Ok(Response::Error { message }) => return Err(daemon_error(message)),
+                Ok(Response::Error { message }) => return Err(CliError::Usage(message)),
                 Ok(other) => {
-                    return Err(daemon_error(format!("daemon: unexpected answer {other:?}")))
+                    return Err(CliError::Usage(format!("daemon: unexpected answer {other:?}")))
                 }
                 Err(e) => {
                     return Err(CliError::Usage(format!(
@@ -254,9 +250,11 @@ pub(super) fn run(args: &SnapshotArgs) -> Result<(), CliError> {
                 None,
             ) {
                 Ok(Response::Deleted { .. }) => {}
-                Ok(Response::Error { message }) => return Err(daemon_error(message)),
+                Ok(Response::Error { message }) => return Err(CliError::Usage(message)),
                 Ok(other) => {
-                    return Err(daemon_error(format!("daemon: unexpected answer {other:?}")))
+                    return Err(CliError::Usage(format!(
+                        "daemon: unexpected answer {other:?}"
+                    )))
                 }
                 // No daemon: nothing else can be writing the store.
                 Err(e)

@@ -4,15 +4,13 @@
 //! It reads metadata only, never file content, and changes nothing.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 
 use glob::{MatchOptions, Pattern};
 
 use crate::fs::sys;
 use crate::store::{EntryKind, NamespaceEntry};
-use crate::track::VolumeId;
+use crate::track::{walk_tree, VolumeId, WalkErrors};
 
 /// The name of the implicit group of every regular file in the mount.
 pub const ALL: &str = "all";
@@ -115,7 +113,6 @@ pub fn walk(
     sel: &Selection,
 ) -> std::io::Result<GroupTree> {
     let root_stat = sys::fstat(root.as_raw_fd())?;
-    let top = sys::reopen(root.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
     let mut dirs = vec![TreeEntry {
         path: String::new(),
         stat: root_stat,
@@ -123,77 +120,34 @@ pub fn walk(
     }];
     let mut files = Vec::new();
     let mut links = Vec::new();
-    let mut stack = vec![(top, String::new())];
-    while let Some((dir, prefix)) = stack.pop() {
-        let listing = sys::proc_path(dir.as_raw_fd());
-        // Only a name removed while we walk may be skipped; any other error would leave part
-        // of the group out of the snapshot without a word, so it fails the walk.
-        let gone = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOENT);
-        let rd = match std::fs::read_dir(OsStr::from_bytes(listing.as_bytes())) {
-            Ok(rd) => rd,
-            Err(e) if gone(&e) => continue,
-            Err(e) => return Err(e),
-        };
-        for e in rd {
-            let name = e?.file_name();
-            if name.to_str().is_none() {
-                // Manifests and the `.snapshots` view name files in UTF-8.
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "{prefix}/{}: the name is not UTF-8, which snapshots cannot record yet; rename it",
-                        name.to_string_lossy()
-                    ),
-                ));
-            }
-            let c = sys::name_cstr(&name)?;
-            let st = match sys::fstatat(dir.as_raw_fd(), &c) {
-                Ok(st) => st,
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(e),
-            };
-            let path = if prefix.is_empty() {
-                name.to_string_lossy().into_owned()
-            } else {
-                format!("{prefix}/{}", name.to_string_lossy())
-            };
+    // Strict: only a name removed while we walk may be skipped; any other error would leave
+    // part of the group out of the snapshot without a word.
+    walk_tree(
+        root.as_raw_fd(),
+        skip,
+        WalkErrors::Fail,
+        |dir, name, path, st| {
             let mut entry = TreeEntry {
-                path,
-                stat: st,
+                path: path.to_string(),
+                stat: *st,
                 target: None,
             };
             match entry.kind() {
                 libc::S_IFREG => files.push(entry),
                 libc::S_IFLNK => {
-                    if let Ok(fd) = sys::open_path(dir.as_raw_fd(), &c) {
+                    if let Ok(fd) = sys::open_path(dir, name) {
                         if let Ok(t) = sys::readlink_fd(fd.as_raw_fd()) {
                             entry.target = Some(String::from_utf8_lossy(&t).into_owned());
                         }
                     }
                     links.push(entry);
                 }
-                libc::S_IFDIR => {
-                    if skip == Some((st.st_dev, st.st_ino)) {
-                        continue;
-                    }
-                    match sys::openat(
-                        dir.as_raw_fd(),
-                        &c,
-                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                        0,
-                    ) {
-                        Ok(sub) => stack.push((sub, entry.path.clone())),
-                        // Removed, or replaced by a non-directory, since its stat.
-                        Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => {}
-                        Err(e) => return Err(e),
-                    }
-                    dirs.push(entry);
-                }
+                libc::S_IFDIR => dirs.push(entry),
                 // Fifos, sockets and devices are not volumes and hold no data to keep.
                 _ => {}
             }
-        }
-    }
+        },
+    )?;
     let mut tree = GroupTree::default();
     let mut wanted: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut want_parents = |path: &str| {
@@ -229,6 +183,7 @@ pub fn walk(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     fn root(dir: &std::path::Path) -> OwnedFd {
         let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();

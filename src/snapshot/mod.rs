@@ -27,8 +27,9 @@ use crate::config::{GroupConfig, PolicyConfig};
 use crate::fs::sys;
 use crate::policy::{self, Decision, Kind, PartitionState};
 use crate::store::{
-    check_name, Manifest, PartitionKind, SnapshotWriter, Store, StoreError, VolumeEntry, VolumeMeta,
+    check_name, Manifest, PartitionKind, SnapshotWriter, Store, StoreError, VolumeMeta,
 };
+use crate::track::bitmap::{count_words_range, for_words};
 use crate::track::{now_ns, ChangeMap, Geometry, Taken, Tracker, Volume, VolumeId};
 use capture::{BlockAction, Capture, CaptureSpec, CaptureStats, Failure};
 use group::{GroupTree, Selection, ALL};
@@ -308,17 +309,29 @@ impl Engine {
         )))
     }
 
-    /// Walk the group and ready its volumes for the barrier.
-    fn prepare(
-        &self,
-        sel: &Selection,
-        parent: Option<&Manifest>,
-    ) -> Result<(GroupTree, HashMap<VolumeId, Prepared>)> {
+    /// Walk the backing dir for the files of `group`; an error if it has none.
+    fn walk_group(&self, group: &str, sel: &Selection) -> Result<GroupTree> {
         let tree =
             group::walk(&self.root, self.store_key, sel).map_err(|source| SnapshotError::Io {
                 what: "walking the backing dir".into(),
                 source,
             })?;
+        if tree.volumes.is_empty() {
+            return Err(SnapshotError::Request(format!(
+                "group {group:?} has no regular file in the backing dir"
+            )));
+        }
+        Ok(tree)
+    }
+
+    /// Walk the group and ready its volumes for the barrier.
+    fn prepare(
+        &self,
+        group: &str,
+        sel: &Selection,
+        parent: Option<&Manifest>,
+    ) -> Result<HashMap<VolumeId, Prepared>> {
+        let tree = self.walk_group(group, sel)?;
         let mut out = HashMap::new();
         for (id, e) in &tree.volumes {
             // O_PATH first: whatever the name is now (a fifo swapped in would block a plain
@@ -350,14 +363,8 @@ impl Engine {
                 }
             })?;
             let volume = self.tracker.volume(*id, st.st_size as u64, false);
-            volume.attach_fd(|| {
-                sys::open_beneath(self.root.as_raw_fd(), &e.path, libc::O_PATH)
-                    .ok()
-                    .filter(|fd| {
-                        sys::fstat(fd.as_raw_fd())
-                            .is_ok_and(|s| (s.st_dev, s.st_ino) == (id.dev, id.ino))
-                    })
-            });
+            // The O_PATH fd already checked above is what the volume holds on its inode.
+            volume.attach_fd(|| Some(path_fd));
             volume.first_stamp(&st);
             // A change made behind the overlay's back since the last tick must count in this
             // snapshot, not only in the next: look now, as a tick would.
@@ -383,7 +390,7 @@ impl Engine {
                 },
             );
         }
-        Ok((tree, out))
+        Ok(out)
     }
 
     /// Whether `v`'s dirty bits are relative to `parent`.
@@ -403,11 +410,10 @@ impl Engine {
         sel: &Selection,
         parent: Option<&Manifest>,
     ) -> Result<Option<CreateReport>> {
-        let (_, mut prepared) = self.prepare(sel, parent)?;
+        let mut prepared = self.prepare(group, sel, parent)?;
         if prepared.is_empty() {
-            return Err(SnapshotError::Request(format!(
-                "group {group:?} has no regular file in the backing dir"
-            )));
+            // Every file the walk found went before it could be opened: walk again.
+            return Ok(None);
         }
         let geometry = self.tracker.geometry();
         let writer =
@@ -567,18 +573,8 @@ impl Engine {
                 continue;
             };
             let size = entry.stat.st_size as u64;
-            let parent_vol = parent.and_then(|p| p.volume(v.id));
             let base_ok = self.base_is(v, parent);
-            let plan = plan(
-                t,
-                size,
-                geometry,
-                &prep.map,
-                parent_vol,
-                base_ok,
-                parent,
-                &self.policy,
-            );
+            let plan = plan(t, size, geometry, &prep.map, base_ok, parent, &self.policy);
             if plan.iter().any(|d| d.rescan) && prep.parent_hashes.is_none() {
                 // Tracking was lost between the walk and the barrier (rare): read the
                 // parent's hashes now.
@@ -698,16 +694,7 @@ impl Engine {
         sel: &Selection,
         parent: Option<&Manifest>,
     ) -> Result<CreateReport> {
-        let tree =
-            group::walk(&self.root, self.store_key, sel).map_err(|source| SnapshotError::Io {
-                what: "walking the backing dir".into(),
-                source,
-            })?;
-        if tree.volumes.is_empty() {
-            return Err(SnapshotError::Request(format!(
-                "group {group:?} has no regular file in the backing dir"
-            )));
-        }
+        let tree = self.walk_group(&group, sel)?;
         let geometry = self.tracker.geometry();
         let mut volumes = Vec::new();
         for (id, e) in &tree.volumes {
@@ -725,17 +712,7 @@ impl Engine {
                     (taken_view(&v, &map), map, false)
                 }
             };
-            let parent_vol = parent.and_then(|p| p.volume(*id));
-            let plan = plan(
-                &taken,
-                size,
-                geometry,
-                &map,
-                parent_vol,
-                base_ok,
-                parent,
-                &self.policy,
-            );
+            let plan = plan(&taken, size, geometry, &map, base_ok, parent, &self.policy);
             volumes.push(VolumeReport {
                 path: e.path.clone(),
                 size,
@@ -798,33 +775,26 @@ fn partition_report(d: &Decision) -> PartitionReport {
     }
 }
 
-#[cfg(test)]
-fn bit(bits: &[u64], b: u64) -> bool {
-    bits.get((b / 64) as usize)
-        .is_some_and(|w| w & (1 << (b % 64)) != 0)
-}
-
 /// The policy's decision for every partition of a volume of `size` bytes, from what the
 /// barrier took. `base_ok`: the dirty bits are relative to `parent` (otherwise every partition
 /// the parent has is rescanned, unless a FULL rule applies).
-#[allow(clippy::too_many_arguments)]
 fn plan(
     t: &Taken,
     size: u64,
     g: Geometry,
     map: &ChangeMap,
-    parent_vol: Option<&VolumeEntry>,
     base_ok: bool,
     parent: Option<&Manifest>,
     policy_config: &PolicyConfig,
 ) -> Vec<Decision> {
     let bpp = g.blocks_per_partition();
     let nblocks = g.blocks(size);
+    let parent_vol = parent.and_then(|m| m.volume(t.id));
     (0..g.partitions(size))
         .map(|p| {
             let first = p * bpp;
             let end = (first + bpp).min(nblocks);
-            let dirty = count_range(&t.bits, first, end);
+            let dirty = count_words_range(&t.bits, first, end);
             let state = PartitionState {
                 partition: p,
                 blocks: end - first,
@@ -868,33 +838,6 @@ fn pending_blocks(t: &Taken, size: u64, g: Geometry, plan: &[Decision]) -> Vec<u
     words
 }
 
-/// Call `f(word, mask)` for each word of bits `first..end`, with the mask of the bits in range:
-/// work in words, not bits, so the barrier stays quick on volumes of millions of blocks.
-fn for_words(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
-    let mut b = first;
-    while b < end {
-        let w = b / 64;
-        let lo = b % 64;
-        let hi = (end - w * 64).min(64);
-        let mask = if hi - lo == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << (hi - lo)) - 1) << lo
-        };
-        f(w as usize, mask);
-        b = (w + 1) * 64;
-    }
-}
-
-/// The number of set bits of `bits` in `first..end`.
-fn count_range(bits: &[u64], first: u64, end: u64) -> u64 {
-    let mut n = 0;
-    for_words(first, end, |w, mask| {
-        n += (bits.get(w).copied().unwrap_or(0) & mask).count_ones() as u64
-    });
-    n
-}
-
 /// Detach the captures from their volumes and wait for writers inside the gates to leave, so
 /// that no writer still holds a capture (and with it the store writer).
 fn detach(captures: &[(Arc<Volume>, Arc<Capture>)]) {
@@ -931,20 +874,6 @@ pub fn utc_stamp(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn word_ranges_count_and_mask_exactly() {
-        let bits = vec![u64::MAX, 0b1011, u64::MAX];
-        assert_eq!(count_range(&bits, 0, 192), 64 + 3 + 64);
-        assert_eq!(count_range(&bits, 3, 5), 2);
-        assert_eq!(count_range(&bits, 63, 66), 1 + 1 + 1);
-        assert_eq!(count_range(&bits, 64, 64), 0);
-        assert_eq!(count_range(&bits, 190, 200), 2);
-        for (first, end) in [(0, 1), (5, 70), (64, 128), (1, 191)] {
-            let slow = (first..end).filter(|&b| bit(&bits, b)).count() as u64;
-            assert_eq!(count_range(&bits, first, end), slow, "{first}..{end}");
-        }
-    }
 
     #[test]
     fn utc_stamps_are_civil_dates() {

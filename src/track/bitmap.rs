@@ -93,21 +93,11 @@ impl DirtyBitmap {
     pub fn count_range(&self, first: u64, end: u64) -> u64 {
         let words = self.words.read().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
-        let mut b = first;
-        while b < end {
-            let wi = (b / 64) as usize;
-            let Some(w) = words.get(wi) else { break };
-            let w = w.load(Ordering::Acquire);
-            let lo = b % 64;
-            let hi = (end - (wi as u64) * 64).min(64);
-            let mask = if hi - lo == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
-            n += (w & mask).count_ones() as u64;
-            b = (wi as u64 + 1) * 64;
-        }
+        for_words(first, end, |wi, mask| {
+            if let Some(w) = words.get(wi) {
+                n += (w.load(Ordering::Acquire) & mask).count_ones() as u64;
+            }
+        });
         n
     }
 
@@ -161,10 +151,53 @@ impl DirtyBitmap {
     }
 }
 
+/// Call `f(word, mask)` for each word of bits `first..end`, with the mask of the bits in range:
+/// bitmap work in words, not bits, so it stays quick on volumes of millions of blocks.
+pub fn for_words(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
+    let mut b = first;
+    while b < end {
+        let w = b / 64;
+        let lo = b % 64;
+        let hi = (end - w * 64).min(64);
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        f(w as usize, mask);
+        b = (w + 1) * 64;
+    }
+}
+
+/// Set bits of a plain word slice in `first..end` (bits past the slice count as clear).
+pub fn count_words_range(bits: &[u64], first: u64, end: u64) -> u64 {
+    let mut n = 0;
+    for_words(first, end, |w, mask| {
+        n += (bits.get(w).copied().unwrap_or(0) & mask).count_ones() as u64
+    });
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn word_ranges_count_and_mask_exactly() {
+        let bits = vec![u64::MAX, 0b1011, u64::MAX];
+        assert_eq!(count_words_range(&bits, 0, 192), 64 + 3 + 64);
+        assert_eq!(count_words_range(&bits, 3, 5), 2);
+        assert_eq!(count_words_range(&bits, 63, 66), 1 + 1 + 1);
+        assert_eq!(count_words_range(&bits, 64, 64), 0);
+        assert_eq!(count_words_range(&bits, 190, 200), 2);
+        for (first, end) in [(0, 1), (5, 70), (64, 128), (1, 191)] {
+            let slow = (first..end)
+                .filter(|&b| bits[(b / 64) as usize] & (1 << (b % 64)) != 0)
+                .count() as u64;
+            assert_eq!(count_words_range(&bits, first, end), slow, "{first}..{end}");
+        }
+    }
 
     #[test]
     fn mark_counts_new_and_old_bits() {

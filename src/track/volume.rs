@@ -467,14 +467,7 @@ impl Volume {
         if self.written_since_tick.load(Ordering::Acquire) {
             return false;
         }
-        let before = self.stamp();
-        let moved = match self.refresh_stamp() {
-            Some(now) if before != FileStamp::default() && now != before => {
-                self.mark_unknown_all();
-                true
-            }
-            _ => false,
-        };
+        let moved = self.restamp(false);
         self.written_since_tick.store(true, Ordering::Release);
         moved
     }
@@ -485,10 +478,16 @@ impl Volume {
     pub fn check_stamp(&self) -> bool {
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let touched = self.written_since_tick.swap(false, Ordering::Relaxed);
+        self.restamp(touched)
+    }
+
+    /// Refresh the stamp; if it moved in a way our own changes do not explain (`touched`: the
+    /// overlay changed the file since the last check), mark the volume unknown and return true.
+    /// Our own changes explain a moved stamp only up to the ctime of the last of them: a later
+    /// ctime is a change behind our back made after it (within one tick of the clock, a change
+    /// right after ours can still hide behind it).
+    fn restamp(&self, touched: bool) -> bool {
         let before = self.stamp();
-        // Our own changes explain a moved stamp only up to the ctime of the last of them: a
-        // later ctime is a change behind our back made after it (within one tick of the clock,
-        // a change right after ours can still hide behind it).
         let own_until = self.last_own_change_ns.load(Ordering::Relaxed) as i128;
         match self.refresh_stamp() {
             Some(now)
