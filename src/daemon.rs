@@ -404,6 +404,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
 
     let store_inside = req.store.starts_with(&req.backing);
     let tracking = &req.config.tracking;
+    replay_deferred(&req.backing, &store);
     let tracker = if tracking.enabled {
         let geometry = Geometry {
             block_size: tracking.block_size,
@@ -593,6 +594,26 @@ impl Ticker {
 }
 
 /// The snapshot engine of this mount.
+/// Writes a killed daemon had accepted but not yet written (parked during a capture) go to
+/// their files before anything else looks at them.
+fn replay_deferred(backing: &Path, store: &Path) {
+    let root = match File::open(backing) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!("opening {} to replay parked writes: {e}", backing.display());
+            return;
+        }
+    };
+    match crate::snapshot::deferred::replay(store, root.as_raw_fd()) {
+        Ok(lines) => {
+            for l in lines {
+                warn!("parked writes of a previous daemon: {l}");
+            }
+        }
+        Err(e) => warn!("replaying parked writes of a previous daemon: {e}"),
+    }
+}
+
 fn start_engine(
     req: &MountRequest,
     store: &Path,
@@ -606,6 +627,7 @@ fn start_engine(
         policy: req.config.policy.clone(),
         groups: req.config.groups.clone(),
         workers: req.config.threads.clamp(1, 4),
+        defer_writes: true,
         flush: Box::new(move || {
             // Dirty pages of shared writable mappings reach us only at writeback; syncfs on
             // the mount pushes them through our own write path before the barrier.

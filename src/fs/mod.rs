@@ -452,6 +452,20 @@ impl OverlayFs {
         change: impl FnOnce() -> FsResult<T>,
         record: impl FnOnce(&Volume, Option<&T>, u64, u64),
     ) -> FsResult<T> {
+        self.tracked_or_deferred(volume, range, |_| Ok(None), change, record)
+    }
+
+    /// `tracked`, where `defer` may hand the change to a capture in progress instead of making
+    /// it copy the old content first (a plain write: see `snapshot::deferred`); Some(result)
+    /// when it did, and `change` is then not run.
+    fn tracked_or_deferred<T>(
+        &self,
+        volume: Option<&Arc<Volume>>,
+        range: impl FnOnce() -> FsResult<(u64, u64)>,
+        defer: impl FnOnce(&Volume) -> FsResult<Option<T>>,
+        change: impl FnOnce() -> FsResult<T>,
+        record: impl FnOnce(&Volume, Option<&T>, u64, u64),
+    ) -> FsResult<T> {
         let (Some(v), Some(t)) = (volume, self.tracker.as_ref()) else {
             return change();
         };
@@ -462,11 +476,27 @@ impl OverlayFs {
         // after it would otherwise lose track of it.
         t.before_change(v, offset, len)
             .map_err(FsError::backing("write intent"))?;
-        // A snapshot being captured gets the old content first.
-        v.before_change(offset, len);
-        let r = change();
+        let r = match defer(v)? {
+            Some(done) => Ok(done),
+            None => {
+                // A snapshot being captured gets the old content first.
+                v.before_change(offset, len);
+                change()
+            }
+        };
         record(v, r.as_ref().ok(), offset, len);
         r
+    }
+
+    /// The tracked volume of an open file, also for handles that cannot write, while a capture
+    /// runs (None otherwise): what reads it must wait for writes parked on it.
+    fn parked_on(&self, h: &FileHandle) -> Option<Arc<Volume>> {
+        if !crate::track::any_capture() {
+            return None;
+        }
+        h.volume
+            .clone()
+            .or_else(|| self.tracker.as_ref()?.get(volume_id(h.inode.key)))
     }
 
     /// The volume id of the regular file `name` in `dir` if its last link is about to go.
@@ -967,6 +997,9 @@ impl OverlayFs {
             return v.read(fh, offset, size, with);
         }
         let h = self.file(fh)?;
+        if let Some(v) = self.parked_on(&h) {
+            v.settle(offset, size as u64);
+        }
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             sys::pread_into(h.file.as_raw_fd(), &mut buf, size as usize, offset)
@@ -982,9 +1015,21 @@ impl OverlayFs {
         }
         let h = self.file(fh)?;
         let len = data.len() as u64;
-        let written = self.tracked(
+        let written = self.tracked_or_deferred(
             h.volume.as_ref(),
             || Ok((offset, len)),
+            |v| {
+                // O_SYNC and O_DSYNC writes must be on disk when they return: never parked.
+                if crate::track::any_capture()
+                    && sys::open_flags(h.file.as_raw_fd()).is_ok_and(|f| f & libc::O_DSYNC == 0)
+                {
+                    return v
+                        .defer_write(offset, data)
+                        .map(|parked| parked.then_some(data.len()))
+                        .map_err(FsError::backing("write"));
+                }
+                Ok(None)
+            },
             || sys::pwrite_all(h.file.as_raw_fd(), data, offset).map_err(FsError::backing("write")),
             |v, done, _, _| match done {
                 Some(_) => {
@@ -1024,6 +1069,16 @@ impl OverlayFs {
             return v.check_handle(fh);
         }
         let h = self.file(fh)?;
+        if let Some(v) = self.parked_on(&h) {
+            v.settle(0, 0);
+        }
+        if let Some(v) = &h.volume {
+            // A write parked during a capture that failed when it landed, reported as the
+            // kernel reports a failed writeback.
+            if let Some(e) = v.take_write_error() {
+                return Err(FsError::backing("fsync")(e));
+            }
+        }
         sys::fsync(h.file.as_raw_fd(), datasync).map_err(FsError::backing("fsync"))
     }
 
@@ -1076,6 +1131,11 @@ impl OverlayFs {
             return v.lseek(fh, offset, whence);
         }
         let h = self.file(fh)?;
+        if whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE {
+            if let Some(v) = self.parked_on(&h) {
+                v.settle(0, 0);
+            }
+        }
         sys::lseek(h.file.as_raw_fd(), offset, whence).map_err(FsError::backing("lseek"))
     }
 
@@ -1100,6 +1160,9 @@ impl OverlayFs {
         }
         let a = self.file(fh_in)?;
         let b = self.file(fh_out)?;
+        if let Some(v) = self.parked_on(&a) {
+            v.settle(off_in, len);
+        }
         self.tracked(
             b.volume.as_ref(),
             || Ok((off_out, len)),

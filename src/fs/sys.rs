@@ -299,6 +299,12 @@ pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
     .map(drop)
 }
 
+/// The file status flags of an open fd (fcntl F_GETFL).
+pub fn open_flags(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: fcntl F_GETFL reads flags of an fd; no memory is passed.
+    check(unsafe { libc::fcntl(fd, libc::F_GETFL) })
+}
+
 pub fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     check(unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) }).map(drop)
 }

@@ -17,8 +17,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::deferred::{Deferred, Parked};
 use crate::store::{SnapshotWriter, VolumeHandle};
-use crate::track::{BeforeChange, Geometry};
+use crate::track::{BeforeChange, Geometry, Volume};
 
 /// Stripe locks per volume: enough that a writer and a worker rarely meet on one.
 const STRIPES: usize = 64;
@@ -102,6 +103,8 @@ pub struct CaptureStats {
     pub unchanged: u64,
     /// Blocks skipped as holes.
     pub holes: u64,
+    /// Writes parked until their blocks were saved, instead of making the writer copy them.
+    pub deferred_writes: u64,
 }
 
 /// The capture of one volume of a snapshot being taken.
@@ -119,6 +122,14 @@ pub struct Capture {
     handle: VolumeHandle,
     failure: Arc<Failure>,
     stripes: Vec<Mutex<()>>,
+    /// The live volume (writes taken over land through it, as the overlay's own).
+    volume: Arc<Volume>,
+    /// Writes taken over (None: this volume copies before every write).
+    deferred: Option<Deferred>,
+    /// Blocks that parked writes wait for: the workers copy these first.
+    urgent: Mutex<Vec<u64>>,
+    urgent_n: AtomicUsize,
+    deferred_writes: AtomicU64,
     by_writers: AtomicU64,
     by_workers: AtomicU64,
     unchanged: AtomicU64,
@@ -141,6 +152,8 @@ pub struct CaptureSpec {
     pub writer: Arc<SnapshotWriter>,
     pub handle: VolumeHandle,
     pub failure: Arc<Failure>,
+    pub volume: Arc<Volume>,
+    pub deferred: Option<Deferred>,
 }
 
 thread_local! {
@@ -166,6 +179,11 @@ impl Capture {
             handle: s.handle,
             failure: s.failure,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            volume: s.volume,
+            deferred: s.deferred,
+            urgent: Mutex::new(Vec::new()),
+            urgent_n: AtomicUsize::new(0),
+            deferred_writes: AtomicU64::new(0),
             by_writers: AtomicU64::new(0),
             by_workers: AtomicU64::new(0),
             unchanged: AtomicU64::new(0),
@@ -184,6 +202,46 @@ impl Capture {
             by_workers: self.by_workers.load(Ordering::Relaxed),
             unchanged: self.unchanged.load(Ordering::Relaxed),
             holes: self.holes.load(Ordering::Relaxed),
+            deferred_writes: self.deferred_writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Copy the blocks parked writes wait for, then let those writes land.
+    pub fn serve_urgent(&self) {
+        if self.urgent_n.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        loop {
+            let next = {
+                let mut u = self.urgent.lock().unwrap_or_else(|p| p.into_inner());
+                let b = u.pop();
+                self.urgent_n.store(u.len(), Ordering::Release);
+                b
+            };
+            let Some(b) = next else { break };
+            if self.save(b) {
+                self.by_workers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.land_parked();
+    }
+
+    /// Apply the parked writes whose blocks are saved.
+    fn land_parked(&self) {
+        if let Some(d) = &self.deferred {
+            d.apply_ready(
+                &self.volume,
+                &|b| self.pending.is_set(b),
+                self.failure.failed(),
+            );
+        }
+    }
+
+    /// The capture is over (done, failed or abandoned): no more parking, and every parked
+    /// write lands now. Call before detaching the capture from its volume.
+    pub fn finish(&self) {
+        if let Some(d) = &self.deferred {
+            d.finish(&self.volume);
         }
     }
 
@@ -282,6 +340,7 @@ impl Capture {
         };
         let mut bits = word.load(Ordering::Acquire);
         while bits != 0 && !self.failure.failed() {
+            self.serve_urgent();
             let i = bits.trailing_zeros() as u64;
             bits &= bits - 1;
             if self.save(w as u64 * 64 + i) {
@@ -304,6 +363,8 @@ impl Capture {
 
 impl BeforeChange for Capture {
     fn before_change(&self, offset: u64, len: u64) {
+        // Writes parked on these bytes come first: this change is later than they are.
+        self.settle(offset, len);
         if self.pending.left.load(Ordering::Relaxed) == 0 || self.failure.failed() {
             return;
         }
@@ -318,6 +379,47 @@ impl BeforeChange for Capture {
             if self.save(b) {
                 self.by_writers.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        self.land_parked();
+    }
+
+    fn defer_write(&self, offset: u64, data: &[u8]) -> std::io::Result<bool> {
+        let Some(d) = &self.deferred else {
+            return Ok(false);
+        };
+        if (self.pending.left.load(Ordering::Relaxed) == 0 && !d.any()) || self.failure.failed() {
+            return Ok(false);
+        }
+        // A write that grows the file is not parked: until it landed, the file's size would
+        // not show it.
+        if offset.saturating_add(data.len() as u64) > self.volume.size() {
+            return Ok(false);
+        }
+        match d.park(offset, data, &|b| self.pending.is_set(b)) {
+            Parked::Yes(copy_first) => {
+                self.deferred_writes.fetch_add(1, Ordering::Relaxed);
+                if !copy_first.is_empty() {
+                    let mut u = self.urgent.lock().unwrap_or_else(|p| p.into_inner());
+                    // Served last in, first out: the newest write's blocks first, as the
+                    // writer is likely to read back what it just wrote.
+                    u.extend(copy_first.iter().rev());
+                    self.urgent_n.store(u.len(), Ordering::Release);
+                }
+                Ok(true)
+            }
+            Parked::NotNeeded | Parked::No => Ok(false),
+        }
+    }
+
+    fn settle(&self, offset: u64, len: u64) {
+        if let Some(d) = &self.deferred {
+            d.settle(
+                &self.volume,
+                offset,
+                len,
+                &|b| self.pending.is_set(b),
+                &|| self.failure.failed(),
+            );
         }
     }
 }
@@ -361,6 +463,9 @@ pub fn run_workers(captures: &[Arc<Capture>], workers: usize, failure: &Failure)
                 background_io();
                 if failure.failed() {
                     return;
+                }
+                for cap in captures {
+                    cap.serve_urgent();
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&(c, w)) = work.get(i) else {

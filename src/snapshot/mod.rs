@@ -12,6 +12,7 @@
 //! store writer's state.
 
 pub mod capture;
+pub mod deferred;
 pub mod group;
 
 use std::collections::{HashMap, HashSet};
@@ -92,6 +93,9 @@ pub struct CreateReport {
     /// Blocks saved by writers (copy-before-write) and by the capture workers.
     pub blocks_by_writers: u64,
     pub blocks_by_workers: u64,
+    /// Writes parked until their blocks were saved (their writers did not copy them).
+    #[serde(default)]
+    pub writes_deferred: u64,
     /// Blocks of rescanned partitions found unchanged.
     pub blocks_unchanged: u64,
 }
@@ -131,6 +135,9 @@ pub struct Engine {
     /// barrier sees them; a no-op without a mount.
     flush: Box<dyn Fn() + Send + Sync>,
     busy: Mutex<()>,
+    /// The store's journal dir for writes parked during captures (None: writers copy before
+    /// writing).
+    deferred_dir: Option<OwnedFd>,
 }
 
 /// Everything the engine is built from.
@@ -143,11 +150,15 @@ pub struct EngineOptions {
     /// Capture worker threads.
     pub workers: usize,
     pub flush: Box<dyn Fn() + Send + Sync>,
+    /// Park writes to blocks not yet captured instead of copying them first (see
+    /// `deferred`).
+    pub defer_writes: bool,
 }
 
 /// A volume readied before the barrier.
 struct Prepared {
     source: File,
+    deferred: Option<deferred::Deferred>,
     /// The change map before the barrier (its rates feed the policy).
     map: ChangeMap,
     parent_hashes: Option<HashMap<u64, Option<[u8; 32]>>>,
@@ -182,6 +193,16 @@ impl Engine {
             use std::os::unix::fs::MetadataExt;
             (m.dev(), m.ino())
         });
+        let deferred_dir = if o.defer_writes {
+            Some(
+                deferred::open_dir(&o.store_dir).map_err(|source| SnapshotError::Io {
+                    what: format!("opening {}", o.store_dir.join(deferred::DIR).display()),
+                    source,
+                })?,
+            )
+        } else {
+            None
+        };
         Ok(Engine {
             root,
             store_key,
@@ -192,6 +213,7 @@ impl Engine {
             workers: o.workers.max(1),
             flush: o.flush,
             busy: Mutex::new(()),
+            deferred_dir,
         })
     }
 
@@ -362,6 +384,12 @@ impl Engine {
                     source,
                 }
             })?;
+            // Parking writes needs a writable fd of our own on the volume; without one (a
+            // read-only file for a daemon that is not root), writers copy first.
+            let target = self
+                .deferred_dir
+                .as_ref()
+                .and_then(|_| sys::reopen(path_fd.as_raw_fd(), libc::O_WRONLY).ok());
             let volume = self.tracker.volume(*id, st.st_size as u64, false);
             // The O_PATH fd already checked above is what the volume holds on its inode.
             volume.attach_fd(|| Some(path_fd));
@@ -381,10 +409,18 @@ impl Engine {
                 (true, Some(p)) => Some(self.store.block_hashes(&p.name, *id)?),
                 _ => None,
             };
+            let deferred = match (&self.deferred_dir, target) {
+                (Some(dir), Some(target)) => dir.try_clone().ok().and_then(|dir| {
+                    let bs = self.tracker.geometry().block_size;
+                    deferred::Deferred::new(dir, *id, &e.path, File::from(target), bs).ok()
+                }),
+                _ => None,
+            };
             out.insert(
                 *id,
                 Prepared {
                     source: File::from(fd),
+                    deferred,
                     map,
                     parent_hashes,
                 },
@@ -460,6 +496,7 @@ impl Engine {
             stats.by_writers += s.by_writers;
             stats.by_workers += s.by_workers;
             stats.unchanged += s.unchanged;
+            stats.deferred_writes += s.deferred_writes;
         }
         let left: u64 = caps.iter().map(|c| c.left()).sum();
         drop(caps);
@@ -642,6 +679,8 @@ impl Engine {
                 writer: writer.clone(),
                 handle,
                 failure: failure.clone(),
+                volume: v.clone(),
+                deferred: prep.deferred.take(),
             }));
             v.set_capture(Some(cap.clone()));
             r.captures.push((v.clone(), cap));
@@ -682,6 +721,7 @@ impl Engine {
             volumes,
             blocks_by_writers: stats.by_writers,
             blocks_by_workers: stats.by_workers,
+            writes_deferred: stats.deferred_writes,
             blocks_unchanged: stats.unchanged,
         }
     }
@@ -841,6 +881,10 @@ fn pending_blocks(t: &Taken, size: u64, g: Geometry, plan: &[Decision]) -> Vec<u
 /// Detach the captures from their volumes and wait for writers inside the gates to leave, so
 /// that no writer still holds a capture (and with it the store writer).
 fn detach(captures: &[(Arc<Volume>, Arc<Capture>)]) {
+    // Parked writes land before the capture goes: after it, nothing would apply them.
+    for (_, c) in captures {
+        c.finish();
+    }
     for (v, _) in captures {
         v.set_capture(None);
     }

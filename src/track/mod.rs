@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use intent::IntentLog;
 pub use volume::{
-    BeforeChange, ChangeMap, FileStamp, Geometry, PartitionMap, SavedVolume, Taken, Volume,
-    VolumeId,
+    any_capture, BeforeChange, ChangeMap, FileStamp, Geometry, PartitionMap, SavedVolume, Taken,
+    Volume, VolumeId,
 };
 
 /// Format version of the saved tracking state.

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
@@ -115,6 +115,26 @@ pub struct Partition {
 pub trait BeforeChange: Send + Sync {
     /// `offset..offset+len` (len > 0) of the volume is about to change.
     fn before_change(&self, offset: u64, len: u64);
+
+    /// A plain write of `data` at `offset` is about to happen: take it over if it would have
+    /// to wait for copy-before-write. Ok(true): taken; the caller must not write it, the
+    /// capture writes it once the blocks under it are saved. Err: the write must fail (no
+    /// space for it).
+    fn defer_write(&self, _offset: u64, _data: &[u8]) -> std::io::Result<bool> {
+        Ok(false)
+    }
+
+    /// Wait until every write taken over that overlaps `offset..offset+len` (len 0: the whole
+    /// volume) is in the backing file.
+    fn settle(&self, _offset: u64, _len: u64) {}
+}
+
+/// Captures attached to any volume of this process: the read path's fast check.
+static ATTACHED: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether any volume has a capture attached.
+pub fn any_capture() -> bool {
+    ATTACHED.load(Ordering::Acquire) != 0
 }
 
 /// The capture slot of a volume: empty on the write path's fast path.
@@ -177,6 +197,8 @@ pub struct Volume {
     capture: CaptureSlot,
     /// The committed snapshot the dirty bits are relative to: (name, created_ns).
     base: Mutex<Option<(String, u64)>>,
+    /// errno of a taken-over write that failed after it returned (0: none).
+    write_error: AtomicI32,
 }
 
 impl Volume {
@@ -201,6 +223,7 @@ impl Volume {
             last_own_change_ns: AtomicU64::new(0),
             capture: CaptureSlot::default(),
             base: Mutex::new(None),
+            write_error: AtomicI32::new(0),
         }
     }
 
@@ -212,27 +235,86 @@ impl Volume {
             .capture
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        self.capture
+        let was = self
+            .capture
             .attached
-            .store(capture.is_some(), Ordering::Release);
+            .swap(capture.is_some(), Ordering::AcqRel);
+        match (was, capture.is_some()) {
+            (false, true) => {
+                ATTACHED.fetch_add(1, Ordering::AcqRel);
+            }
+            (true, false) => {
+                ATTACHED.fetch_sub(1, Ordering::AcqRel);
+            }
+            _ => {}
+        }
         *slot = capture;
+    }
+
+    /// Run `f` on the attached capture, if any, holding the slot: once `set_capture(None)`
+    /// returns, no thread is still inside the capture (the engine then takes its store
+    /// writer back), whether it came through the gate (writers) or not (readers).
+    fn with_capture<R>(&self, f: impl FnOnce(&dyn BeforeChange) -> R) -> Option<R> {
+        if !self.capture.attached.load(Ordering::Acquire) {
+            return None;
+        }
+        let slot = self
+            .capture
+            .capture
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        slot.as_deref().map(f)
+    }
+
+    /// Let an attached capture take over a plain write (see `BeforeChange::defer_write`).
+    /// Call inside the gate, after the write intent.
+    pub fn defer_write(&self, offset: u64, data: &[u8]) -> std::io::Result<bool> {
+        if data.is_empty() {
+            return Ok(false);
+        }
+        self.with_capture(|c| c.defer_write(offset, data))
+            .unwrap_or(Ok(false))
+    }
+
+    /// Wait until writes a capture took over for `offset..offset+len` (len 0: all) are in the
+    /// backing file: call before reading or changing those bytes by other means.
+    pub fn settle(&self, offset: u64, len: u64) {
+        self.with_capture(|c| c.settle(offset, len));
+    }
+
+    /// Run `write`, a change to the backing file made for the overlay outside the write path
+    /// (a write a capture took over), so the stamp check takes it as ours: no stamp check can
+    /// run between the change and the note.
+    pub fn own_change<T>(&self, write: impl FnOnce() -> T) -> T {
+        let _check = self.stamp_check.lock().unwrap_or_else(|p| p.into_inner());
+        let r = write();
+        self.note_own_change();
+        r
+    }
+
+    /// Keep the error of a write that failed after it returned, for the next fsync.
+    pub fn note_write_error(&self, e: &std::io::Error) {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        let _ = self
+            .write_error
+            .compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The error of a write that failed after it returned (once), as fsync reports it.
+    pub fn take_write_error(&self) -> Option<std::io::Error> {
+        match self.write_error.swap(0, Ordering::AcqRel) {
+            0 => None,
+            e => Some(std::io::Error::from_raw_os_error(e)),
+        }
     }
 
     /// Copy-before-write: let an attached capture save `offset..offset+len` before it changes.
     /// Call inside the gate.
     pub fn before_change(&self, offset: u64, len: u64) {
-        if len == 0 || !self.capture.attached.load(Ordering::Acquire) {
+        if len == 0 {
             return;
         }
-        let capture = self
-            .capture
-            .capture
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(c) = capture {
-            c.before_change(offset, len);
-        }
+        self.with_capture(|c| c.before_change(offset, len));
     }
 
     /// The committed snapshot the dirty bits are relative to.
@@ -477,6 +559,8 @@ impl Volume {
     /// file directly: mark the volume unknown and return true.
     pub fn check_stamp(&self) -> bool {
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        // A write a capture took over lands outside the gate, under this lock (`own_change`).
+        let _check = self.stamp_check.lock().unwrap_or_else(|p| p.into_inner());
         let touched = self.written_since_tick.swap(false, Ordering::Relaxed);
         self.restamp(touched)
     }
