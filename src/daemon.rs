@@ -448,11 +448,16 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         Some(t) => Some(Arc::new(start_engine(&req, &store, t.clone())?)),
         None => None,
     };
-    start_control(&req, &store, store_dir.real(), tracker.clone(), engine).map_err(|source| {
-        DaemonError::Store {
-            path: store.clone(),
-            source,
-        }
+    start_control(
+        &req,
+        &store,
+        store_dir.real(),
+        tracker.clone(),
+        engine.clone(),
+    )
+    .map_err(|source| DaemonError::Store {
+        path: store.clone(),
+        source,
     })?;
     let ticker = tracker.as_ref().map(|t| Ticker::start(t.clone()));
     let cache = KernelCache {
@@ -550,6 +555,11 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         mountpoint: req.mountpoint.clone(),
         source,
     });
+    if let Some(e) = &engine {
+        // A capture still running has writes parked in memory: they land now, not at the
+        // next mount.
+        e.stop();
+    }
     if let Some(ticker) = ticker {
         ticker.stop();
     }

@@ -481,7 +481,11 @@ impl Drop for StopDaemon {
 /// 65534, and the binary under test. Runs only as root with unshare available.
 #[test]
 fn unprivileged_mount_with_a_world_usable_dev_fuse() {
-    if unsafe { libc::geteuid() } != 0 || common::missing("setpriv") || common::missing("unshare") {
+    if unsafe { libc::geteuid() } != 0
+        || common::missing("setpriv")
+        || common::missing("unshare")
+        || common::missing("fusermount3")
+    {
         return;
     }
     let d = dirs();

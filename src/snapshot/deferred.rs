@@ -40,13 +40,26 @@ use crate::track::{Volume, VolumeId};
 
 /// The journals' directory in the store.
 pub const DIR: &str = "deferred";
-/// Bytes parked per volume at most; past it writers copy before they write, as without parking.
+/// Bytes and writes parked per volume at most; past them writers copy before they write, as
+/// without parking (a writer faster than the capture can copy the blocks it needs is slowed
+/// to the capture's pace either way).
 pub const MAX_PARKED_BYTES: u64 = 64 << 20;
+pub const MAX_PARKED_WRITES: usize = 8192;
+/// `apply_ready` looks this many waiting writes past the first one that cannot land: the
+/// workers copy the blocks parked writes wait for in the order they came, so later ones
+/// rarely can, and a full scan per copied block would cost the writers the lock.
+const SCAN_PAST_WAITING: usize = 256;
 const MAGIC: &[u8; 8] = b"GRAINDW1";
+/// Journal header: MAGIC, epoch u64, header length u32, header JSON.
+const HEADER_FIXED: usize = 20;
+const EPOCH_AT: u64 = 8;
 const RECORD_MAGIC: u32 = 0x4457_5243; // "CRWD"
-/// Record header: magic u32, applied u8, 3 pad, seq u64, offset u64, len u32, 4 pad, blake3.
+/// Record: magic u32, applied u8, 3 pad, seq u64, offset u64, len u32, epoch u32 (low half),
+/// blake3 of epoch, seq, offset and data; then the data.
 const RECORD_HEADER: usize = 64;
 const APPLIED_AT: u64 = 4;
+/// The journal grows by this much at a time.
+const JOURNAL_CHUNK: u64 = 4 << 20;
 
 /// Who the journal belongs to, written at its start.
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,9 +85,15 @@ struct Entry {
 #[derive(Default)]
 struct State {
     journal: Option<File>,
+    /// Where records start (after the header) and end, and how far the file is allocated.
+    records_start: u64,
     journal_end: u64,
+    allocated: u64,
+    /// Records of other epochs are not this journal's (see `apply_ready`).
+    epoch: u64,
     next_seq: u64,
-    entries: Vec<Entry>,
+    /// In the order they came.
+    entries: std::collections::VecDeque<Entry>,
     /// Parked entries per block.
     blocks: HashMap<u64, u32>,
     bytes: u64,
@@ -136,8 +155,9 @@ pub fn open_dir(store: &std::path::Path) -> io::Result<OwnedFd> {
     )
 }
 
-fn record_hash(seq: u64, offset: u64, data: &[u8]) -> [u8; 32] {
+fn record_hash(epoch: u64, seq: u64, offset: u64, data: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
+    h.update(&epoch.to_le_bytes());
     h.update(&seq.to_le_bytes());
     h.update(&offset.to_le_bytes());
     h.update(data);
@@ -192,25 +212,30 @@ impl Deferred {
         }
         let first = offset / self.block_size;
         let last = (offset + len - 1) / self.block_size;
+        if !self.any() && !(first..=last).any(pending) {
+            return Parked::NotNeeded;
+        }
+        // Space for the bytes first, outside the lock (allocation can wait for the
+        // filesystem's journal): a write into a hole that could not be allocated when it
+        // lands would be a write accepted and then lost. Allocating changes no content.
+        if self.has_hole(offset, len)
+            && sys::fallocate(
+                self.target.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .is_err()
+        {
+            return Parked::No;
+        }
         let mut st = self.lock();
         let follows = !st.blocks.is_empty() && (first..=last).any(|b| st.blocks.contains_key(&b));
         let copy_first: Vec<u64> = (first..=last).filter(|&b| pending(b)).collect();
         if !follows && copy_first.is_empty() {
             return Parked::NotNeeded;
         }
-        if st.closed || st.bytes + len > MAX_PARKED_BYTES {
-            return Parked::No;
-        }
-        // Space for the bytes now: a write into a hole that could not be allocated later would
-        // be a write accepted and then lost. Allocating changes no content.
-        if sys::fallocate(
-            self.target.as_raw_fd(),
-            libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
-        .is_err()
-        {
+        if st.closed || st.bytes + len > MAX_PARKED_BYTES || st.entries.len() >= MAX_PARKED_WRITES {
             return Parked::No;
         }
         let record_at = match self.append(&mut st, offset, data) {
@@ -224,7 +249,7 @@ impl Deferred {
             *st.blocks.entry(b).or_insert(0) += 1;
         }
         st.bytes += len;
-        st.entries.push(Entry {
+        st.entries.push_back(Entry {
             offset,
             data: data.to_vec(),
             first,
@@ -235,7 +260,24 @@ impl Deferred {
         Parked::Yes(copy_first)
     }
 
-    /// Append a record to the journal (creating it first); returns where it starts.
+    /// Whether `offset..offset+len` of the volume may hold a hole (SEEK_HOLE finds one
+    /// before its end; an error counts as yes).
+    fn has_hole(&self, offset: u64, len: u64) -> bool {
+        // SAFETY: lseek on an fd we own.
+        let r = unsafe {
+            libc::lseek(
+                self.target.as_raw_fd(),
+                offset as libc::off_t,
+                libc::SEEK_HOLE,
+            )
+        };
+        r < 0 || (r as u64) < offset + len
+    }
+
+    /// Append a record to the journal (creating it first); returns where it starts. The
+    /// journal is allocated ahead in chunks: a record then never grows the file, which can
+    /// wait for the filesystem's journal, and a full disk shows up here, before the write
+    /// is accepted, not when it is written.
     fn append(&self, st: &mut State, offset: u64, data: &[u8]) -> io::Result<u64> {
         if st.journal.is_none() {
             let fd = sys::openat(
@@ -245,13 +287,24 @@ impl Deferred {
                 0o600,
             )?;
             let f = File::from(fd);
-            let mut head = Vec::with_capacity(12 + self.header.len());
+            let mut head = Vec::with_capacity(HEADER_FIXED + self.header.len());
             head.extend_from_slice(MAGIC);
+            head.extend_from_slice(&st.epoch.to_le_bytes());
             head.extend_from_slice(&(self.header.len() as u32).to_le_bytes());
             head.extend_from_slice(&self.header);
             f.write_all_at(&head, 0)?;
-            st.journal_end = head.len() as u64;
+            st.records_start = head.len() as u64;
+            st.journal_end = st.records_start;
+            st.allocated = st.records_start;
             st.journal = Some(f);
+        }
+        let want = (RECORD_HEADER + data.len()) as u64;
+        let at = st.journal_end;
+        let f = st.journal.as_ref().expect("journal opened above");
+        if at + want > st.allocated {
+            let grow = JOURNAL_CHUNK.max(want);
+            sys::fallocate(f.as_raw_fd(), 0, st.allocated, grow)?;
+            st.allocated += grow;
         }
         let seq = st.next_seq;
         let mut rec = [0u8; RECORD_HEADER];
@@ -259,9 +312,8 @@ impl Deferred {
         rec[8..16].copy_from_slice(&seq.to_le_bytes());
         rec[16..24].copy_from_slice(&offset.to_le_bytes());
         rec[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        rec[32..64].copy_from_slice(&record_hash(seq, offset, data));
-        let at = st.journal_end;
-        let f = st.journal.as_ref().expect("journal opened above");
+        rec[28..32].copy_from_slice(&st.epoch.to_le_bytes()[..4]);
+        rec[32..64].copy_from_slice(&record_hash(st.epoch, seq, offset, data));
         let iov = [
             libc::iovec {
                 iov_base: rec.as_ptr() as *mut libc::c_void,
@@ -272,51 +324,57 @@ impl Deferred {
                 iov_len: data.len(),
             },
         ];
-        let want = rec.len() + data.len();
         // SAFETY: both iovecs point into buffers that outlive the call.
         let n = unsafe { libc::pwritev(f.as_raw_fd(), iov.as_ptr(), 2, at as libc::off_t) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        if n as usize != want {
-            // A short append (disk full part way): the record stays unreadable (its hash
-            // fails), and the journal's end moves past it so nothing is written over it.
+        if n as u64 != want {
+            // Short (the allocation above makes that unlikely): the record stays unreadable
+            // (its hash fails), and the end moves past it so nothing is written over it.
             st.journal_end = at + n as u64;
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        st.journal_end = at + want as u64;
+        st.journal_end = at + want;
         st.next_seq += 1;
         Ok(at)
     }
 
     /// Apply every parked write that can land: none of its blocks still pending (unless
     /// `force`: the capture is over or failed) and no earlier parked write it overlaps still
-    /// waiting. `volume` notes the writes as the overlay's own; an error goes to it for the
+    /// waiting. Without `scan_all`, only up to `SCAN_PAST_WAITING` writes past the first
+    /// waiting one are looked at. `volume` notes the writes as the overlay's own; an error goes to it for the
     /// next fsync. Returns how many landed.
     pub fn apply_ready(
         &self,
         volume: &Volume,
         pending: &dyn Fn(u64) -> bool,
         force: bool,
+        scan_all: bool,
     ) -> usize {
         if !self.any() {
             return 0;
         }
         let mut st = self.lock();
         let mut landed = 0;
-        let mut waiting: Vec<(u64, u64)> = Vec::new();
+        // Blocks of earlier entries still waiting: a later entry on them must wait too.
+        let mut waiting: std::collections::HashSet<u64> = std::collections::HashSet::new();
         let mut i = 0;
-        while i < st.entries.len() {
+        let mut skipped = 0;
+        while i < st.entries.len() && (force || scan_all || skipped < SCAN_PAST_WAITING) {
             let e = &st.entries[i];
             let (first, last) = (e.first, e.last);
-            let blocked = waiting.iter().any(|&(f, l)| f <= last && first <= l)
+            let blocked = (first..=last).any(|b| waiting.contains(&b))
                 || (!force && (first..=last).any(pending));
             if blocked {
-                waiting.push((first, last));
+                waiting.extend(first..=last);
                 i += 1;
+                skipped += 1;
                 continue;
             }
-            let e = st.entries.remove(i);
+            let Some(e) = st.entries.remove(i) else {
+                break;
+            };
             let res = volume.own_change(|| self.target.write_all_at(&e.data, e.offset));
             if let Err(err) = res {
                 warn!(
@@ -343,13 +401,17 @@ impl Deferred {
             self.parked.fetch_sub(1, Ordering::Release);
             landed += 1;
         }
-        if st.entries.is_empty() && st.journal.is_some() {
-            // Nothing parked: an empty journal replays nothing. Truncating keeps it small
-            // across a long capture.
-            if let Some(j) = st.journal.take() {
-                let _ = j.set_len(0);
+        if st.entries.is_empty() && st.journal_end > st.records_start {
+            // Nothing parked: a new epoch in the header disowns every record written so far,
+            // and the next ones go from the start again, so the journal stays small across a
+            // long capture.
+            if let Some(j) = &st.journal {
+                let epoch = st.epoch + 1;
+                if j.write_all_at(&epoch.to_le_bytes(), EPOCH_AT).is_ok() {
+                    st.epoch = epoch;
+                    st.journal_end = st.records_start;
+                }
             }
-            st.journal_end = 0;
         }
         drop(st);
         if landed > 0 {
@@ -375,19 +437,50 @@ impl Deferred {
 
     /// Wait until no parked write overlaps `offset..offset+len` (len 0: the whole volume),
     /// applying what can land meanwhile (`force` as for `apply_ready`, asked again each round).
+    /// The caller does not wait for the workers to reach those writes: it copies the blocks
+    /// they wait for itself (`save`, copy-before-write), as a writer without parking would.
     pub fn settle(
         &self,
         volume: &Volume,
         offset: u64,
         len: u64,
         pending: &dyn Fn(u64) -> bool,
+        save: &dyn Fn(u64),
         force: &dyn Fn() -> bool,
     ) {
         if !self.any() {
             return;
         }
+        // The parked writes on the range, and the earlier ones each of them waits for.
+        let needed: std::collections::BTreeSet<u64> = {
+            let st = self.lock();
+            if !Self::overlaps(&st, self.block_size, offset, len) {
+                return;
+            }
+            let (first, last) = if len == 0 {
+                (0, u64::MAX)
+            } else {
+                (
+                    offset / self.block_size,
+                    (offset.saturating_add(len) - 1) / self.block_size,
+                )
+            };
+            let mut needed = std::collections::BTreeSet::new();
+            for e in st.entries.iter().rev() {
+                let on_range = e.first <= last && first <= e.last;
+                if on_range || (e.first..=e.last).any(|b| needed.contains(&b)) {
+                    needed.extend(e.first..=e.last);
+                }
+            }
+            needed
+        };
+        for &b in &needed {
+            if pending(b) {
+                save(b);
+            }
+        }
         loop {
-            self.apply_ready(volume, pending, force());
+            self.apply_ready(volume, pending, force(), true);
             let st = self.lock();
             if !Self::overlaps(&st, self.block_size, offset, len) {
                 return;
@@ -405,7 +498,7 @@ impl Deferred {
     /// remove the journal.
     pub fn finish(&self, volume: &Volume) {
         self.lock().closed = true;
-        self.apply_ready(volume, &|_| false, true);
+        self.apply_ready(volume, &|_| false, true, true);
         let _ = sys::unlinkat(self.dir.as_raw_fd(), &self.name, 0);
     }
 }
@@ -446,14 +539,19 @@ fn replay_one(journal: &std::path::Path, root: RawFd, boot: &str) -> io::Result<
         return Ok(None);
     }
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "not a deferred-write journal");
-    if bytes.len() < 12 || &bytes[..8] != MAGIC {
+    if bytes.len() < HEADER_FIXED || &bytes[..8] != MAGIC {
         return Err(bad());
     }
-    let hlen = u32::from_le_bytes(bytes[8..12].try_into().map_err(|_| bad())?) as usize;
-    let header: JournalHeader =
-        serde_json::from_slice(bytes.get(12..12 + hlen).ok_or_else(bad)?).map_err(|_| bad())?;
+    let epoch = u64::from_le_bytes(bytes[8..16].try_into().map_err(|_| bad())?);
+    let hlen = u32::from_le_bytes(bytes[16..20].try_into().map_err(|_| bad())?) as usize;
+    let header: JournalHeader = serde_json::from_slice(
+        bytes
+            .get(HEADER_FIXED..HEADER_FIXED + hlen)
+            .ok_or_else(bad)?,
+    )
+    .map_err(|_| bad())?;
     let mut records = Vec::new();
-    let mut at = 12 + hlen;
+    let mut at = HEADER_FIXED + hlen;
     while at + RECORD_HEADER <= bytes.len() {
         let r = &bytes[at..at + RECORD_HEADER];
         if u32::from_le_bytes(r[0..4].try_into().map_err(|_| bad())?) != RECORD_MAGIC {
@@ -465,8 +563,9 @@ fn replay_one(journal: &std::path::Path, root: RawFd, boot: &str) -> io::Result<
         let Some(data) = bytes.get(at + RECORD_HEADER..at + RECORD_HEADER + len) else {
             break;
         };
-        if r[32..64] != record_hash(seq, offset, data) {
-            // Cut short by the kill: its write never returned to the writer.
+        if r[32..64] != record_hash(epoch, seq, offset, data) {
+            // The end: zeros of the allocated space, a record of an earlier epoch (written
+            // over by this one's), or one cut short by the kill (its write never returned).
             break;
         }
         if r[APPLIED_AT as usize] == 0 {

@@ -138,6 +138,9 @@ pub struct Engine {
     /// The store's journal dir for writes parked during captures (None: writers copy before
     /// writing).
     deferred_dir: Option<OwnedFd>,
+    /// The failure flag of the snapshot being captured, for `stop`.
+    current: Mutex<Option<Arc<Failure>>>,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Everything the engine is built from.
@@ -214,7 +217,26 @@ impl Engine {
             flush: o.flush,
             busy: Mutex::new(()),
             deferred_dir,
+            current: Mutex::new(None),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The daemon is exiting: give up the snapshot being captured, if any (its parked writes
+    /// land in the volumes and its changes stay tracked), refuse new ones, and return once
+    /// none runs.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(f) = current {
+            f.fail("the daemon is stopping".into());
+        }
+        drop(self.lock_busy(true));
     }
 
     /// The store the engine writes.
@@ -312,6 +334,9 @@ impl Engine {
     /// Take a snapshot (or, with `dry_run`, say what it would store and why).
     pub fn create(&self, req: &CreateRequest) -> Result<CreateReport> {
         let _busy = self.lock_busy(false)?;
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(SnapshotError::Request("the daemon is stopping".into()));
+        }
         let (group, sel) = self.resolve(req)?;
         let name = self.pick_name(&group, req.name.as_deref())?;
         let parent = self.parent_of(&group)?;
@@ -458,6 +483,10 @@ impl Engine {
                     .begin(name, group, geometry, parent.map(|p| p.name.as_str()))?,
             );
         let failure = Arc::new(Failure::default());
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.clone());
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            failure.fail("the daemon is stopping".into());
+        }
         let ids: Vec<VolumeId> = prepared.keys().copied().collect();
         let asked = Instant::now();
         let barrier = self.tracker.barrier(&ids, |vols, taken| {
