@@ -465,6 +465,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         entry_ttl: req.config.cache.entry_timeout,
     };
     let adapter = FuseAdapter::new(Arc::new(overlay), cache);
+    let notifier = adapter.notifier_slot();
 
     let root = unsafe { libc::geteuid() } == 0;
     let allow_other = req.config.allow_other.unwrap_or(root);
@@ -511,6 +512,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
                 source,
             }
         })?;
+    let _ = notifier.set(session.notifier());
     info!(
         "mounted {} at {} ({} threads, store {})",
         req.backing.display(),

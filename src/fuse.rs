@@ -4,19 +4,21 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use log::{debug, warn};
 
-use crate::fs::{Attr, Caller, FileKind, FsError, OverlayFs, SetAttr, SetTime, Validity, Xattr};
+use crate::fs::{
+    Attr, Caller, Changer, FileKind, FsError, OverlayFs, SetAttr, SetTime, Validity, Xattr,
+};
 
 /// Kernel cache settings, chosen on purpose:
 ///
@@ -55,11 +57,37 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub struct FuseAdapter {
     fs: Arc<OverlayFs>,
     cache: KernelCache,
+    /// Set once the session exists (`notifier_slot`): tells the kernel of attribute changes
+    /// it did not ask for.
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<OverlayFs>, cache: KernelCache) -> FuseAdapter {
-        FuseAdapter { fs, cache }
+        FuseAdapter {
+            fs,
+            cache,
+            notifier: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Where the daemon puts the session's notifier after mounting.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Clear setuid/setgid before a change of `ino`'s content by `changer`. The kernel still
+    /// caches the old mode: its attributes are dropped so the next stat asks again.
+    fn clear_setid(&self, ino: INodeNo, changer: Changer) -> Result<(), FsError> {
+        if self.fs.clear_setid(ino.0, changer)? {
+            if let Some(n) = self.notifier.get() {
+                // Offset -1: attributes only, no page cache (and no lock the request holds).
+                if let Err(e) = n.inval_inode(ino, -1, 0) {
+                    debug!("invalidating attributes of inode {}: {e}", ino.0);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -178,6 +206,12 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            // Without it the kernel asks for `security.capability` (a GETXATTR round trip)
+            // before every write, to see whether the write must drop it: measured, 4 KiB
+            // random writes went from 12,500 to 18,900 IOPS with it. The daemon then clears
+            // setuid/setgid itself (`clear_setid`); the backing filesystem drops file
+            // capabilities on every change by itself.
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             if config.add_capabilities(cap).is_err() {
                 debug!("kernel lacks {cap:?}");
@@ -206,7 +240,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -231,6 +265,14 @@ impl Filesystem for FuseAdapter {
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
         };
+        // A truncate by a caller without CAP_FSETID drops setuid/setgid (the kernel says so
+        // with FATTR_KILL_SUIDGID, which fuser does not pass on).
+        if size.is_some() && mode.is_none() {
+            if let Err(e) = self.clear_setid(ino, Changer::Process(req.pid())) {
+                log_err("truncate", &e);
+                return reply.error(errno(&e));
+            }
+        }
         match self.fs.setattr(ino.0, &set) {
             Ok(a) => reply.attr(&self.ttl(a.ino).0, &attr(&a)),
             Err(e) => {
@@ -369,15 +411,21 @@ impl Filesystem for FuseAdapter {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = self.clear_setid(ino, Changer::WithoutFsetid) {
+                log_err("write", &e);
+                return reply.error(errno(&e));
+            }
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => {
@@ -597,15 +645,18 @@ impl Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.fallocate(fh.0, offset, length, mode))
+        let r = self
+            .clear_setid(ino, Changer::Process(req.pid()))
+            .and_then(|()| self.fs.fallocate(fh.0, offset, length, mode));
+        empty(reply, r)
     }
 
     fn lseek(
@@ -625,11 +676,11 @@ impl Filesystem for FuseAdapter {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -638,10 +689,13 @@ impl Filesystem for FuseAdapter {
     ) {
         // The kernel caps one request well below 4 GiB; the clamp only guards the u32 reply.
         let len = len.min(u32::MAX as u64 & !0xfff);
-        match self
-            .fs
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
-        {
+        let r = self
+            .clear_setid(ino_out, Changer::Process(req.pid()))
+            .and_then(|()| {
+                self.fs
+                    .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+            });
+        match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => {
                 if e.errno() != libc::EXDEV {

@@ -2366,3 +2366,227 @@ fn the_mount_is_never_less_restrictive_than_the_backing_filesystem() {
         "mount over a nodev fs must be nodev"
     );
 }
+
+/// Who runs a change on a setuid/setgid file: uid/gid 65534, which lacks CAP_FSETID, or the test
+/// process itself, root with CAP_FSETID.
+#[derive(Clone, Copy, Debug)]
+enum Caller {
+    Nobody,
+    Root,
+}
+
+/// A change to a file's content or size, made with raw system calls only so that the forked child
+/// of `as_nobody` may run it; `run(file, source)` returns -1 with errno set on failure.
+struct Modification {
+    name: &'static str,
+    run: fn(&std::ffi::CStr, &std::ffi::CStr) -> libc::c_int,
+    /// The file's length afterwards, which proves the change happened at all.
+    len_after: u64,
+}
+
+/// What the write modifications put into the file.
+const PATCH: &[u8] = b"exit 0 # patched\n";
+
+/// open(2) `file` O_WRONLY without O_TRUNC (O_TRUNC clears the bits by itself and has its own
+/// test), run `op` on the fd and close it.
+fn on_wronly_fd(file: &std::ffi::CStr, op: impl FnOnce(libc::c_int) -> isize) -> libc::c_int {
+    unsafe {
+        let fd = libc::open(file.as_ptr(), libc::O_WRONLY);
+        if fd < 0 {
+            return -1;
+        }
+        if op(fd) < 0 {
+            // close(2) must not replace the errno that says why `op` failed.
+            let errno = *libc::__errno_location();
+            libc::close(fd);
+            *libc::__errno_location() = errno;
+            return -1;
+        }
+        libc::close(fd)
+    }
+}
+
+/// Every way, besides O_TRUNC, that changing a file's data is meant to take its privileges away.
+fn privilege_dropping_modifications() -> [Modification; 6] {
+    [
+        Modification {
+            name: "write",
+            run: |f, _| {
+                on_wronly_fd(f, |fd| unsafe {
+                    libc::write(fd, PATCH.as_ptr().cast(), PATCH.len())
+                })
+            },
+            len_after: PATCH.len() as u64,
+        },
+        Modification {
+            name: "pwrite",
+            run: |f, _| {
+                on_wronly_fd(f, |fd| unsafe {
+                    libc::pwrite(fd, PATCH.as_ptr().cast(), PATCH.len(), 100)
+                })
+            },
+            len_after: 100 + PATCH.len() as u64,
+        },
+        Modification {
+            name: "ftruncate",
+            run: |f, _| on_wronly_fd(f, |fd| unsafe { libc::ftruncate(fd, 4) as isize }),
+            len_after: 4,
+        },
+        Modification {
+            name: "truncate",
+            run: |f, _| unsafe { libc::truncate(f.as_ptr(), 3) },
+            len_after: 3,
+        },
+        Modification {
+            name: "fallocate",
+            run: |f, _| on_wronly_fd(f, |fd| unsafe { libc::fallocate(fd, 0, 0, 8192) as isize }),
+            len_after: 8192,
+        },
+        Modification {
+            name: "copy_file_range",
+            run: |f, source| unsafe {
+                let src = libc::open(source.as_ptr(), libc::O_RDONLY);
+                if src < 0 {
+                    return -1;
+                }
+                let r = on_wronly_fd(f, |fd| {
+                    let null = std::ptr::null_mut();
+                    libc::copy_file_range(src, null, fd, null, 4096, 0)
+                });
+                libc::close(src);
+                r
+            },
+            len_after: 4096,
+        },
+    ]
+}
+
+/// Make `dir/name` a short script owned by 65534:65534 with exactly `mode`. Owning the group lets
+/// uid 65534 keep a setgid bit without group exec, which the kernel takes from anyone outside the
+/// group; that would hide whether the mount tells the two cases apart.
+fn setid_file(dir: &Path, name: &str, mode: u32) -> PathBuf {
+    let f = dir.join(name);
+    fs::write(&f, b"#!/bin/sh\n").unwrap();
+    // chown(2) clears both bits even for root, so the mode has to come after it.
+    std::os::unix::fs::chown(&f, Some(NOBODY), Some(NOBODY)).unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+    assert_eq!(mode_bits(&f), mode, "mode set on {}", f.display());
+    f
+}
+
+fn mode_bits(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Run `m` on `file` as `caller`, reading from `source`; panics if it fails.
+fn modify_as(caller: Caller, m: &Modification, file: &Path, source: &Path) {
+    let (f, s) = (cpath(file), cpath(source));
+    let errno = match caller {
+        Caller::Nobody => as_nobody(|| (m.run)(&f, &s)),
+        Caller::Root => outcome(cvt((m.run)(&f, &s))).err().unwrap_or(0),
+    };
+    assert_eq!(errno, 0, "{} as {caller:?} on {}", m.name, file.display());
+}
+
+#[test]
+fn writes_truncates_and_fallocate_by_another_user_clear_setuid_setgid_and_caps_like_plain_dir() {
+    let m = Mount::new();
+    let plain = common::plain_dir();
+    open_to_others(&m);
+    fs::set_permissions(plain.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let source = pattern(9, 0, 4096);
+    for dir in [m.path(), plain.path()] {
+        fs::write(dir.join("source"), &source).unwrap();
+    }
+
+    // Without CAP_FSETID any change to the data drops setuid; setgid goes only along with group
+    // exec, since setgid without it marks mandatory locking, not privilege. CAP_FSETID keeps both.
+    let cases = [
+        (Caller::Nobody, 0o6777, 0o0777),
+        (Caller::Nobody, 0o6767, 0o2767),
+        (Caller::Root, 0o6777, 0o6777),
+    ];
+    for modification in &privilege_dropping_modifications() {
+        for (caller, before, after) in cases {
+            let case = format!("{} as {caller:?} on {before:o}", modification.name);
+            let name = format!("{}-{caller:?}-{before:o}", modification.name);
+            let mut seen = vec![];
+            for dir in [m.path(), plain.path()] {
+                let f = setid_file(dir, &name, before);
+                modify_as(caller, modification, &f, &dir.join("source"));
+                let content = fs::read(&f).unwrap();
+                assert_eq!(
+                    content.len() as u64,
+                    modification.len_after,
+                    "length after {case} in {}",
+                    dir.display()
+                );
+                seen.push((mode_bits(&f), content));
+            }
+            assert_eq!(
+                seen[0].0, seen[1].0,
+                "mode after {case}: mount vs plain dir"
+            );
+            assert_eq!(
+                seen[0].1, seen[1].1,
+                "content after {case}: mount vs plain dir"
+            );
+            assert_eq!(seen[1].0, after, "mode after {case} in the plain dir");
+            // The daemon must clear the bits on disk, not just report them cleared.
+            assert_eq!(
+                mode_bits(&m.backing().join(&name)),
+                after,
+                "mode after {case} in the backing dir"
+            );
+        }
+    }
+
+    // File capabilities are privilege too, and a write removes them even when root makes it.
+    // A VFS_CAP_REVISION_2 blob: magic without the effective bit, CAP_NET_BIND_SERVICE permitted.
+    let mut caps = Vec::with_capacity(20);
+    for word in [0x0200_0000u32, 1 << 10, 0, 0, 0] {
+        caps.extend_from_slice(&word.to_le_bytes());
+    }
+    let capable = setid_file(plain.path(), "capable", 0o755);
+    match outcome(setxattr(&capable, "security.capability", &caps, 0)) {
+        Err(e) if e == libc::EOPNOTSUPP || e == libc::ENOTSUP => {
+            eprintln!("skipping security.capability: the plain dir's filesystem has no xattrs");
+            return;
+        }
+        r => r.expect("set security.capability in the plain dir"),
+    }
+    let capable_mnt = setid_file(m.path(), "capable", 0o755);
+    setxattr(&capable_mnt, "security.capability", &caps, 0)
+        .expect("set security.capability through the mount");
+    let write = &privilege_dropping_modifications()[0];
+    for f in [&capable_mnt, &capable] {
+        // Seen before the write, so that its absence afterwards means it was removed.
+        assert_eq!(
+            getxattr(f, "security.capability").unwrap(),
+            caps,
+            "capability on {}",
+            f.display()
+        );
+        modify_as(Caller::Root, write, f, &plain.path().join("source"));
+        assert_eq!(
+            outcome(getxattr(f, "security.capability")),
+            Err(libc::ENODATA),
+            "capability after a root write to {}",
+            f.display()
+        );
+    }
+    assert_eq!(
+        outcome(getxattr(
+            &m.backing().join("capable"),
+            "security.capability"
+        )),
+        Err(libc::ENODATA),
+        "capability after a root write, in the backing dir"
+    );
+    assert_eq!(
+        mode_bits(&capable_mnt),
+        mode_bits(&capable),
+        "mode after a root write to a file with capabilities: mount vs plain dir"
+    );
+    assert_eq!(mode_bits(&capable), 0o755);
+}

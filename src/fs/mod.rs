@@ -139,6 +139,16 @@ pub enum SetTime {
     At(SystemTime),
 }
 
+/// Who changed a file's content, for `clear_setid`.
+#[derive(Clone, Copy, Debug)]
+pub enum Changer {
+    /// A caller the kernel found without CAP_FSETID (FUSE_WRITE_KILL_SUIDGID on a write).
+    WithoutFsetid,
+    /// The calling process: its capabilities decide (the kernel's flag for truncate does not
+    /// reach us through fuser, and fallocate and copy_file_range carry none).
+    Process(u32),
+}
+
 /// The attribute changes of one setattr call; `None` leaves a field alone.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SetAttr {
@@ -1020,8 +1030,12 @@ impl OverlayFs {
             || Ok((offset, len)),
             |v| {
                 // O_SYNC and O_DSYNC writes must be on disk when they return: never parked.
+                // Nor a write to a file with capabilities: the backing filesystem drops them
+                // when the bytes land, and an exec must not find the new bytes with the old
+                // capabilities.
                 if crate::track::any_capture()
                     && sys::open_flags(h.file.as_raw_fd()).is_ok_and(|f| f & libc::O_DSYNC == 0)
+                    && !sys::has_file_caps(h.file.as_raw_fd())
                 {
                     return v
                         .defer_write(offset, data)
@@ -1040,6 +1054,40 @@ impl OverlayFs {
             },
         )?;
         Ok(written as u32)
+    }
+
+    /// Clear setuid, and setgid where the group may execute, before `changer` changes the
+    /// content of `ino`, as the kernel does for a caller without CAP_FSETID. With
+    /// FUSE_HANDLE_KILLPRIV_V2 (fuse.rs) this is the daemon's duty: the backing filesystem sees
+    /// the root daemon change the file and would keep both bits. (It still drops
+    /// `security.capability` on every change by itself, root or not.) Returns whether the
+    /// mode changed.
+    pub fn clear_setid(&self, ino: u64, changer: Changer) -> FsResult<bool> {
+        if self.snap(ino).is_some() {
+            // The change itself fails there (EROFS).
+            return Ok(false);
+        }
+        let inode = self.inodes.get(ino)?;
+        if inode.kind != FileKind::Regular {
+            return Ok(false);
+        }
+        let mode = self.stat_of(&inode)?.st_mode & 0o7777;
+        let mut kept = mode & !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kept &= !libc::S_ISGID;
+        }
+        if kept == mode {
+            return Ok(false);
+        }
+        if let Changer::Process(pid) = changer {
+            if sys::has_cap_fsetid(pid) {
+                return Ok(false);
+            }
+        }
+        self.metadata_change(&[inode.key], || {
+            sys::chmod_fd(inode.raw_fd(), kept).map_err(FsError::backing("chmod"))
+        })?;
+        Ok(true)
     }
 
     /// Called on every close(2) of a descriptor; nothing is buffered here, so nothing to do.

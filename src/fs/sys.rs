@@ -333,6 +333,33 @@ pub fn copy_file_range(
     Ok(n as u64)
 }
 
+/// Whether process `pid` holds CAP_FSETID in its effective set (read from
+/// /proc/PID/status). Unknown (pid 0, process gone, unreadable) counts as no: the caller then
+/// loses setuid/setgid, the safe side.
+pub fn has_cap_fsetid(pid: u32) -> bool {
+    const CAP_FSETID: u32 = 4;
+    if pid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
+}
+
+/// Whether the file open at `fd` carries file capabilities (`security.capability`); an error
+/// other than "no such attribute" counts as yes.
+pub fn has_file_caps(fd: RawFd) -> bool {
+    // SAFETY: a NUL-terminated name and a zero-size query (no buffer written).
+    let r =
+        unsafe { libc::fgetxattr(fd, c"security.capability".as_ptr(), std::ptr::null_mut(), 0) };
+    r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENODATA)
+}
+
 pub fn getxattr(path_fd: RawFd, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
     let p = proc_path(path_fd);
     check_size(unsafe {
