@@ -76,18 +76,25 @@ impl FuseAdapter {
         self.notifier.clone()
     }
 
-    /// Clear setuid/setgid before a change of `ino`'s content by `changer`. The kernel still
-    /// caches the old mode: its attributes are dropped so the next stat asks again.
+    /// Clear setuid/setgid before a change of `ino`'s content by `changer`.
     fn clear_setid(&self, ino: INodeNo, changer: Changer) -> Result<(), FsError> {
         if self.fs.clear_setid(ino.0, changer)? {
-            if let Some(n) = self.notifier.get() {
-                // Offset -1: attributes only, no page cache (and no lock the request holds).
-                if let Err(e) = n.inval_inode(ino, -1, 0) {
-                    debug!("invalidating attributes of inode {}: {e}", ino.0);
+            self.forget_attrs(ino);
+        }
+        Ok(())
+    }
+
+    /// The kernel caches a mode we changed behind its back (clearing setuid/setgid): drop
+    /// its attributes so the next stat or exec asks again.
+    fn forget_attrs(&self, ino: INodeNo) {
+        if let Some(n) = self.notifier.get() {
+            // Offset -1: attributes only, no page cache (and no lock the request holds).
+            if let Err(e) = n.inval_inode(ino, -1, 0) {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    warn!("invalidating the attributes of inode {}: {e}", ino.0);
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -268,7 +275,7 @@ impl Filesystem for FuseAdapter {
         // A truncate by a caller without CAP_FSETID drops setuid/setgid (the kernel says so
         // with FATTR_KILL_SUIDGID, which fuser does not pass on).
         if size.is_some() && mode.is_none() {
-            if let Err(e) = self.clear_setid(ino, Changer::Process(req.pid())) {
+            if let Err(e) = self.clear_setid(ino, Changer::Process(caller(req))) {
                 log_err("truncate", &e);
                 return reply.error(errno(&e));
             }
@@ -376,7 +383,13 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open_as(Some(caller(req)), ino.0, flags.0) {
-            Ok(o) => reply.opened(FileHandle(o.fh), fopen(o.keep_cache)),
+            Ok(o) => {
+                if flags.0 & libc::O_TRUNC != 0 {
+                    // The truncation (as the caller) may have cleared setuid/setgid.
+                    self.forget_attrs(ino);
+                }
+                reply.opened(FileHandle(o.fh), fopen(o.keep_cache))
+            }
             Err(e) => {
                 log_err("open", &e);
                 reply.error(errno(&e))
@@ -410,7 +423,7 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -421,7 +434,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            if let Err(e) = self.clear_setid(ino, Changer::WithoutFsetid) {
+            if let Err(e) = self.clear_setid(ino, Changer::WithoutFsetid(caller(req))) {
                 log_err("write", &e);
                 return reply.error(errno(&e));
             }
@@ -654,7 +667,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let r = self
-            .clear_setid(ino, Changer::Process(req.pid()))
+            .clear_setid(ino, Changer::Process(caller(req)))
             .and_then(|()| self.fs.fallocate(fh.0, offset, length, mode));
         empty(reply, r)
     }
@@ -690,7 +703,7 @@ impl Filesystem for FuseAdapter {
         // The kernel caps one request well below 4 GiB; the clamp only guards the u32 reply.
         let len = len.min(u32::MAX as u64 & !0xfff);
         let r = self
-            .clear_setid(ino_out, Changer::Process(req.pid()))
+            .clear_setid(ino_out, Changer::Process(caller(req)))
             .and_then(|()| {
                 self.fs
                     .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)

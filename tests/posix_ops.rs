@@ -2590,3 +2590,48 @@ fn writes_truncates_and_fallocate_by_another_user_clear_setuid_setgid_and_caps_l
     );
     assert_eq!(mode_bits(&capable), 0o755);
 }
+
+/// Root of a user namespace (a rootless container, `unshare -Ur`) holds every capability
+/// there and none over our files: its truncate, fallocate and write must clear setuid and
+/// setgid as on a plain directory, although /proc shows CAP_FSETID in its effective set.
+#[test]
+fn root_of_a_user_namespace_loses_setuid_and_setgid_like_plain_dir() {
+    if common::missing("unshare") || common::missing("fallocate") || common::missing("truncate") {
+        return;
+    }
+    let probe = std::process::Command::new("unshare")
+        .args(["-Ur", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIP: no user namespaces here (unshare -Ur true failed)");
+        return;
+    }
+    let m = Mount::new();
+    let plain = common::plain_dir();
+    let cases: [(&str, &str); 3] = [
+        ("truncate", "truncate -s 10 \"$1\""),
+        ("fallocate", "fallocate -l 8192 \"$1\""),
+        ("write", "printf x >> \"$1\""),
+    ];
+    for (name, script) in cases {
+        let mut modes = vec![];
+        for dir in [m.path(), plain.path()] {
+            let f = dir.join(name);
+            fs::write(&f, b"#!/bin/sh\n").unwrap();
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
+            let st = std::process::Command::new("unshare")
+                .args(["-Ur", "sh", "-c", script, "sh"])
+                .arg(&f)
+                .status()
+                .expect("run unshare");
+            assert!(
+                st.success(),
+                "{name} in a user namespace on {}",
+                f.display()
+            );
+            modes.push(fs::metadata(&f).unwrap().permissions().mode() & 0o7777);
+        }
+        assert_eq!(modes[0], modes[1], "{name}: mount vs plain dir");
+        assert_eq!(modes[0], 0o777, "{name}: setuid/setgid must go");
+    }
+}

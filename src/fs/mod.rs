@@ -143,10 +143,10 @@ pub enum SetTime {
 #[derive(Clone, Copy, Debug)]
 pub enum Changer {
     /// A caller the kernel found without CAP_FSETID (FUSE_WRITE_KILL_SUIDGID on a write).
-    WithoutFsetid,
-    /// The calling process: its capabilities decide (the kernel's flag for truncate does not
-    /// reach us through fuser, and fallocate and copy_file_range carry none).
-    Process(u32),
+    WithoutFsetid(Caller),
+    /// A caller whose capabilities decide (the kernel's flag for truncate does not reach us
+    /// through fuser, and fallocate and copy_file_range carry none).
+    Process(Caller),
 }
 
 /// The attribute changes of one setattr call; `None` leaves a field alone.
@@ -1056,12 +1056,12 @@ impl OverlayFs {
         Ok(written as u32)
     }
 
-    /// Clear setuid, and setgid where the group may execute, before `changer` changes the
-    /// content of `ino`, as the kernel does for a caller without CAP_FSETID. With
-    /// FUSE_HANDLE_KILLPRIV_V2 (fuse.rs) this is the daemon's duty: the backing filesystem sees
-    /// the root daemon change the file and would keep both bits. (It still drops
-    /// `security.capability` on every change by itself, root or not.) Returns whether the
-    /// mode changed.
+    /// Clear setuid, and setgid, before `changer` changes the content of `ino`, as the kernel
+    /// does for a caller without CAP_FSETID (setgid only if the group may execute or the caller
+    /// is not in the file's group). With FUSE_HANDLE_KILLPRIV_V2 (fuse.rs) this is the daemon's
+    /// duty: the backing filesystem sees the root daemon change the file and would keep both
+    /// bits. (It still drops `security.capability` on every change by itself, root or not.)
+    /// Returns whether the mode changed.
     pub fn clear_setid(&self, ino: u64, changer: Changer) -> FsResult<bool> {
         if self.snap(ino).is_some() {
             // The change itself fails there (EROFS).
@@ -1071,18 +1071,21 @@ impl OverlayFs {
         if inode.kind != FileKind::Regular {
             return Ok(false);
         }
-        let mode = self.stat_of(&inode)?.st_mode & 0o7777;
+        let st = self.stat_of(&inode)?;
+        let mode = st.st_mode & 0o7777;
+        let (Changer::WithoutFsetid(caller) | Changer::Process(caller)) = changer;
         let mut kept = mode & !libc::S_ISUID;
-        if mode & libc::S_IXGRP != 0 {
+        if mode & libc::S_ISGID != 0
+            && (mode & libc::S_IXGRP != 0
+                || !sys::caller_in_group(caller.pid, caller.gid, st.st_gid))
+        {
             kept &= !libc::S_ISGID;
         }
         if kept == mode {
             return Ok(false);
         }
-        if let Changer::Process(pid) = changer {
-            if sys::has_cap_fsetid(pid) {
-                return Ok(false);
-            }
+        if matches!(changer, Changer::Process(_)) && sys::has_cap_fsetid(caller.pid) {
+            return Ok(false);
         }
         self.metadata_change(&[inode.key], || {
             sys::chmod_fd(inode.raw_fd(), kept).map_err(FsError::backing("chmod"))
@@ -1497,6 +1500,16 @@ impl OverlayFs {
         Self::refuse_snap(&[ino])?;
         let inode = self.xattr_target(ino)?;
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
+        if name.as_bytes().starts_with(b"security.") && crate::track::any_capture() {
+            // A parked write landing after this would drop capabilities set after it returned.
+            if let Some(v) = self
+                .tracker
+                .as_ref()
+                .and_then(|t| t.get(volume_id(inode.key)))
+            {
+                v.settle(0, 0);
+            }
+        }
         self.metadata_change(&[inode.key], || {
             sys::setxattr(inode.raw_fd(), &c, value, flags).map_err(FsError::backing("setxattr"))
         })

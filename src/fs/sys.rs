@@ -333,13 +333,22 @@ pub fn copy_file_range(
     Ok(n as u64)
 }
 
-/// Whether process `pid` holds CAP_FSETID in its effective set (read from
-/// /proc/PID/status). Unknown (pid 0, process gone, unreadable) counts as no: the caller then
-/// loses setuid/setgid, the safe side.
+/// Whether process `pid` holds CAP_FSETID where it counts: in its effective set (from
+/// /proc/PID/status) and in the daemon's own user namespace (root of a user namespace shows
+/// every capability there, and has none over our files). Unknown (pid 0, unreadable, another
+/// user namespace) counts as no: the caller then loses setuid/setgid, the safe side.
 pub fn has_cap_fsetid(pid: u32) -> bool {
     const CAP_FSETID: u32 = 4;
     if pid == 0 {
         return false;
+    }
+    let ns = |p: String| std::fs::read_link(p).ok();
+    match (
+        ns(format!("/proc/{pid}/ns/user")),
+        ns("/proc/self/ns/user".into()),
+    ) {
+        (Some(theirs), Some(ours)) if theirs == ours => {}
+        _ => return false,
     }
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
@@ -351,13 +360,23 @@ pub fn has_cap_fsetid(pid: u32) -> bool {
         .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
 }
 
+/// Whether a caller (`pid`, with fsgid `gid`) is in group `group`.
+pub fn caller_in_group(pid: u32, gid: u32, group: libc::gid_t) -> bool {
+    gid == group || caller_groups(pid, gid).contains(&group)
+}
+
 /// Whether the file open at `fd` carries file capabilities (`security.capability`); an error
-/// other than "no such attribute" counts as yes.
+/// other than "no such attribute" or "no xattrs here" counts as yes.
 pub fn has_file_caps(fd: RawFd) -> bool {
     // SAFETY: a NUL-terminated name and a zero-size query (no buffer written).
     let r =
         unsafe { libc::fgetxattr(fd, c"security.capability".as_ptr(), std::ptr::null_mut(), 0) };
-    r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENODATA)
+    // A filesystem without xattrs has no capabilities either.
+    r >= 0
+        || !matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENODATA | libc::EOPNOTSUPP)
+        )
 }
 
 pub fn getxattr(path_fd: RawFd, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
