@@ -233,7 +233,7 @@ impl Capture {
                 &self.volume,
                 &|b| self.pending.is_set(b),
                 self.failure.failed(),
-                false,
+                None,
             );
         }
     }

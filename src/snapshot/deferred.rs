@@ -49,6 +49,8 @@ pub const MAX_PARKED_WRITES: usize = 8192;
 /// workers copy the blocks parked writes wait for in the order they came, so later ones
 /// rarely can, and a full scan per copied block would cost the writers the lock.
 const SCAN_PAST_WAITING: usize = 256;
+/// Parked writes landed per batch (see `apply_ready`).
+const LAND_BATCH: usize = 64;
 const MAGIC: &[u8; 8] = b"GRAINDW1";
 /// Journal header: MAGIC, epoch u64, header length u32, header JSON.
 const HEADER_FIXED: usize = 20;
@@ -84,7 +86,7 @@ struct Entry {
 
 #[derive(Default)]
 struct State {
-    journal: Option<File>,
+    journal: Option<std::sync::Arc<File>>,
     /// Where records start (after the header) and end, and how far the file is allocated.
     records_start: u64,
     journal_end: u64,
@@ -121,6 +123,9 @@ pub struct Deferred {
     target: File,
     block_size: u64,
     state: Mutex<State>,
+    /// Held while a batch of parked writes lands: batches land one after another, so writes
+    /// sharing blocks land in the order they came. Parking never takes it.
+    applier: Mutex<()>,
     landed: Condvar,
     /// Entries parked and not applied (the read path's fast check).
     parked: AtomicUsize,
@@ -189,6 +194,7 @@ impl Deferred {
             target,
             block_size,
             state: Mutex::new(State::default()),
+            applier: Mutex::new(()),
             landed: Condvar::new(),
             parked: AtomicUsize::new(0),
         })
@@ -296,7 +302,7 @@ impl Deferred {
             st.records_start = head.len() as u64;
             st.journal_end = st.records_start;
             st.allocated = st.records_start;
-            st.journal = Some(f);
+            st.journal = Some(std::sync::Arc::new(f));
         }
         let want = (RECORD_HEADER + data.len()) as u64;
         let at = st.journal_end;
@@ -342,28 +348,112 @@ impl Deferred {
 
     /// Apply every parked write that can land: none of its blocks still pending (unless
     /// `force`: the capture is over or failed) and no earlier parked write it overlaps still
-    /// waiting. Without `scan_all`, only up to `SCAN_PAST_WAITING` writes past the first
-    /// waiting one are looked at. `volume` notes the writes as the overlay's own; an error goes to it for the
-    /// next fsync. Returns how many landed.
+    /// waiting. With `only`, just the writes on those blocks (the caller passes every block
+    /// the writes it needs wait for); without, only up to `SCAN_PAST_WAITING` writes past the
+    /// first waiting one are looked at, unless `force`. `volume` notes the writes as the
+    /// overlay's own; an error goes to it for the next fsync. Returns how many landed.
+    ///
+    /// Writes land in batches of at most `LAND_BATCH`, written with the state unlocked: a
+    /// writer parking, or settling a range of its own, never waits for thousands of landings.
+    /// Landed writes stay counted in `blocks` until written, so nobody takes them for done.
     pub fn apply_ready(
         &self,
         volume: &Volume,
         pending: &dyn Fn(u64) -> bool,
         force: bool,
-        scan_all: bool,
+        only: Option<&std::collections::BTreeSet<u64>>,
     ) -> usize {
-        if !self.any() {
-            return 0;
-        }
-        let mut st = self.lock();
         let mut landed = 0;
+        loop {
+            if !self.any() {
+                return landed;
+            }
+            let _applier = self.applier.lock().unwrap_or_else(|p| p.into_inner());
+            let (batch, journal) = {
+                let mut st = self.lock();
+                let batch = Self::take_ready(&mut st, pending, force, only);
+                (batch, st.journal.clone())
+            };
+            if batch.is_empty() {
+                return landed;
+            }
+            for e in &batch {
+                let res = volume.own_change(|| self.target.write_all_at(&e.data, e.offset));
+                if let Err(err) = res {
+                    warn!(
+                        "deferred write of {} bytes at {} failed: {err}; the next fsync reports it",
+                        e.data.len(),
+                        e.offset
+                    );
+                    volume.note_write_error(&err);
+                }
+                if let Some(j) = &journal {
+                    // Marked applied: a replay after a killed daemon must not write it again
+                    // over later writes to the same bytes.
+                    let _ = j.write_all_at(&[1], e.record_at + APPLIED_AT);
+                }
+            }
+            let full = batch.len() == LAND_BATCH;
+            landed += batch.len();
+            {
+                let mut st = self.lock();
+                for e in &batch {
+                    for b in e.first..=e.last {
+                        if let Some(n) = st.blocks.get_mut(&b) {
+                            *n -= 1;
+                            if *n == 0 {
+                                st.blocks.remove(&b);
+                            }
+                        }
+                    }
+                    st.bytes -= e.data.len() as u64;
+                }
+                self.parked.fetch_sub(batch.len(), Ordering::Release);
+                if st.blocks.is_empty() && st.journal_end > st.records_start {
+                    // Nothing parked: a new epoch in the header disowns every record written
+                    // so far, and the next ones go from the start again, so the journal stays
+                    // small across a long capture.
+                    if let Some(j) = &st.journal {
+                        let epoch = st.epoch + 1;
+                        if j.write_all_at(&epoch.to_le_bytes(), EPOCH_AT).is_ok() {
+                            st.epoch = epoch;
+                            st.journal_end = st.records_start;
+                        }
+                    }
+                }
+            }
+            self.landed.notify_all();
+            if !full {
+                return landed;
+            }
+        }
+    }
+
+    /// Take out of the queue, in order, up to `LAND_BATCH` writes that can land (see
+    /// `apply_ready`).
+    fn take_ready(
+        st: &mut State,
+        pending: &dyn Fn(u64) -> bool,
+        force: bool,
+        only: Option<&std::collections::BTreeSet<u64>>,
+    ) -> Vec<Entry> {
+        let mut batch = Vec::new();
         // Blocks of earlier entries still waiting: a later entry on them must wait too.
         let mut waiting: std::collections::HashSet<u64> = std::collections::HashSet::new();
         let mut i = 0;
         let mut skipped = 0;
-        while i < st.entries.len() && (force || scan_all || skipped < SCAN_PAST_WAITING) {
+        let scan_all = force || only.is_some();
+        while i < st.entries.len()
+            && batch.len() < LAND_BATCH
+            && (scan_all || skipped < SCAN_PAST_WAITING)
+        {
             let e = &st.entries[i];
             let (first, last) = (e.first, e.last);
+            if only.is_some_and(|o| o.range(first..=last).next().is_none()) {
+                // Not wanted, and no wanted write shares a block with it.
+                i += 1;
+                continue;
+            }
             let blocked = (first..=last).any(|b| waiting.contains(&b))
                 || (!force && (first..=last).any(pending));
             if blocked {
@@ -372,57 +462,17 @@ impl Deferred {
                 skipped += 1;
                 continue;
             }
-            let Some(e) = st.entries.remove(i) else {
-                break;
-            };
-            let res = volume.own_change(|| self.target.write_all_at(&e.data, e.offset));
-            if let Err(err) = res {
-                warn!(
-                    "deferred write of {} bytes at {} failed: {err}; the next fsync reports it",
-                    e.data.len(),
-                    e.offset
-                );
-                volume.note_write_error(&err);
-            }
-            if let Some(j) = &st.journal {
-                // Marked applied: a replay after a killed daemon must not write it again over
-                // later writes to the same bytes.
-                let _ = j.write_all_at(&[1], e.record_at + APPLIED_AT);
-            }
-            for b in e.first..=e.last {
-                if let Some(n) = st.blocks.get_mut(&b) {
-                    *n -= 1;
-                    if *n == 0 {
-                        st.blocks.remove(&b);
-                    }
-                }
-            }
-            st.bytes -= e.data.len() as u64;
-            self.parked.fetch_sub(1, Ordering::Release);
-            landed += 1;
-        }
-        if st.entries.is_empty() && st.journal_end > st.records_start {
-            // Nothing parked: a new epoch in the header disowns every record written so far,
-            // and the next ones go from the start again, so the journal stays small across a
-            // long capture.
-            if let Some(j) = &st.journal {
-                let epoch = st.epoch + 1;
-                if j.write_all_at(&epoch.to_le_bytes(), EPOCH_AT).is_ok() {
-                    st.epoch = epoch;
-                    st.journal_end = st.records_start;
-                }
+            match st.entries.remove(i) {
+                Some(e) => batch.push(e),
+                None => break,
             }
         }
-        drop(st);
-        if landed > 0 {
-            self.landed.notify_all();
-        }
-        landed
+        batch
     }
 
-    /// Whether a parked write overlaps `offset..offset+len` (len 0: any).
+    /// Whether a parked write, queued or landing, overlaps `offset..offset+len` (len 0: any).
     fn overlaps(st: &State, block_size: u64, offset: u64, len: u64) -> bool {
-        if st.entries.is_empty() {
+        if st.blocks.is_empty() {
             return false;
         }
         if len == 0 {
@@ -430,9 +480,11 @@ impl Deferred {
         }
         let first = offset / block_size;
         let last = (offset.saturating_add(len) - 1) / block_size;
-        st.entries
-            .iter()
-            .any(|e| e.first <= last && first <= e.last)
+        if last - first < st.blocks.len() as u64 {
+            (first..=last).any(|b| st.blocks.contains_key(&b))
+        } else {
+            st.blocks.keys().any(|&b| first <= b && b <= last)
+        }
     }
 
     /// Wait until no parked write overlaps `offset..offset+len` (len 0: the whole volume),
@@ -451,42 +503,43 @@ impl Deferred {
         if !self.any() {
             return;
         }
-        // The parked writes on the range, and the earlier ones each of them waits for.
-        let needed: std::collections::BTreeSet<u64> = {
-            let st = self.lock();
-            if !Self::overlaps(&st, self.block_size, offset, len) {
-                return;
-            }
-            let (first, last) = if len == 0 {
-                (0, u64::MAX)
-            } else {
-                (
-                    offset / self.block_size,
-                    (offset.saturating_add(len) - 1) / self.block_size,
-                )
+        let (first, last) = if len == 0 {
+            (0, u64::MAX)
+        } else {
+            (
+                offset / self.block_size,
+                (offset.saturating_add(len) - 1) / self.block_size,
+            )
+        };
+        loop {
+            // The parked writes on the range, and the earlier ones each of them waits for
+            // (asked again each round: writes parked meanwhile on the range count too).
+            let needed: std::collections::BTreeSet<u64> = {
+                let st = self.lock();
+                if !Self::overlaps(&st, self.block_size, offset, len) {
+                    return;
+                }
+                let mut needed = std::collections::BTreeSet::new();
+                for e in st.entries.iter().rev() {
+                    let on_range = e.first <= last && first <= e.last;
+                    if on_range || needed.range(e.first..=e.last).next().is_some() {
+                        needed.extend(e.first..=e.last);
+                    }
+                }
+                needed
             };
-            let mut needed = std::collections::BTreeSet::new();
-            for e in st.entries.iter().rev() {
-                let on_range = e.first <= last && first <= e.last;
-                if on_range || (e.first..=e.last).any(|b| needed.contains(&b)) {
-                    needed.extend(e.first..=e.last);
+            for &b in &needed {
+                if pending(b) {
+                    save(b);
                 }
             }
-            needed
-        };
-        for &b in &needed {
-            if pending(b) {
-                save(b);
-            }
-        }
-        loop {
-            self.apply_ready(volume, pending, force(), true);
+            self.apply_ready(volume, pending, force(), Some(&needed));
             let st = self.lock();
             if !Self::overlaps(&st, self.block_size, offset, len) {
                 return;
             }
-            // The capture workers apply them as they copy their blocks and notify; the
-            // timeout only bounds a missed wake-up (the capture ending or failing meanwhile).
+            // What is left is landing in another thread's batch, which notifies; the timeout
+            // only bounds a missed wake-up (the capture ending or failing meanwhile).
             let _ = self
                 .landed
                 .wait_timeout(st, Duration::from_millis(5))
@@ -498,7 +551,7 @@ impl Deferred {
     /// remove the journal.
     pub fn finish(&self, volume: &Volume) {
         self.lock().closed = true;
-        self.apply_ready(volume, &|_| false, true, true);
+        self.apply_ready(volume, &|_| false, true, None);
         let _ = sys::unlinkat(self.dir.as_raw_fd(), &self.name, 0);
     }
 }
