@@ -96,7 +96,7 @@ struct State {
     next_seq: u64,
     /// In the order they came.
     entries: std::collections::VecDeque<Entry>,
-    /// Parked entries per block.
+    /// Parked entries per block, counting those being landed until they are written.
     blocks: HashMap<u64, u32>,
     bytes: u64,
     /// No more parking: the capture is finishing.
@@ -129,6 +129,9 @@ pub struct Deferred {
     landed: Condvar,
     /// Entries parked and not applied (the read path's fast check).
     parked: AtomicUsize,
+    /// Threads in `settle`: a capture worker landing writes for everyone steps aside for them
+    /// after each batch (the `applier` mutex is not fair).
+    settlers: AtomicUsize,
 }
 
 /// This boot's id: journals from another boot are not replayed.
@@ -195,6 +198,7 @@ impl Deferred {
             block_size,
             state: Mutex::new(State::default()),
             applier: Mutex::new(()),
+            settlers: AtomicUsize::new(0),
             landed: Condvar::new(),
             parked: AtomicUsize::new(0),
         })
@@ -241,7 +245,10 @@ impl Deferred {
         if !follows && copy_first.is_empty() {
             return Parked::NotNeeded;
         }
-        if st.closed || st.bytes + len > MAX_PARKED_BYTES || st.entries.len() >= MAX_PARKED_WRITES {
+        if st.closed
+            || st.bytes + len > MAX_PARKED_BYTES
+            || self.parked.load(Ordering::Acquire) >= MAX_PARKED_WRITES
+        {
             return Parked::No;
         }
         let record_at = match self.append(&mut st, offset, data) {
@@ -364,6 +371,9 @@ impl Deferred {
         only: Option<&std::collections::BTreeSet<u64>>,
     ) -> usize {
         let mut landed = 0;
+        if only.is_some_and(|o| o.is_empty()) {
+            return 0;
+        }
         loop {
             if !self.any() {
                 return landed;
@@ -377,6 +387,7 @@ impl Deferred {
             if batch.is_empty() {
                 return landed;
             }
+            let last_batch = batch.len() < LAND_BATCH;
             for e in &batch {
                 let res = volume.own_change(|| self.target.write_all_at(&e.data, e.offset));
                 if let Err(err) = res {
@@ -393,7 +404,6 @@ impl Deferred {
                     let _ = j.write_all_at(&[1], e.record_at + APPLIED_AT);
                 }
             }
-            let full = batch.len() == LAND_BATCH;
             landed += batch.len();
             {
                 let mut st = self.lock();
@@ -423,9 +433,16 @@ impl Deferred {
                 }
             }
             self.landed.notify_all();
-            if !full {
+            if only.is_some() && last_batch {
+                // Nothing wanted was left (what parks meanwhile, the settle asks for again).
                 return landed;
             }
+            if only.is_none() && !force && self.settlers.load(Ordering::Acquire) > 0 {
+                return landed;
+            }
+            // Otherwise again until nothing is ready: a write parked behind this batch (it
+            // shared a block being landed) has no block of its own queued for the workers,
+            // so nobody else would come back for it.
         }
     }
 
@@ -449,10 +466,20 @@ impl Deferred {
         {
             let e = &st.entries[i];
             let (first, last) = (e.first, e.last);
-            if only.is_some_and(|o| o.range(first..=last).next().is_none()) {
-                // Not wanted, and no wanted write shares a block with it.
-                i += 1;
-                continue;
+            if let Some(o) = only {
+                if o.range(first..=last).next().is_none() {
+                    // Not wanted, and no write taken here shares a block with it (each lies
+                    // wholly within `only`).
+                    i += 1;
+                    continue;
+                }
+                if (first..=last).any(|b| !o.contains(&b)) {
+                    // Partly wanted: parked after the wanted ones were chosen. A later write
+                    // it shares a block with must not pass it.
+                    waiting.extend(first..=last);
+                    i += 1;
+                    continue;
+                }
             }
             let blocked = (first..=last).any(|b| waiting.contains(&b))
                 || (!force && (first..=last).any(pending));
@@ -533,7 +560,9 @@ impl Deferred {
                     save(b);
                 }
             }
+            self.settlers.fetch_add(1, Ordering::AcqRel);
             self.apply_ready(volume, pending, force(), Some(&needed));
+            self.settlers.fetch_sub(1, Ordering::AcqRel);
             let st = self.lock();
             if !Self::overlaps(&st, self.block_size, offset, len) {
                 return;
@@ -686,5 +715,73 @@ fn find_volume(root: RawFd, h: &JournalHeader) -> io::Result<Option<File>> {
             Ok(Some(File::from(fd)))
         }
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// A queue of parked writes, oldest first, each given by its first and last block.
+    fn queue(spans: &[(u64, u64)]) -> State {
+        let mut st = State::default();
+        for (i, &(first, last)) in spans.iter().enumerate() {
+            st.entries.push_back(Entry {
+                offset: first * 4096,
+                data: vec![i as u8; 1],
+                first,
+                last,
+                record_at: 0,
+            });
+            for b in first..=last {
+                *st.blocks.entry(b).or_insert(0) += 1;
+            }
+        }
+        st
+    }
+
+    fn spans(batch: &[Entry]) -> Vec<(u64, u64)> {
+        batch.iter().map(|e| (e.first, e.last)).collect()
+    }
+
+    /// Found by review: a settle wanting block 10 took the newest write (on 11 and 12) while
+    /// an older one on 12 still waited for block 13, so the older bytes would have landed
+    /// last. A write only partly within the wanted blocks must wait.
+    #[test]
+    fn a_settle_never_lands_a_write_before_an_older_one_on_a_shared_block() {
+        // Oldest first: Ek on 12-13 (13 still pending), Ej on 10-11, Ei on 11-12.
+        let mut st = queue(&[(12, 13), (10, 11), (11, 12)]);
+        let only: BTreeSet<u64> = [10, 11].into();
+        let batch = Deferred::take_ready(&mut st, &|b| b == 13, false, Some(&only));
+        assert_eq!(spans(&batch), vec![(10, 11)], "only Ej may land now");
+        assert_eq!(
+            st.entries
+                .iter()
+                .map(|e| (e.first, e.last))
+                .collect::<Vec<_>>(),
+            vec![(12, 13), (11, 12)],
+            "Ek and Ei stay, in order"
+        );
+    }
+
+    #[test]
+    fn writes_land_in_order_and_wait_behind_an_older_write_on_their_blocks() {
+        // Block 5 is still pending: the write on 5-6 waits, and so does the later one on 6.
+        let mut st = queue(&[(1, 1), (5, 6), (6, 6), (8, 8)]);
+        let batch = Deferred::take_ready(&mut st, &|b| b == 5, false, None);
+        assert_eq!(spans(&batch), vec![(1, 1), (8, 8)]);
+        // With `force` (the capture is over) everything lands, oldest first.
+        let batch = Deferred::take_ready(&mut st, &|b| b == 5, true, None);
+        assert_eq!(spans(&batch), vec![(5, 6), (6, 6)]);
+    }
+
+    #[test]
+    fn a_batch_holds_at_most_land_batch_writes() {
+        let spans_in: Vec<(u64, u64)> = (0..(LAND_BATCH as u64 + 10)).map(|b| (b, b)).collect();
+        let mut st = queue(&spans_in);
+        let batch = Deferred::take_ready(&mut st, &|_| false, false, None);
+        assert_eq!(batch.len(), LAND_BATCH);
+        assert_eq!(st.entries.len(), 10);
     }
 }
