@@ -504,9 +504,12 @@ impl OverlayFs {
         if !crate::track::any_capture() {
             return None;
         }
-        h.volume
-            .clone()
-            .or_else(|| self.tracker.as_ref()?.get(volume_id(h.inode.key)))
+        h.volume.clone().or_else(|| self.tracked_volume(&h.inode))
+    }
+
+    /// The tracked volume of `inode`, if it has one (never creates it).
+    fn tracked_volume(&self, inode: &Inode) -> Option<Arc<Volume>> {
+        self.tracker.as_ref()?.get(volume_id(inode.key))
     }
 
     /// The volume id of the regular file `name` in `dir` if its last link is about to go.
@@ -1502,11 +1505,7 @@ impl OverlayFs {
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
         if name.as_bytes().starts_with(b"security.") && crate::track::any_capture() {
             // A parked write landing after this would drop capabilities set after it returned.
-            if let Some(v) = self
-                .tracker
-                .as_ref()
-                .and_then(|t| t.get(volume_id(inode.key)))
-            {
+            if let Some(v) = self.tracked_volume(&inode) {
                 v.settle(0, 0);
             }
         }

@@ -10,7 +10,7 @@
 //! store; it never changes a live volume and never fails a user's write: an error marks the
 //! whole group snapshot failed, and the engine aborts it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -127,7 +127,7 @@ pub struct Capture {
     /// Writes taken over (None: this volume copies before every write).
     deferred: Option<Deferred>,
     /// Blocks that parked writes wait for: the workers copy these first.
-    urgent: Mutex<std::collections::VecDeque<u64>>,
+    urgent: Mutex<VecDeque<u64>>,
     urgent_n: AtomicUsize,
     deferred_writes: AtomicU64,
     by_writers: AtomicU64,
@@ -181,7 +181,7 @@ impl Capture {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             volume: s.volume,
             deferred: s.deferred,
-            urgent: Mutex::new(std::collections::VecDeque::new()),
+            urgent: Mutex::new(VecDeque::new()),
             urgent_n: AtomicUsize::new(0),
             deferred_writes: AtomicU64::new(0),
             by_writers: AtomicU64::new(0),
@@ -269,6 +269,15 @@ impl Capture {
         // Cleared even on failure: the snapshot is dead, nobody must wait for this block.
         self.pending.clear(b);
         true
+    }
+
+    /// `save`, by a writer that needs the block out of the way (counted as the writers').
+    fn save_for_writer(&self, b: u64) -> bool {
+        let saved = self.save(b);
+        if saved {
+            self.by_writers.fetch_add(1, Ordering::Relaxed);
+        }
+        saved
     }
 
     /// Copy block `b` as it is in the backing file now (the caller guarantees: as at the
@@ -378,10 +387,7 @@ impl BeforeChange for Capture {
         }
         let mut saved = false;
         for b in first..=last {
-            if self.save(b) {
-                self.by_writers.fetch_add(1, Ordering::Relaxed);
-                saved = true;
-            }
+            saved |= self.save_for_writer(b);
         }
         if saved {
             self.land_parked();
@@ -424,9 +430,7 @@ impl BeforeChange for Capture {
                 len,
                 &|b| self.pending.is_set(b),
                 &|b| {
-                    if self.save(b) {
-                        self.by_writers.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.save_for_writer(b);
                 },
                 &|| self.failure.failed(),
             );

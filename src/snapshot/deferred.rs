@@ -22,14 +22,14 @@
 //! fails a write it accepted: an error applying one is kept for the volume's next fsync, as the
 //! kernel does for a failed writeback.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use log::{info, warn};
@@ -86,7 +86,7 @@ struct Entry {
 
 #[derive(Default)]
 struct State {
-    journal: Option<std::sync::Arc<File>>,
+    journal: Option<Arc<File>>,
     /// Where records start (after the header) and end, and how far the file is allocated.
     records_start: u64,
     journal_end: u64,
@@ -95,7 +95,7 @@ struct State {
     epoch: u64,
     next_seq: u64,
     /// In the order they came.
-    entries: std::collections::VecDeque<Entry>,
+    entries: VecDeque<Entry>,
     /// Parked entries per block, counting those being landed until they are written.
     blocks: HashMap<u64, u32>,
     bytes: u64,
@@ -276,15 +276,8 @@ impl Deferred {
     /// Whether `offset..offset+len` of the volume may hold a hole (SEEK_HOLE finds one
     /// before its end; an error counts as yes).
     fn has_hole(&self, offset: u64, len: u64) -> bool {
-        // SAFETY: lseek on an fd we own.
-        let r = unsafe {
-            libc::lseek(
-                self.target.as_raw_fd(),
-                offset as libc::off_t,
-                libc::SEEK_HOLE,
-            )
-        };
-        r < 0 || (r as u64) < offset + len
+        sys::lseek(self.target.as_raw_fd(), offset as i64, libc::SEEK_HOLE)
+            .map_or(true, |hole| (hole as u64) < offset + len)
     }
 
     /// Append a record to the journal (creating it first); returns where it starts. The
@@ -309,7 +302,7 @@ impl Deferred {
             st.records_start = head.len() as u64;
             st.journal_end = st.records_start;
             st.allocated = st.records_start;
-            st.journal = Some(std::sync::Arc::new(f));
+            st.journal = Some(Arc::new(f));
         }
         let want = (RECORD_HEADER + data.len()) as u64;
         let at = st.journal_end;
@@ -368,7 +361,7 @@ impl Deferred {
         volume: &Volume,
         pending: &dyn Fn(u64) -> bool,
         force: bool,
-        only: Option<&std::collections::BTreeSet<u64>>,
+        only: Option<&BTreeSet<u64>>,
     ) -> usize {
         let mut landed = 0;
         if only.is_some_and(|o| o.is_empty()) {
@@ -452,11 +445,11 @@ impl Deferred {
         st: &mut State,
         pending: &dyn Fn(u64) -> bool,
         force: bool,
-        only: Option<&std::collections::BTreeSet<u64>>,
+        only: Option<&BTreeSet<u64>>,
     ) -> Vec<Entry> {
         let mut batch = Vec::new();
         // Blocks of earlier entries still waiting: a later entry on them must wait too.
-        let mut waiting: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        let mut waiting: HashSet<u64> = HashSet::new();
         let mut i = 0;
         let mut skipped = 0;
         let scan_all = force || only.is_some();
@@ -541,12 +534,12 @@ impl Deferred {
         loop {
             // The parked writes on the range, and the earlier ones each of them waits for
             // (asked again each round: writes parked meanwhile on the range count too).
-            let needed: std::collections::BTreeSet<u64> = {
+            let needed: BTreeSet<u64> = {
                 let st = self.lock();
                 if !Self::overlaps(&st, self.block_size, offset, len) {
                     return;
                 }
-                let mut needed = std::collections::BTreeSet::new();
+                let mut needed = BTreeSet::new();
                 for e in st.entries.iter().rev() {
                     let on_range = e.first <= last && first <= e.last;
                     if on_range || needed.range(e.first..=e.last).next().is_some() {
@@ -721,7 +714,7 @@ fn find_volume(root: RawFd, h: &JournalHeader) -> io::Result<Option<File>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
+    use BTreeSet;
 
     /// A queue of parked writes, oldest first, each given by its first and last block.
     fn queue(spans: &[(u64, u64)]) -> State {

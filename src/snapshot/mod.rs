@@ -18,6 +18,7 @@ pub mod group;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -140,7 +141,7 @@ pub struct Engine {
     deferred_dir: Option<OwnedFd>,
     /// The failure flag of the snapshot being captured, for `stop`.
     current: Mutex<Option<Arc<Failure>>>,
-    stopping: std::sync::atomic::AtomicBool,
+    stopping: AtomicBool,
 }
 
 /// Everything the engine is built from.
@@ -218,7 +219,7 @@ impl Engine {
             busy: Mutex::new(()),
             deferred_dir,
             current: Mutex::new(None),
-            stopping: std::sync::atomic::AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -226,8 +227,7 @@ impl Engine {
     /// land in the volumes and its changes stay tracked), refuse new ones, and return once
     /// none runs.
     pub fn stop(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.stopping.store(true, Ordering::Release);
         let current = self
             .current
             .lock()
@@ -334,7 +334,7 @@ impl Engine {
     /// Take a snapshot (or, with `dry_run`, say what it would store and why).
     pub fn create(&self, req: &CreateRequest) -> Result<CreateReport> {
         let _busy = self.lock_busy(false)?;
-        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+        if self.stopping.load(Ordering::Acquire) {
             return Err(SnapshotError::Request("the daemon is stopping".into()));
         }
         let (group, sel) = self.resolve(req)?;
@@ -484,7 +484,7 @@ impl Engine {
             );
         let failure = Arc::new(Failure::default());
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.clone());
-        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+        if self.stopping.load(Ordering::Acquire) {
             failure.fail("the daemon is stopping".into());
         }
         let ids: Vec<VolumeId> = prepared.keys().copied().collect();
