@@ -455,6 +455,18 @@ pub fn open_beneath(root: RawFd, rel: &str, flags: libc::c_int) -> io::Result<Ow
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`): state a killed daemon left in the page
+/// cache survives only within one boot. `GRAINFS_BOOT_ID` overrides it, so a power-cut test
+/// can present the remount as a new boot without rebooting the machine.
+pub fn boot_id() -> String {
+    if let Ok(id) = std::env::var("GRAINFS_BOOT_ID") {
+        return id;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// Raise the open-file limit to its hard maximum (the daemon holds an fd per live inode).
 pub fn raise_nofile_limit() {
     let mut lim = libc::rlimit {

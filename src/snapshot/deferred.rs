@@ -134,12 +134,6 @@ pub struct Deferred {
     settlers: AtomicUsize,
 }
 
-/// This boot's id: journals from another boot are not replayed.
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
 
 fn journal_name(id: VolumeId) -> String {
     format!("{:x}-{:x}.log", id.dev, id.ino)
@@ -183,7 +177,7 @@ impl Deferred {
     ) -> io::Result<Deferred> {
         let header = serde_json::to_vec(&JournalHeader {
             version: 1,
-            boot_id: boot_id(),
+            boot_id: sys::boot_id(),
             dev: id.dev,
             ino: id.ino,
             path: path.to_string(),
@@ -587,7 +581,7 @@ pub fn replay(store: &std::path::Path, root: RawFd) -> io::Result<Vec<String>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let boot = boot_id();
+    let boot = sys::boot_id();
     let mut said = Vec::new();
     for e in rd {
         let path = e?.path();
