@@ -18,7 +18,7 @@ use crate::control::{self, Request, Response, StatusReport};
 use crate::fs::{OverlayFs, OverlayOptions};
 use crate::fuse::{FuseAdapter, KernelCache};
 use crate::snapshot::{Engine, EngineOptions};
-use crate::track::{Geometry, Tracker};
+use crate::track::{Geometry, Tracker, VolumeId};
 
 /// Why a mount could not be served; each message says what, where and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -404,7 +404,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
 
     let store_inside = req.store.starts_with(&req.backing);
     let tracking = &req.config.tracking;
-    replay_deferred(&req.backing, &store);
+    let kept_aside = replay_deferred(&req.backing, &store);
     let tracker = if tracking.enabled {
         let geometry = Geometry {
             block_size: tracking.block_size,
@@ -423,6 +423,12 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         }
         for path in &recovery.changed_behind {
             warn!("{path} changed behind the overlay's back while unmounted: marked unknown");
+        }
+        for id in &kept_aside {
+            // Acknowledged writes that are not in the file: its tracking cannot vouch for it.
+            if let Some(v) = t.get(*id) {
+                v.mark_unknown_all();
+            }
         }
         Some(Arc::new(t))
     } else {
@@ -605,27 +611,36 @@ impl Ticker {
     }
 }
 
-/// The snapshot engine of this mount.
 /// Writes a killed daemon had accepted but not yet written (parked during a capture) go to
-/// their files before anything else looks at them.
-fn replay_deferred(backing: &Path, store: &Path) {
+/// their files before anything else looks at them, or aside to lost+found when the file is not
+/// provably the same and unchanged. Returns the volumes whose parked writes were kept aside.
+fn replay_deferred(backing: &Path, store: &Path) -> Vec<VolumeId> {
     let root = match File::open(backing) {
         Ok(f) => f,
         Err(e) => {
             warn!("opening {} to replay parked writes: {e}", backing.display());
-            return;
+            return Vec::new();
         }
     };
-    match crate::snapshot::deferred::replay(store, root.as_raw_fd()) {
-        Ok(lines) => {
-            for l in lines {
-                warn!("parked writes of a previous daemon: {l}");
+    let mut aside = Vec::new();
+    match crate::snapshot::recover::replay(store, root.as_raw_fd()) {
+        Ok(outcomes) => {
+            for o in outcomes {
+                warn!("parked writes of a previous daemon: {o}");
+                if let crate::snapshot::recover::Outcome::KeptAside { volume, .. } = o {
+                    aside.push(volume);
+                }
             }
         }
-        Err(e) => warn!("replaying parked writes of a previous daemon: {e}"),
+        Err(e) => warn!(
+            "replaying parked writes of a previous daemon: {e}; the journals stay in {} for the next start",
+            store.join(crate::snapshot::deferred::DIR).display()
+        ),
     }
+    aside
 }
 
+/// The snapshot engine of this mount.
 fn start_engine(
     req: &MountRequest,
     store: &Path,

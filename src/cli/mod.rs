@@ -3,6 +3,7 @@
 
 mod check_config;
 mod mount;
+mod recover;
 mod snapshot;
 mod status;
 mod umount;
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 pub use check_config::CheckConfigArgs;
 pub use mount::MountArgs;
+pub use recover::RecoverArgs;
 pub use snapshot::{SnapshotArgs, SnapshotCommand};
 pub use status::StatusArgs;
 pub use umount::UmountArgs;
@@ -44,6 +46,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Take, list, verify and delete snapshots.
     Snapshot(SnapshotArgs),
+    /// Parked writes a killed daemon left that could not be replayed safely: list, apply, discard.
+    Recover(RecoverArgs),
 }
 
 /// An error for the user: printed as `grainfs: <message>`, exit status 1.
@@ -133,6 +137,10 @@ pub fn run(args: Args) -> i32 {
         Command::Snapshot(s) => {
             init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
             snapshot::run(s)
+        }
+        Command::Recover(r) => {
+            init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
+            recover::run(r)
         }
     };
     match result {

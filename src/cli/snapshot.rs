@@ -82,7 +82,7 @@ pub enum SnapshotCommand {
 }
 
 /// The store and backing dir a command works on.
-fn locate(at: &Where) -> Result<(Config, PathBuf, PathBuf), CliError> {
+pub(super) fn locate(at: &Where) -> Result<(Config, PathBuf, PathBuf), CliError> {
     let config = match &at.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -307,7 +307,7 @@ fn verify(store: &Store, names: &[String]) -> Result<Vec<VerifyReport>, CliError
     Ok(out)
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
+pub(super) fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(v).map_err(|e| CliError::Usage(e.to_string()))?;
     println!("{text}");
     Ok(())

@@ -455,6 +455,58 @@ pub fn open_beneath(root: RawFd, rel: &str, flags: libc::c_int) -> io::Result<Ow
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// What tells one file from a later one that reuses its inode number: the inode's generation
+/// (`FS_IOC_GETVERSION`; ext4, XFS, btrfs, tmpfs) and its birth time (statx), each where the
+/// filesystem has it. `fd` must be a real open file (not `O_PATH`) for the generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub generation: Option<u64>,
+    /// (seconds, nanoseconds).
+    pub btime: Option<(i64, u32)>,
+}
+
+/// The identity of the file open at `fd`.
+pub fn file_identity(fd: RawFd) -> io::Result<FileIdentity> {
+    let st = fstat(fd)?;
+    const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601; // _IOR('v', 1, long)
+    let mut generation: libc::c_long = 0;
+    // SAFETY: the ioctl writes one long into `generation`.
+    let generation = (unsafe { libc::ioctl(fd, FS_IOC_GETVERSION as _, &mut generation) } == 0)
+        .then_some(generation as u64);
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: statx fills the struct it is given.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            EMPTY.as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_BTIME,
+            stx.as_mut_ptr(),
+        )
+    };
+    let btime = if r == 0 {
+        // SAFETY: statx returned 0, so it filled the struct (it was zeroed before anyway).
+        let stx = unsafe { stx.assume_init() };
+        (stx.stx_mask & libc::STATX_BTIME != 0)
+            .then_some((stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec))
+    } else {
+        None
+    };
+    Ok(FileIdentity {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        generation,
+        btime,
+    })
+}
+
+/// A file's ctime as (seconds, nanoseconds).
+pub fn ctime_of(st: &libc::stat) -> (i64, u32) {
+    (st.st_ctime, st.st_ctime_nsec as u32)
+}
+
 /// This boot's id (`/proc/sys/kernel/random/boot_id`): state a killed daemon left in the page
 /// cache survives only within one boot. `GRAINFS_BOOT_ID` overrides it, so a power-cut test
 /// can present the remount as a new boot without rebooting the machine.

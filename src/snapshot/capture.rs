@@ -394,6 +394,12 @@ impl BeforeChange for Capture {
         }
     }
 
+    fn after_own_change(&self) {
+        if let Some(d) = &self.deferred {
+            d.after_own_change();
+        }
+    }
+
     fn defer_write(&self, offset: u64, data: &[u8]) -> std::io::Result<bool> {
         let Some(d) = &self.deferred else {
             return Ok(false);

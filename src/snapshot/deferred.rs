@@ -12,11 +12,14 @@
 //! cannot be parked) waits for them to land, so the mount always shows the writes as done.
 //!
 //! The journal (`<store>/deferred/<dev>-<ino>.log`) keeps parked writes across a killed
-//! daemon: the kernel keeps its pages, and the next daemon replays every record not marked
-//! applied before it mounts. After a reboot the journal is dropped: the writes in it were never
-//! fsynced (an fsync waits for them to land and syncs the volume), so losing them is what any
-//! filesystem does to unsynced writes at a crash; replaying them could instead undo later,
-//! fsynced writes to the same blocks.
+//! daemon: the kernel keeps its pages, and the next daemon replays (`recover.rs`) every record
+//! not marked applied before it mounts, but only into the very file they were parked for and
+//! only if nobody changed it since: the journal names the file by device, inode, generation and
+//! birth time, and keeps the file's ctime after the daemon's own last change to it (noted after
+//! every change the overlay makes while writes are parked). After a reboot the journal is
+//! dropped: the writes in it were never fsynced (an fsync waits for them to land and syncs the
+//! volume), so losing them is what any filesystem does to unsynced writes at a crash; replaying
+//! them could instead undo later, fsynced writes to the same blocks.
 //!
 //! This module writes only bytes that a writer wrote, at the offsets it wrote them, and never
 //! fails a write it accepted: an error applying one is kept for the volume's next fsync, as the
@@ -26,16 +29,16 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use log::{info, warn};
+use log::warn;
 use serde::{Deserialize, Serialize};
 
-use crate::fs::sys;
+use crate::fs::sys::{self, FileIdentity};
 use crate::track::{Volume, VolumeId};
 
 /// The journals' directory in the store.
@@ -51,27 +54,30 @@ pub const MAX_PARKED_WRITES: usize = 8192;
 const SCAN_PAST_WAITING: usize = 256;
 /// Parked writes landed per batch (see `apply_ready`).
 const LAND_BATCH: usize = 64;
-const MAGIC: &[u8; 8] = b"GRAINDW1";
-/// Journal header: MAGIC, epoch u64, header length u32, header JSON.
-const HEADER_FIXED: usize = 20;
+pub(crate) const MAGIC: &[u8; 8] = b"GRAINDW2";
+/// Journal header: MAGIC, epoch u64, header length u32, 4 pad, the file's ctime after the
+/// daemon's own last change (seconds i64, nanoseconds u32, 4 pad), then the header JSON.
+const HEADER_FIXED: usize = 40;
 const EPOCH_AT: u64 = 8;
+const CTIME_AT: u64 = 24;
 const RECORD_MAGIC: u32 = 0x4457_5243; // "CRWD"
 /// Record: magic u32, applied u8, 3 pad, seq u64, offset u64, len u32, epoch u32 (low half),
-/// blake3 of epoch, seq, offset and data; then the data.
-const RECORD_HEADER: usize = 64;
-const APPLIED_AT: u64 = 4;
+/// blake3 of epoch, seq, offset, time and data, time parked (ns since the epoch) u64; then
+/// the data.
+const RECORD_HEADER: usize = 72;
+pub(crate) const APPLIED_AT: u64 = 4;
 /// The journal grows by this much at a time.
 const JOURNAL_CHUNK: u64 = 4 << 20;
 
 /// Who the journal belongs to, written at its start.
-#[derive(Debug, Serialize, Deserialize)]
-struct JournalHeader {
-    version: u32,
-    boot_id: String,
-    dev: u64,
-    ino: u64,
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JournalHeader {
+    pub version: u32,
+    pub boot_id: String,
+    /// The volume's file: device, inode, generation, birth time.
+    pub file: FileIdentity,
     /// Path relative to the backing dir when the capture began (renames are followed by inode).
-    path: String,
+    pub path: String,
 }
 
 /// One parked write.
@@ -123,6 +129,9 @@ pub struct Deferred {
     target: File,
     block_size: u64,
     state: Mutex<State>,
+    /// Serialises noting the target's ctime in the journal (stat and write as one step, so the
+    /// latest ctime is the one kept). Taken after `state`, never before.
+    ctime_note: Mutex<()>,
     /// Held while a batch of parked writes lands: batches land one after another, so writes
     /// sharing blocks land in the order they came. Parking never takes it.
     applier: Mutex<()>,
@@ -134,7 +143,6 @@ pub struct Deferred {
     settlers: AtomicUsize,
 }
 
-
 fn journal_name(id: VolumeId) -> String {
     format!("{:x}-{:x}.log", id.dev, id.ino)
 }
@@ -142,7 +150,7 @@ fn journal_name(id: VolumeId) -> String {
 /// Open (creating) the journal directory under the store dir `store`.
 pub fn open_dir(store: &std::path::Path) -> io::Result<OwnedFd> {
     let dir = store.join(DIR);
-    match std::fs::create_dir(&dir) {
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
@@ -157,11 +165,12 @@ pub fn open_dir(store: &std::path::Path) -> io::Result<OwnedFd> {
     )
 }
 
-fn record_hash(epoch: u64, seq: u64, offset: u64, data: &[u8]) -> [u8; 32] {
+fn record_hash(epoch: u64, seq: u64, offset: u64, time: u64, data: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(&epoch.to_le_bytes());
     h.update(&seq.to_le_bytes());
     h.update(&offset.to_le_bytes());
+    h.update(&time.to_le_bytes());
     h.update(data);
     *h.finalize().as_bytes()
 }
@@ -175,11 +184,16 @@ impl Deferred {
         target: File,
         block_size: u64,
     ) -> io::Result<Deferred> {
+        let file = sys::file_identity(target.as_raw_fd())?;
+        if (file.dev, file.ino) != (id.dev, id.ino) {
+            return Err(io::Error::other(format!(
+                "{path}: the file to park writes for is not volume {id}"
+            )));
+        }
         let header = serde_json::to_vec(&JournalHeader {
-            version: 1,
+            version: 2,
             boot_id: sys::boot_id(),
-            dev: id.dev,
-            ino: id.ino,
+            file,
             path: path.to_string(),
         })
         .map_err(io::Error::other)?;
@@ -191,6 +205,7 @@ impl Deferred {
             target,
             block_size,
             state: Mutex::new(State::default()),
+            ctime_note: Mutex::new(()),
             applier: Mutex::new(()),
             settlers: AtomicUsize::new(0),
             landed: Condvar::new(),
@@ -291,6 +306,7 @@ impl Deferred {
             head.extend_from_slice(MAGIC);
             head.extend_from_slice(&st.epoch.to_le_bytes());
             head.extend_from_slice(&(self.header.len() as u32).to_le_bytes());
+            head.resize(HEADER_FIXED, 0);
             head.extend_from_slice(&self.header);
             f.write_all_at(&head, 0)?;
             st.records_start = head.len() as u64;
@@ -307,13 +323,15 @@ impl Deferred {
             st.allocated += grow;
         }
         let seq = st.next_seq;
+        let time = crate::track::now_ns();
         let mut rec = [0u8; RECORD_HEADER];
         rec[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         rec[8..16].copy_from_slice(&seq.to_le_bytes());
         rec[16..24].copy_from_slice(&offset.to_le_bytes());
         rec[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
         rec[28..32].copy_from_slice(&st.epoch.to_le_bytes()[..4]);
-        rec[32..64].copy_from_slice(&record_hash(st.epoch, seq, offset, data));
+        rec[32..64].copy_from_slice(&record_hash(st.epoch, seq, offset, time, data));
+        rec[64..72].copy_from_slice(&time.to_le_bytes());
         let iov = [
             libc::iovec {
                 iov_base: rec.as_ptr() as *mut libc::c_void,
@@ -337,7 +355,36 @@ impl Deferred {
         }
         st.journal_end = at + want;
         st.next_seq += 1;
+        // The parked write changed nothing in the file, but the space allocated for it may
+        // have moved its ctime: what a replay compares must be the file as we leave it.
+        self.note_ctime(f)?;
         Ok(at)
+    }
+
+    /// Keep the target's ctime in the journal: a replay after a killed daemon writes only
+    /// into a file whose ctime is still this one (nobody changed it since).
+    fn note_ctime(&self, journal: &File) -> io::Result<()> {
+        let _note = self.ctime_note.lock().unwrap_or_else(|p| p.into_inner());
+        let (sec, nsec) = sys::ctime_of(&sys::fstat(self.target.as_raw_fd())?);
+        let mut slot = [0u8; 12];
+        slot[..8].copy_from_slice(&sec.to_le_bytes());
+        slot[8..].copy_from_slice(&nsec.to_le_bytes());
+        journal.write_all_at(&slot, CTIME_AT)
+    }
+
+    /// The overlay just changed the volume (a write, truncate, chmod, xattr...): while writes
+    /// are parked, note the file's new ctime, or a replay would take our change for someone
+    /// else's and keep the parked writes aside instead of replaying them.
+    pub fn after_own_change(&self) {
+        if !self.any() {
+            return;
+        }
+        let journal = self.lock().journal.clone();
+        if let Some(j) = journal {
+            if let Err(e) = self.note_ctime(&j) {
+                warn!("deferred writes: noting the volume's ctime in the journal: {e}");
+            }
+        }
     }
 
     /// Apply every parked write that can land: none of its blocks still pending (unless
@@ -386,6 +433,12 @@ impl Deferred {
                     volume.note_write_error(&err);
                 }
                 if let Some(j) = &journal {
+                    // The ctime first, then the mark. Killed between the write and the note,
+                    // a replay finds a ctime it does not know and keeps every unapplied write
+                    // aside; between the note and the mark, it writes these same bytes again,
+                    // which nothing can have changed in between (later writes overlapping
+                    // them were parked behind this one).
+                    let _ = self.note_ctime(j);
                     // Marked applied: a replay after a killed daemon must not write it again
                     // over later writes to the same bytes.
                     let _ = j.write_all_at(&[1], e.record_at + APPLIED_AT);
@@ -572,136 +625,117 @@ impl Deferred {
     }
 }
 
-/// Replay the journals a killed daemon left in `store` onto the files of the backing dir
-/// `root` (an fd). Returns one line per journal for the log.
-pub fn replay(store: &std::path::Path, root: RawFd) -> io::Result<Vec<String>> {
-    let dir = store.join(DIR);
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let boot = sys::boot_id();
-    let mut said = Vec::new();
-    for e in rd {
-        let path = e?.path();
-        let line = match replay_one(&path, root, &boot) {
-            Ok(line) => line,
-            Err(e) => Some(format!(
-                "{}: cannot replay it ({e}); the writes parked in it are lost",
-                path.display()
-            )),
-        };
-        if let Some(line) = line {
-            said.push(line);
-        }
-        if path.exists() {
-            let _ = std::fs::remove_file(&path);
-        }
-    }
-    Ok(said)
+/// One record of a journal as read back.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub seq: u64,
+    pub offset: u64,
+    /// When it was parked, ns since the Unix epoch.
+    pub time_ns: u64,
+    /// Already written to the volume (a replay skips it).
+    pub applied: bool,
+    /// Where the record starts in the journal, and where its data is.
+    pub record_at: u64,
+    data_at: usize,
+    pub len: usize,
 }
 
-fn replay_one(journal: &std::path::Path, root: RawFd, boot: &str) -> io::Result<Option<String>> {
-    let bytes = std::fs::read(journal)?;
-    if bytes.is_empty() {
-        return Ok(None);
-    }
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "not a deferred-write journal");
-    if bytes.len() < HEADER_FIXED || &bytes[..8] != MAGIC {
-        return Err(bad());
-    }
-    let epoch = u64::from_le_bytes(bytes[8..16].try_into().map_err(|_| bad())?);
-    let hlen = u32::from_le_bytes(bytes[16..20].try_into().map_err(|_| bad())?) as usize;
-    let header: JournalHeader = serde_json::from_slice(
-        bytes
-            .get(HEADER_FIXED..HEADER_FIXED + hlen)
-            .ok_or_else(bad)?,
-    )
-    .map_err(|_| bad())?;
-    let mut records = Vec::new();
-    let mut at = HEADER_FIXED + hlen;
-    while at + RECORD_HEADER <= bytes.len() {
-        let r = &bytes[at..at + RECORD_HEADER];
-        if u32::from_le_bytes(r[0..4].try_into().map_err(|_| bad())?) != RECORD_MAGIC {
-            break;
-        }
-        let seq = u64::from_le_bytes(r[8..16].try_into().map_err(|_| bad())?);
-        let offset = u64::from_le_bytes(r[16..24].try_into().map_err(|_| bad())?);
-        let len = u32::from_le_bytes(r[24..28].try_into().map_err(|_| bad())?) as usize;
-        let Some(data) = bytes.get(at + RECORD_HEADER..at + RECORD_HEADER + len) else {
-            break;
-        };
-        if r[32..64] != record_hash(epoch, seq, offset, data) {
-            // The end: zeros of the allocated space, a record of an earlier epoch (written
-            // over by this one's), or one cut short by the kill (its write never returned).
-            break;
-        }
-        if r[APPLIED_AT as usize] == 0 {
-            records.push((offset, data));
-        }
-        at += RECORD_HEADER + len;
-    }
-    if header.boot_id != boot {
-        return Ok(Some(format!(
-            "{}: {} write(s) parked before a reboot were never fsynced and are dropped, as a crash drops unsynced writes",
-            header.path,
-            records.len()
-        )));
-    }
-    if records.is_empty() {
-        return Ok(None);
-    }
-    let Some(target) = find_volume(root, &header)? else {
-        return Ok(Some(format!(
-            "{}: the file is gone; {} parked write(s) dropped with it",
-            header.path,
-            records.len()
-        )));
-    };
-    for (offset, data) in &records {
-        target.write_all_at(data, *offset)?;
-    }
-    info!(
-        "replayed {} write(s) a killed daemon had parked for {}",
-        records.len(),
-        header.path
-    );
-    Ok(Some(format!(
-        "{}: replayed {} parked write(s)",
-        header.path,
-        records.len()
-    )))
+/// A journal read back whole (after the daemon that wrote it ended).
+pub struct Journal {
+    pub header: JournalHeader,
+    /// The file's ctime after the writing daemon's last own change (0, 0: none noted).
+    pub ctime: (i64, u32),
+    /// The records of the current epoch, in the order they were parked.
+    pub records: Vec<Record>,
+    bytes: Vec<u8>,
 }
 
-/// The volume a journal names: at its path if the inode is still there, else found by inode.
-fn find_volume(root: RawFd, h: &JournalHeader) -> io::Result<Option<File>> {
-    let same = |fd: &OwnedFd| {
-        sys::fstat(fd.as_raw_fd())
-            .is_ok_and(|st| st.st_ino == h.ino && st.st_mode & libc::S_IFMT == libc::S_IFREG)
-    };
-    if let Ok(fd) = sys::open_beneath(root, &h.path, libc::O_PATH) {
-        if same(&fd) {
-            return sys::reopen(fd.as_raw_fd(), libc::O_WRONLY).map(|fd| Some(File::from(fd)));
-        }
+impl Journal {
+    /// Read and check a journal file; an error says why it is not one this version reads.
+    pub fn read(path: &std::path::Path) -> io::Result<Journal> {
+        Journal::parse(std::fs::read(path)?)
     }
-    let mut found: Option<String> = None;
-    crate::track::walk_tree(
-        root,
-        None,
-        crate::track::WalkErrors::Skip,
-        |_, _, rel, st| {
-            if found.is_none() && st.st_ino == h.ino && st.st_mode & libc::S_IFMT == libc::S_IFREG {
-                found = Some(rel.to_string());
+
+    fn parse(bytes: Vec<u8>) -> io::Result<Journal> {
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not a deferred-write journal of this version ({why})"),
+            )
+        };
+        if bytes.len() < HEADER_FIXED || &bytes[..8] != MAGIC {
+            return Err(bad("magic"));
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or([0; 4]));
+        let epoch = u64_at(8);
+        let hlen = u32_at(16) as usize;
+        let ctime = (
+            u64_at(CTIME_AT as usize) as i64,
+            u32_at(CTIME_AT as usize + 8),
+        );
+        let header: JournalHeader = serde_json::from_slice(
+            bytes
+                .get(HEADER_FIXED..HEADER_FIXED + hlen)
+                .ok_or_else(|| bad("header"))?,
+        )
+        .map_err(|_| bad("header"))?;
+        let mut records = Vec::new();
+        let mut at = HEADER_FIXED + hlen;
+        while at + RECORD_HEADER <= bytes.len() {
+            if u32_at(at) != RECORD_MAGIC {
+                break;
             }
-        },
-    )?;
-    match found {
-        Some(rel) => {
-            let fd = sys::open_beneath(root, &rel, libc::O_WRONLY)?;
-            Ok(Some(File::from(fd)))
+            let seq = u64_at(at + 8);
+            let offset = u64_at(at + 16);
+            let len = u32_at(at + 24) as usize;
+            let time_ns = u64_at(at + 64);
+            let data_at = at + RECORD_HEADER;
+            let Some(data) = bytes.get(data_at..data_at + len) else {
+                break;
+            };
+            if bytes[at + 32..at + 64] != record_hash(epoch, seq, offset, time_ns, data) {
+                // The end: zeros of the allocated space, a record of an earlier epoch (written
+                // over by this one's), or one cut short by the kill (its write never returned).
+                break;
+            }
+            records.push(Record {
+                seq,
+                offset,
+                time_ns,
+                applied: bytes[at + APPLIED_AT as usize] != 0,
+                record_at: at as u64,
+                data_at,
+                len,
+            });
+            at = data_at + len;
         }
-        None => Ok(None),
+        Ok(Journal {
+            header,
+            ctime,
+            records,
+            bytes,
+        })
+    }
+
+    /// The bytes a record parked.
+    pub fn data(&self, r: &Record) -> &[u8] {
+        &self.bytes[r.data_at..r.data_at + r.len]
+    }
+
+    /// The records not yet written to the volume.
+    pub fn unapplied(&self) -> impl Iterator<Item = &Record> {
+        self.records.iter().filter(|r| !r.applied)
+    }
+
+    /// Mark `r` written in the journal file `file` (which this was read from), after noting
+    /// `ctime` (the volume's, right after writing it) as the writing daemon does.
+    pub fn mark_applied(file: &File, r: &Record, ctime: (i64, u32)) -> io::Result<()> {
+        let mut slot = [0u8; 12];
+        slot[..8].copy_from_slice(&ctime.0.to_le_bytes());
+        slot[8..].copy_from_slice(&ctime.1.to_le_bytes());
+        file.write_all_at(&slot, CTIME_AT)?;
+        file.write_all_at(&[1], r.record_at + APPLIED_AT)
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod capture;
 pub mod deferred;
 pub mod group;
+pub mod recover;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;

@@ -127,6 +127,10 @@ pub trait BeforeChange: Send + Sync {
     /// Wait until every write taken over that overlaps `offset..offset+len` (len 0: the whole
     /// volume) is in the backing file.
     fn settle(&self, _offset: u64, _len: u64) {}
+
+    /// The overlay just changed the volume's file (content or metadata; its ctime moved).
+    /// Never called from inside another of these methods.
+    fn after_own_change(&self) {}
 }
 
 /// Captures attached to any volume of this process: the read path's fast check.
@@ -288,7 +292,11 @@ impl Volume {
     pub fn own_change<T>(&self, write: impl FnOnce() -> T) -> T {
         let _check = self.stamp_check.lock().unwrap_or_else(|p| p.into_inner());
         let r = write();
-        self.note_own_change();
+        // Not `note_own_change`: the capture that made this change notes it itself, and it
+        // may be running inside the capture slot's lock already.
+        self.written_since_tick.store(true, Ordering::Relaxed);
+        self.last_own_change_ns
+            .fetch_max(realtime_ns(), Ordering::Relaxed);
         r
     }
 
@@ -532,6 +540,7 @@ impl Volume {
         self.written_since_tick.store(true, Ordering::Relaxed);
         self.last_own_change_ns
             .fetch_max(realtime_ns(), Ordering::Relaxed);
+        self.with_capture(|c| c.after_own_change());
     }
 
     /// Call inside the gate before a change through the overlay. The first such change since
