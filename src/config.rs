@@ -140,6 +140,46 @@ pub enum ConfigError {
     },
 }
 
+/// The dotted key whose value sits at byte `at` of `text` (`policy.max_chain`,
+/// `group[1].name`), for errors the TOML parser reports without one (a number too large for
+/// any integer, say); empty when `at` is not in a `key = value` line's value.
+fn key_at(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let Some(eq) = line.find('=') else {
+        return String::new();
+    };
+    let key = line[..eq].trim();
+    if at < line_start + eq
+        || key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return String::new();
+    }
+    // The table the line is in: the last header above it; `[[x]]` counts as x[n].
+    let mut table = String::new();
+    let mut arrays: HashMap<String, usize> = HashMap::new();
+    for l in text[..line_start].lines() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = arrays.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+    }
+    if table.is_empty() {
+        key.to_string()
+    } else {
+        format!("{table}.{key}")
+    }
+}
+
 fn key_prefix(key: &str) -> String {
     if key.is_empty() {
         String::new()
@@ -202,7 +242,7 @@ impl Config {
         let root: Node = toml::from_str(text).map_err(|e| {
             let at = e.span().map_or(0, |s| s.start);
             let message = e.message().trim().replace('\n', "; ");
-            locate(at, String::new(), message)
+            locate(at, key_at(text, at), message)
         })?;
         let mut decoder = Decoder {
             origin,
@@ -1093,6 +1133,25 @@ mod tests {
     fn empty_text_gives_the_embedded_defaults() {
         assert_eq!(parse("").ok(), Some(Config::default()));
         assert_eq!(Config::default().validate().map_err(|v| v.key), Ok(()));
+    }
+
+    #[test]
+    fn a_number_the_parser_cannot_hold_names_its_key_and_line() {
+        let e = parse("[tracking]\nenabled = true\nblock_size = 99999999999999999999\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":3:") && e.contains("tracking.block_size:"),
+            "{e}"
+        );
+        let e = parse("[[group]]\nname = \"a\"\nvolumes = [\"*\"]\n[[group]]\nname = \"b\"\nvolumes = [\"*\"]\n[policy]\nfull_rate = 1e400\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":8:") && e.contains("policy.full_rate:"), "{e}");
+        let e = parse("[[group]]\nname = \"a\"\n[[group]]\nname = \"b\"\nkeep = { last = 99999999999999999999 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":5:") && e.contains("group[1].keep:"), "{e}");
     }
 
     #[test]

@@ -141,8 +141,25 @@ pub fn request_within(
     text.push('\n');
     conn.write_all(text.as_bytes())?;
     let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line)?;
+    let n = BufReader::new(conn)
+        .read_line(&mut line)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::ConnectionReset => ended(),
+            _ => e,
+        })?;
+    if n == 0 {
+        return Err(ended());
+    }
     serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The daemon took the request and closed the connection without an answer: it ended (killed,
+/// crashed or unmounted) while working on it.
+fn ended() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the daemon ended before it answered",
+    )
 }
 
 #[cfg(test)]

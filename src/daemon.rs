@@ -405,6 +405,15 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
     let store_inside = req.store.starts_with(&req.backing);
     let tracking = &req.config.tracking;
     let kept_aside = replay_deferred(&req.backing, &store);
+    let shadowed = req.backing.join(crate::fs::snapview::SNAPDIR_NAME);
+    if shadowed.symlink_metadata().is_ok() {
+        warn!(
+            "{} exists in the backing dir: the mount shows the snapshot view under that name \
+             instead, so it cannot be reached through the mount and no snapshot includes it; \
+             rename it in the backing dir to use it",
+            shadowed.display()
+        );
+    }
     let tracker = if tracking.enabled {
         let geometry = Geometry {
             block_size: tracking.block_size,

@@ -630,3 +630,70 @@ fn a_mount_point_that_contains_the_backing_dir_is_refused() {
     assert_fails_naming(&o, &[&s(&d.root), "contains the backing dir"]);
     assert!(!is_mounted(&d.root));
 }
+
+/// A user who may not read a root-owned store is told so, not that there are no snapshots.
+#[test]
+fn a_user_who_cannot_read_the_store_is_told_permission_denied() {
+    if common::missing("setpriv") {
+        return;
+    }
+    let m = common::Mount::with_setup(|b| std::fs::write(b.join("vol.img"), b"x").unwrap(), None);
+    // The temp dir is 0700: let the other user reach the mount, not the store (0700, root's).
+    let top = m.backing().parent().unwrap();
+    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(grainfs_bin())
+        .current_dir(m.path())
+        .args(["snapshot", "create", "--name", "s1"])
+        .output()
+        .unwrap();
+    assert_ok(&out, "snapshot create");
+    for cmd in [&["snapshot", "list"][..], &["snapshot", "verify"][..]] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(grainfs_bin())
+            .args(cmd)
+            .arg("-m")
+            .arg(m.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{cmd:?} succeeded for nobody");
+        let err = stderr(&out);
+        assert!(
+            err.contains("Permission denied") && !err.contains("no snapshots"),
+            "{cmd:?} as nobody: {err}"
+        );
+    }
+}
+
+/// A real `.snapshots` in the backing root is shadowed by the snapshot view: the daemon says so
+/// at mount, and the implicit group `all` leaves it out.
+#[test]
+fn a_real_snapshots_entry_in_the_backing_root_is_reported_and_left_out() {
+    let m = common::Mount::with_setup(
+        |b| {
+            std::fs::create_dir(b.join(".snapshots")).unwrap();
+            std::fs::write(b.join(".snapshots/hidden.img"), b"h").unwrap();
+            std::fs::write(b.join("vol.img"), b"v").unwrap();
+        },
+        None,
+    );
+    let log = m.log_text();
+    assert!(
+        log.contains(".snapshots exists in the backing dir"),
+        "not reported at mount: {log}"
+    );
+    let out = Command::new(grainfs_bin())
+        .current_dir(m.path())
+        .args(["snapshot", "create", "--name", "s1", "--json"])
+        .output()
+        .unwrap();
+    assert_ok(&out, "snapshot create");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paths: Vec<&str> = r["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, vec!["vol.img"]);
+}

@@ -64,7 +64,7 @@ fn park_and_kill(m: &mut Mount, seed: u64) -> Vec<(u64, Vec<u8>)> {
         ])
         .arg(m.path())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn snapshot create");
     let wait = Instant::now();
@@ -106,7 +106,12 @@ fn park_and_kill(m: &mut Mount, seed: u64) -> Vec<(u64, Vec<u8>)> {
         m.kill9();
         stop.store(true, Ordering::Relaxed);
     });
-    let _ = create.wait();
+    let out = create.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("ended while it took the snapshot"),
+        "a snapshot cut off by the daemon's death must say so: {err}"
+    );
     returned.into_inner().unwrap()
 }
 

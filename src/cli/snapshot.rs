@@ -94,11 +94,28 @@ pub(super) fn locate(at: &Where) -> Result<(Config, PathBuf, PathBuf), CliError>
 }
 
 fn open_store(store: &Path) -> Result<Store, CliError> {
-    if !store.join("snapshots").is_dir() {
-        return Err(CliError::Usage(format!(
-            "no snapshots in {} yet (take one with `grainfs snapshot create`)",
-            store.display()
-        )));
+    match std::fs::metadata(store.join("snapshots")) {
+        Ok(m) if m.is_dir() => {}
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            use std::os::unix::fs::MetadataExt;
+            let owner = std::fs::metadata(store).map_or_else(
+                |_| "another user".to_string(),
+                |m| format!("uid {}", m.uid()),
+            );
+            return Err(CliError::Io {
+                what: format!(
+                    "reading the store {} (it belongs to {owner}, mode 0700: run this as that user)",
+                    store.display()
+                ),
+                source: e,
+            });
+        }
+        _ => {
+            return Err(CliError::Usage(format!(
+                "no snapshots in {} yet (take one with `grainfs snapshot create`)",
+                store.display()
+            )))
+        }
     }
     Store::open(store).map_err(|e| CliError::Usage(e.to_string()))
 }
@@ -125,6 +142,13 @@ pub(super) fn run(args: &SnapshotArgs) -> Result<(), CliError> {
                 Ok(Response::Error { message }) => return Err(CliError::Usage(message)),
                 Ok(other) => {
                     return Err(CliError::Usage(format!("daemon: unexpected answer {other:?}")))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(CliError::Usage(format!(
+                        "the daemon serving {} ended while it took the snapshot (killed or crashed; its log is {} when it ran in the background): nothing was committed, and what it had stored is swept at its next start",
+                        backing.display(),
+                        store.join("grainfs.log").display()
+                    )))
                 }
                 Err(e) => {
                     return Err(CliError::Usage(format!(

@@ -90,6 +90,13 @@ impl TreeEntry {
     }
 }
 
+/// Whether `path` is under a real `.snapshots` in the backing root: the mount shows the
+/// snapshot view there instead, so no snapshot takes what nobody can see through the mount.
+fn shadowed(path: &str) -> bool {
+    let top = path.split('/').next().unwrap_or("");
+    top == crate::fs::snapview::SNAPDIR_NAME
+}
+
 /// st_mtime in nanoseconds.
 pub fn mtime_ns(st: &libc::stat) -> i128 {
     st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128
@@ -127,6 +134,9 @@ pub fn walk(
         skip,
         WalkErrors::Fail,
         |dir, name, path, st| {
+            if shadowed(path) {
+                return;
+            }
             let mut entry = TreeEntry {
                 path: path.to_string(),
                 stat: *st,
@@ -221,6 +231,27 @@ mod tests {
             5,
             "root, vms, vms/old, db, the symlink"
         );
+    }
+
+    #[test]
+    fn a_real_snapshots_dir_in_the_backing_root_is_in_no_group() {
+        let t = tempfile::tempdir().unwrap();
+        let b = t.path();
+        std::fs::create_dir_all(b.join(".snapshots/old")).unwrap();
+        std::fs::write(b.join(".snapshots/old/x.img"), b"x").unwrap();
+        std::fs::write(b.join(".snapshots-not.img"), b"y").unwrap();
+        std::fs::create_dir_all(b.join("sub/.snapshots")).unwrap();
+        std::fs::write(b.join("sub/.snapshots/z.img"), b"z").unwrap();
+        let all = walk(&root(b), None, &Selection::All).unwrap();
+        let mut paths: Vec<_> = all.volumes.values().map(|e| e.path.clone()).collect();
+        paths.sort();
+        assert_eq!(paths, vec![".snapshots-not.img", "sub/.snapshots/z.img"]);
+        assert!(all
+            .namespace
+            .iter()
+            .all(|e| !e.path.starts_with(".snapshots/") && e.path != ".snapshots"));
+        let sel = Selection::globs(&["**/*.img".into()]).unwrap();
+        assert_eq!(walk(&root(b), None, &sel).unwrap().volumes.len(), 2);
     }
 
     #[test]
