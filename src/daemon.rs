@@ -404,7 +404,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
 
     let store_inside = req.store.starts_with(&req.backing);
     let tracking = &req.config.tracking;
-    let kept_aside = replay_deferred(&req.backing, &store);
+    let kept_aside = replay_deferred(&req.backing, &store)?;
     let shadowed = req.backing.join(crate::fs::snapview::SNAPDIR_NAME);
     if shadowed.symlink_metadata().is_ok() {
         warn!(
@@ -623,30 +623,30 @@ impl Ticker {
 /// Writes a killed daemon had accepted but not yet written (parked during a capture) go to
 /// their files before anything else looks at them, or aside to lost+found when the file is not
 /// provably the same and unchanged. Returns the volumes whose parked writes were kept aside.
-fn replay_deferred(backing: &Path, store: &Path) -> Vec<VolumeId> {
-    let root = match File::open(backing) {
-        Ok(f) => f,
-        Err(e) => {
-            warn!("opening {} to replay parked writes: {e}", backing.display());
-            return Vec::new();
-        }
-    };
-    let mut aside = Vec::new();
-    match crate::snapshot::recover::replay(store, root.as_raw_fd()) {
-        Ok(outcomes) => {
-            for o in outcomes {
-                warn!("parked writes of a previous daemon: {o}");
-                if let crate::snapshot::recover::Outcome::KeptAside { volume, .. } = o {
-                    aside.push(volume);
-                }
-            }
-        }
-        Err(e) => warn!(
-            "replaying parked writes of a previous daemon: {e}; the journals stay in {} for the next start",
-            store.join(crate::snapshot::deferred::DIR).display()
+/// An error here stops the mount: a journal neither replayed nor kept aside would be cut short
+/// by the next capture of its volume.
+fn replay_deferred(backing: &Path, store: &Path) -> Result<Vec<VolumeId>, DaemonError> {
+    let failed = |source: io::Error| {
+        DaemonError::Store {
+        path: store.join(crate::snapshot::deferred::DIR),
+        source: io::Error::new(
+            source.kind(),
+            format!(
+                "parked writes of a previous daemon could be neither replayed nor kept in {}: {source}; they stay where they are, fix that and mount again",
+                store.join(crate::snapshot::recover::LOST_FOUND).display()
+            ),
         ),
     }
-    aside
+    };
+    let root = File::open(backing).map_err(failed)?;
+    let mut aside = Vec::new();
+    for o in crate::snapshot::recover::replay(store, root.as_raw_fd()).map_err(failed)? {
+        warn!("parked writes of a previous daemon: {o}");
+        if let crate::snapshot::recover::Outcome::KeptAside { volume, .. } = o {
+            aside.push(volume);
+        }
+    }
+    Ok(aside)
 }
 
 /// The snapshot engine of this mount.

@@ -86,8 +86,22 @@ pub fn replay(store: &Path, root: RawFd) -> io::Result<Vec<Outcome>> {
     paths.sort();
     let mut said = Vec::new();
     for path in paths {
-        if let Some(o) = replay_one(store, &path, root)? {
-            said.push(o);
+        match replay_one(store, &path, root) {
+            Ok(Some(o)) => said.push(o),
+            Ok(None) => {}
+            Err(e) => {
+                // Left in deferred/, the journal would be cut short by the next capture of the
+                // same volume: keep it aside, or stop here.
+                let reason = format!("replaying it failed ({e})");
+                let name = keep_aside(store, &path, None, &reason)?;
+                said.push(Outcome::KeptAside {
+                    path: path.display().to_string(),
+                    volume: VolumeId { dev: 0, ino: 0 },
+                    writes: 0,
+                    reason,
+                    name,
+                });
+            }
         }
     }
     Ok(said)
