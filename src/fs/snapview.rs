@@ -1002,6 +1002,30 @@ mod tests {
     }
 
     #[test]
+    fn setuid_and_setgid_bits_of_files_show_only_when_asked() {
+        let mut m = manifest(&[("bin/su", 1)], vec![ns("bin", EntryKind::Dir, 0o42755)]);
+        m.volumes[0].mode = 0o106755;
+        let tree = Arc::new(Tree {
+            name: "s".into(),
+            created_ns: CREATED,
+            root: 100,
+        });
+        let perms = |setuid| {
+            let nodes = Plan::of(&m, UID, GID, setuid).into_nodes(100, &tree, 65536);
+            let perm = |kind| {
+                nodes
+                    .iter()
+                    .find(|n| n.attr.kind == kind && n.attr.ino != 100)
+                    .map(|n| n.attr.perm)
+            };
+            (perm(FileKind::Regular), perm(FileKind::Directory))
+        };
+        // A directory's setgid only says which group new entries get: it stays.
+        assert_eq!(perms(false), (Some(0o755), Some(0o2755)));
+        assert_eq!(perms(true), (Some(0o6755), Some(0o2755)));
+    }
+
+    #[test]
     fn nanosecond_times_convert_on_both_sides_of_the_epoch() {
         use std::time::{Duration, UNIX_EPOCH};
         assert_eq!(
