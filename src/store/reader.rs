@@ -235,6 +235,8 @@ struct OpenPack {
     file: File,
     path: PathBuf,
     key: PackKey,
+    /// The stamp the last read saw (at first, the one at open).
+    seen: Mutex<Stamp>,
 }
 
 /// Counters of one open volume (for tests and `status`).
@@ -313,8 +315,13 @@ impl VolumeReader {
             .into_iter()
             .zip(paths)
             .map(|(file, path)| {
-                let (key, _) = Stamp::of(&file).at(&path)?;
-                Ok(OpenPack { file, path, key })
+                let (key, stamp) = Stamp::of(&file).at(&path)?;
+                Ok(OpenPack {
+                    file,
+                    path,
+                    key,
+                    seen: Mutex::new(stamp),
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let cap = (CACHE_BYTES / res.block_size).max(8) as usize;
@@ -404,20 +411,19 @@ impl VolumeReader {
             return Ok(b.clone());
         }
         let pack = &self.packs[loc.pack as usize];
-        // A proof holds only if the pack did not change from before it was made to after this
-        // read: stamp after the read for a proven extent; for one to prove, stamp before and
-        // after, and remember it only if both agree (a change racing the read proves nothing).
+        // A proof holds only while the pack stays as it was from before the proven read to
+        // after this one, so the stamp is taken after each read. A new proof is kept only if
+        // the stamp after the read equals one seen before it (the previous read's, or the one
+        // at open): a change racing the read proves nothing. One stat per read from a pack.
         let proven = self.verified.proven_under(pack.key, loc.offset);
-        let before = match proven {
-            Some(_) => None,
-            None => Some(Stamp::of(&pack.file).at(&pack.path)?.1),
-        };
+        let before = *pack.seen.lock().unwrap_or_else(|p| p.into_inner());
         let mut data = vec![0u8; loc.stored_len as usize];
         pack.file
             .read_exact_at(&mut data, loc.offset)
             .at(&pack.path)?;
         self.preads.fetch_add(1, Ordering::Relaxed);
         let after = Stamp::of(&pack.file).at(&pack.path)?.1;
+        *pack.seen.lock().unwrap_or_else(|p| p.into_inner()) = after;
         let trusted = match proven {
             Some(stamp) if stamp == after => true,
             Some(stamp) => {
@@ -431,7 +437,7 @@ impl VolumeReader {
             if blake3::hash(&data).as_bytes() != &loc.hash {
                 return Err(self.damaged(loc));
             }
-            if before == Some(after) {
+            if before == after {
                 self.verified.prove(pack.key, after, loc.offset);
             }
         }
