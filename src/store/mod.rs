@@ -30,6 +30,11 @@
 //! data there (the rest reads as zeros). Snapshot names are `[A-Za-z0-9._-]{1,128}` and never
 //! start with '.', so they can never collide with the store's own temp directories.
 //!
+//! Reading (`VolumeReader`) checks each stored block against its blake3 the first time it is
+//! read, remembering the proof per pack file (`verified`) until the file changes: a damaged
+//! block is `StoreError::Damaged`, never wrong bytes. Every directory the store makes is 0700
+//! and every file 0600, whatever the process umask.
+//!
 //! Crash safety: data, tables and manifest are fsync'ed inside the temp dir, which is then
 //! renamed (no replace) into place and `snapshots/` fsync'ed. A crash before the rename leaves
 //! only a temp dir, swept by the next `Store::open`; after it, the snapshot is complete.
@@ -37,7 +42,7 @@
 pub mod error;
 pub mod format;
 pub mod reader;
-pub mod verified;
+mod verified;
 pub mod writer;
 
 use std::fs::File;
@@ -55,7 +60,7 @@ pub use format::{
     check_name, EntryKind, Manifest, NamespaceEntry, PartitionKind, VolumeEntry, FORMAT,
 };
 pub use reader::{ReaderStats, VolumeReader};
-pub use verified::VerifiedExtents;
+use verified::VerifiedExtents;
 pub use writer::{SnapshotWriter, VolumeHandle, VolumeMeta};
 
 use crate::track::{fsync_dir, Geometry, VolumeId};
