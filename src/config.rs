@@ -29,6 +29,9 @@ pub struct Config {
     pub threads: usize,
     /// Whether `.snapshots` shows up in directory listings of the mount root.
     pub snapdir: SnapDir,
+    /// Show setuid and setgid bits of files under `.snapshots` as recorded (for restores that
+    /// copy modes from there); false by default, so a snapshot grants no privilege.
+    pub snapshot_setuid: bool,
     /// Mount with `allow_other`; `None` means "true when running as root".
     pub allow_other: Option<bool>,
     /// One of error, warn, info, debug, trace; `None` leaves the logger's default.
@@ -202,6 +205,7 @@ impl Default for Config {
             store: None,
             threads: cpus.clamp(1, 256),
             snapdir: SnapDir::Hidden,
+            snapshot_setuid: false,
             allow_other: None,
             log_level: None,
             cache: CacheConfig {
@@ -828,6 +832,7 @@ impl Decoder<'_> {
                 "store",
                 "threads",
                 "snapdir",
+                "snapshot_setuid",
                 "allow_other",
                 "log_level",
                 "cache",
@@ -848,6 +853,7 @@ impl Decoder<'_> {
             "visible" => Ok(SnapDir::Visible),
             other => Err(it.error(format!("\"{other}\" is not hidden or visible"))),
         })?;
+        s.read("snapshot_setuid", &mut c.snapshot_setuid, boolean)?;
         s.read("allow_other", &mut c.allow_other, |it| {
             boolean(it).map(Some)
         })?;
@@ -1130,6 +1136,13 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_setuid_is_off_unless_set() {
+        assert!(!Config::default().snapshot_setuid);
+        let c = parse("snapshot_setuid = true\n").expect("parse");
+        assert!(c.snapshot_setuid);
+    }
+
+    #[test]
     fn empty_text_gives_the_embedded_defaults() {
         assert_eq!(parse("").ok(), Some(Config::default()));
         assert_eq!(Config::default().validate().map_err(|v| v.key), Ok(()));
@@ -1247,6 +1260,11 @@ mod tests {
         error_at("[policy]\nmax_chain = 0\n", "policy.max_chain", 2);
         error_at("threads = 1000\n", "threads", 1);
         error_at("snapdir = \"shown\"\n", "snapdir", 1);
+        error_at(
+            "threads = 2\nsnapshot_setuid = \"yes\"\n",
+            "snapshot_setuid",
+            2,
+        );
         error_at("log_level = \"verbose\"\n", "log_level", 1);
         error_at("backing = \"\"\n", "backing", 1);
         let dup = "[[group]]\nname = \"vms\"\nvolumes = [\"a\"]\n\

@@ -668,3 +668,108 @@ fn a_snapshot_taken_by_the_daemon_shows_the_tree_as_it_was() {
     );
     m.unmount();
 }
+
+/// A stored block whose bytes no longer match their blake3 (one byte flipped in its pack)
+/// reads as EIO through `.snapshots`, never as wrong bytes; the blocks before and after it
+/// read as stored, the daemon logs snapshot, volume and block, and `snapshot verify` names it.
+#[test]
+fn a_damaged_block_reads_as_eio_and_is_named_in_the_log() {
+    let content = noise("damaged", (12 * BS) as usize);
+    let bad = 5u64;
+    let m = Mount::with_setup(
+        |backing| {
+            let store = backing.join(".grainfs");
+            commit(
+                &store,
+                "s1",
+                None,
+                &[vol("vms/a.img", 10, content.clone())],
+                &[],
+            );
+            let st = Store::open(&store).expect("open store");
+            let man = st.manifest("s1").expect("manifest");
+            let dir = st.snapshots_dir().join("s1");
+            let v = man.volume(VolumeId { dev: 1, ino: 10 }).expect("volume");
+            let table = grainfs::store::format::load_table(&dir, v.table.as_ref().expect("table"))
+                .expect("table");
+            let rec = table.iter().find(|r| r.block == bad).expect("record");
+            let pack = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join(&man.packs[rec.pack as usize].file))
+                .expect("open pack");
+            let mut byte = [0u8];
+            pack.read_exact_at(&mut byte, rec.offset + 100)
+                .expect("read");
+            pack.write_all_at(&[byte[0] ^ 0x10], rec.offset + 100)
+                .expect("flip");
+        },
+        None,
+    );
+    let path = m.path().join(".snapshots/s1/vms/a.img");
+    let f = File::open(&path).expect("open");
+    let upto = (bad * BS) as usize;
+    let mut before = vec![0u8; upto];
+    f.read_exact_at(&mut before, 0)
+        .expect("the blocks before the damaged one");
+    assert!(before == content[..upto], "bytes before the damaged block");
+    let mut after = vec![0u8; content.len() - upto - BS as usize];
+    f.read_exact_at(&mut after, (bad + 1) * BS)
+        .expect("the blocks after the damaged one");
+    assert!(after == content[upto + BS as usize..], "bytes after it");
+    let mut one = [0u8; 1];
+    assert_eq!(
+        errno(
+            "pread in the damaged block",
+            f.read_at(&mut one, bad * BS + 7)
+        ),
+        libc::EIO
+    );
+    drop(f);
+
+    // As `cat` reads it: whatever arrives before the error is the volume's own bytes, and
+    // the error is EIO, no later than the damaged block.
+    let mut f = File::open(&path).expect("open");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 128 << 10];
+    let err = loop {
+        match io::Read::read(&mut f, &mut buf) {
+            Ok(0) => panic!("read to the end ({} bytes) without an error", got.len()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        got.len() <= upto,
+        "{} bytes read past the damage",
+        got.len()
+    );
+    assert!(got == content[..got.len()], "bytes before the error");
+    drop(f);
+    let out = Command::new("cat").arg(&path).output().expect("run cat");
+    assert!(!out.status.success(), "cat must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Input/output error"), "cat: {stderr}");
+
+    let log = m.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("snapshot \"s1\"")
+            && l.contains("vms/a.img")
+            && l.contains(&format!("block {bad} "))),
+        "no log line names snapshot, volume and block:\n{log}"
+    );
+
+    let out = Command::new(common::grainfs_bin())
+        .args(["snapshot", "verify", "--json", "s1", "-m"])
+        .arg(m.path())
+        .output()
+        .expect("run grainfs snapshot verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "verify: {text}");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("verify --json");
+    let problems = &report[0]["problems"];
+    assert_eq!(problems[0]["volume"], "vms/a.img", "{text}");
+    assert_eq!(problems[0]["block"], bad, "{text}");
+    m.unmount();
+}

@@ -531,6 +531,108 @@ fn verify_names_the_volume_and_block_of_a_flipped_byte() {
         assert_eq!(p.block, Some(5));
         assert_eq!(p.stored_in, "base");
     }
+
+    // Reading it: every block before and after the damaged one reads as stored; the damaged
+    // one is an error naming the snapshot read, the volume, the block and where it is stored.
+    let r = store.open_volume("child", vid(1)).unwrap();
+    let bs = G.block_size as usize;
+    let mut before = vec![0u8; 5 * bs];
+    assert_eq!(r.read_at(&mut before, 0).unwrap(), 5 * bs);
+    assert_eq!(before, b[..5 * bs]);
+    let mut after = vec![0u8; b.len() - 6 * bs];
+    assert_eq!(r.read_at(&mut after, 6 * bs as u64).unwrap(), after.len());
+    assert_eq!(after, b[6 * bs..]);
+    for (at, len) in [(5 * bs, 1), (5 * bs + 4000, 200), (4 * bs, 2 * bs)] {
+        match r.read_at(&mut vec![0u8; len], at as u64) {
+            Err(StoreError::Damaged {
+                snapshot,
+                volume,
+                block,
+                stored_in,
+                ..
+            }) => assert_eq!(
+                (
+                    snapshot.as_str(),
+                    volume.as_str(),
+                    block,
+                    stored_in.as_str()
+                ),
+                ("child", "vols/v1.img", 5, "base")
+            ),
+            other => panic!("read of {len} at {at}: {other:?}"),
+        }
+    }
+}
+
+/// Write `byte` at `offset` of `path` in place (the pack keeps its inode; mtime moves).
+fn poke(path: &Path, offset: u64, byte: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[byte], offset).unwrap();
+}
+
+#[test]
+fn blocks_are_hashed_once_until_their_pack_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let data = fill(9, 20 * G.block_size as usize);
+    let nblocks = G.blocks(data.len() as u64);
+    let w = store.begin("s", "g", G, None).unwrap();
+    let h = w.add_volume(meta(0, data.len() as u64)).unwrap();
+    for p in 0..G.partitions(data.len() as u64) {
+        w.set_partition(h, p, PartitionKind::Full, "new").unwrap();
+    }
+    for blk in 0..nblocks {
+        w.put_block(h, blk, block_of(&data, blk)).unwrap();
+    }
+    let m = w.commit().unwrap();
+    let dir = store.snapshots_dir().join("s");
+    let table =
+        format::load_table(&dir, m.volume(vid(0)).unwrap().table.as_ref().unwrap()).unwrap();
+    let rec = table.iter().find(|r| r.block == 7).unwrap();
+    let pack = dir.join(&m.packs[rec.pack as usize].file);
+
+    let first = store.open_volume("s", vid(0)).unwrap();
+    assert_eq!(read_all(&store, "s", vid(0)), data);
+    let mut all = vec![0u8; data.len()];
+    first.read_at(&mut all, 0).unwrap();
+    // Each block was hashed by one of the two readers, and only once in all: the other
+    // found it proven already.
+    let again = store.open_volume("s", vid(0)).unwrap();
+    again.read_at(&mut all, 0).unwrap();
+    assert_eq!(all, data);
+    assert_eq!(again.stats().hashed, 0, "{:?}", again.stats());
+    assert_eq!(again.stats().preads, nblocks);
+    // The lru cache serves a block read again without a pread or a hash.
+    again.read_at(&mut all, 0).unwrap();
+    assert_eq!((again.stats().preads, again.stats().hashed), (nblocks, 0));
+
+    // The pack changes (a byte of block 7 flipped in place): proofs made before no longer
+    // hold, block 7 is an error, the others are hashed again and read as stored.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    poke(&pack, rec.offset + 3, data[7 * 4096 + 3] ^ 0x01);
+    let changed = store.open_volume("s", vid(0)).unwrap();
+    let mut block = vec![0u8; 4096];
+    match changed.read_at(&mut block, 7 * 4096) {
+        Err(StoreError::Damaged { block: 7, .. }) => {}
+        other => panic!("damaged block 7 read as {other:?}"),
+    }
+    for b in (0..nblocks).filter(|&b| b != 7) {
+        changed.read_at(&mut block, b * 4096).unwrap();
+        assert_eq!(block, block_of(&data, b), "block {b}");
+    }
+    assert_eq!(changed.stats().hashed, nblocks, "{:?}", changed.stats());
+    // A block proven and cached before the change still reads as what was proven.
+    first.read_at(&mut block, 7 * 4096).unwrap();
+    assert_eq!(block, block_of(&data, 7));
+
+    // Repaired: block 7 reads again, and is hashed again (the pack changed once more).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    poke(&pack, rec.offset + 3, data[7 * 4096 + 3]);
+    let repaired = store.open_volume("s", vid(0)).unwrap();
+    repaired.read_at(&mut block, 7 * 4096).unwrap();
+    assert_eq!(block, block_of(&data, 7));
+    assert_eq!(repaired.stats().hashed, 1);
 }
 
 #[test]

@@ -1,7 +1,11 @@
 //! The read-only `.snapshots` tree: `<mount>/.snapshots/<name>/` shows snapshot `<name>` as
 //! its group's tree was at the snapshot's instant (files, directories and symlinks, with their
 //! sizes, modes, owners and mtimes), and file content is read through the store's
-//! `VolumeReader`.
+//! `VolumeReader`, which checks every block against its blake3: a damaged block reads as EIO
+//! (and is logged with snapshot, volume and block), never as wrong bytes. A snapshot grants no
+//! privilege: regular files show without their setuid and setgid bits unless the daemon was
+//! told otherwise (`snapshot_setuid`), and no file shows xattrs (none are recorded, so no
+//! `security.capability` either).
 //!
 //! It owns a second inode space (the numbers with the top two bits set, `inode::SNAPVIEW`,
 //! which the backing inode table never hands out), the trees loaded from manifests, and the
@@ -111,6 +115,9 @@ struct SnapDirHandle {
 pub struct SnapView {
     store: Store,
     visible: bool,
+    /// Show the setuid and setgid bits of regular files as recorded (`snapshot_setuid`); by
+    /// default they are cleared, so a snapshot never grants a privilege the live tree revoked.
+    setuid: bool,
     /// Owner of `.snapshots` and of directories a manifest does not record: the daemon.
     uid: u32,
     gid: u32,
@@ -165,10 +172,18 @@ fn node_attr(kind: FileKind, mode: u32, uid: u32, gid: u32, mtime: SystemTime) -
 
 impl SnapView {
     /// The view of the snapshots in `store_dir`; `visible`: `.snapshots` is listed in the root.
+    /// Regular files show without setuid and setgid bits (see `with_setuid`).
     pub fn new(store_dir: &Path, visible: bool) -> FsResult<SnapView> {
+        SnapView::with_setuid(store_dir, visible, false)
+    }
+
+    /// `new`, with `setuid`: regular files keep their recorded setuid and setgid bits (config
+    /// `snapshot_setuid = true`, for restores that copy modes from the view).
+    pub fn with_setuid(store_dir: &Path, visible: bool, setuid: bool) -> FsResult<SnapView> {
         Ok(SnapView {
             store: Store::open(store_dir)?,
             visible,
+            setuid,
             uid: sys::geteuid(),
             gid: sys::getegid(),
             since: SystemTime::now(),
@@ -271,7 +286,7 @@ impl SnapView {
                 return Ok(t);
             }
         }
-        let plan = Plan::of(&m, self.uid, self.gid);
+        let plan = Plan::of(&m, self.uid, self.gid, self.setuid);
         let base = self
             .next_ino
             .fetch_add(plan.nodes.len() as u64, Ordering::Relaxed);
@@ -361,7 +376,7 @@ impl SnapView {
             // The name means a newer snapshot now: this file's snapshot was deleted.
             return Err(StoreError::NotFound(tree.name.clone()).into());
         }
-        let r = Arc::new(VolumeReader::open(self.store.snapshots_dir(), m, volume)?);
+        let r = Arc::new(self.store.read_volume(m, volume)?);
         let mut readers = lock(&self.readers);
         if let Some(other) = readers.get(&key).and_then(Weak::upgrade) {
             return Ok(other);
@@ -632,7 +647,8 @@ fn components(path: &str) -> Option<Vec<&str>> {
 impl Plan {
     /// The tree of manifest `m`. Directories come first, so a file or symlink under a path
     /// recorded as something else is what is left out; every left-out entry is logged.
-    fn of(m: &Manifest, uid: u32, gid: u32) -> Plan {
+    /// Regular files lose their setuid and setgid bits unless `setuid`.
+    fn of(m: &Manifest, uid: u32, gid: u32, setuid: bool) -> Plan {
         let created = time_ns(m.created_ns as i128);
         let mut plan = Plan {
             nodes: Vec::new(),
@@ -658,8 +674,17 @@ impl Plan {
             n.synthesized = false;
             (n.perm, n.uid, n.gid, n.mtime) = (e.mode, e.uid, e.gid, time_ns(e.mtime_ns));
         }
+        // A snapshot keeps a program as it was, setuid root included: shown with the bit, a
+        // program whose bit was dropped (a fixed vulnerability) would keep running as root
+        // from the snapshot. The view therefore grants no privilege by default.
+        let privilege = if setuid {
+            0
+        } else {
+            libc::S_ISUID | libc::S_ISGID
+        };
         let files = m.volumes.iter().map(|v| {
-            let mut p = plan_leaf(FileKind::Regular, v.mode, v.uid, v.gid, v.mtime_ns);
+            let mode = v.mode & !privilege;
+            let mut p = plan_leaf(FileKind::Regular, mode, v.uid, v.gid, v.mtime_ns);
             (p.size, p.volume) = (v.size, Some(v.id));
             (&v.path, p)
         });
@@ -872,7 +897,7 @@ mod tests {
             created_ns: CREATED,
             root: 100,
         });
-        let nodes = Plan::of(m, UID, GID).into_nodes(100, &tree, 65536);
+        let nodes = Plan::of(m, UID, GID, false).into_nodes(100, &tree, 65536);
         let by_ino: HashMap<u64, &Node> = nodes.iter().map(|n| (n.attr.ino, n)).collect();
         let mut paths = HashMap::new();
         let mut lines = Vec::new();
@@ -974,6 +999,30 @@ mod tests {
                 "\"d\" Directory 700 7",
             ]
         );
+    }
+
+    #[test]
+    fn setuid_and_setgid_bits_of_files_show_only_when_asked() {
+        let mut m = manifest(&[("bin/su", 1)], vec![ns("bin", EntryKind::Dir, 0o42755)]);
+        m.volumes[0].mode = 0o106755;
+        let tree = Arc::new(Tree {
+            name: "s".into(),
+            created_ns: CREATED,
+            root: 100,
+        });
+        let perms = |setuid| {
+            let nodes = Plan::of(&m, UID, GID, setuid).into_nodes(100, &tree, 65536);
+            let perm = |kind| {
+                nodes
+                    .iter()
+                    .find(|n| n.attr.kind == kind && n.attr.ino != 100)
+                    .map(|n| n.attr.perm)
+            };
+            (perm(FileKind::Regular), perm(FileKind::Directory))
+        };
+        // A directory's setgid only says which group new entries get: it stays.
+        assert_eq!(perms(false), (Some(0o755), Some(0o2755)));
+        assert_eq!(perms(true), (Some(0o6755), Some(0o2755)));
     }
 
     #[test]

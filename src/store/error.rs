@@ -34,6 +34,15 @@ pub enum StoreError {
     Chain { snapshot: String, why: String },
     #[error("snapshot {snapshot:?}: no volume {volume}")]
     NoVolume { snapshot: String, volume: VolumeId },
+    /// A stored block whose bytes differ from its blake3: read as EIO, never as wrong bytes.
+    #[error("snapshot {snapshot:?}: {volume}: block {block} is damaged (its bytes in {} differ from its blake3; stored by snapshot {stored_in:?}): run `grainfs snapshot verify`", path.display())]
+    Damaged {
+        snapshot: String,
+        volume: String,
+        block: u64,
+        stored_in: String,
+        path: PathBuf,
+    },
     #[error("snapshot being built: {0}")]
     Misuse(String),
     #[error("snapshot {name:?} is the parent of {dependents:?}: delete those first (merging into children comes later)")]

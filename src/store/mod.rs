@@ -30,6 +30,11 @@
 //! data there (the rest reads as zeros). Snapshot names are `[A-Za-z0-9._-]{1,128}` and never
 //! start with '.', so they can never collide with the store's own temp directories.
 //!
+//! Reading (`VolumeReader`) checks each stored block against its blake3 the first time it is
+//! read, remembering the proof per pack file (`verified`) until the file changes: a damaged
+//! block is `StoreError::Damaged`, never wrong bytes. Every directory the store makes is 0700
+//! and every file 0600, whatever the process umask.
+//!
 //! Crash safety: data, tables and manifest are fsync'ed inside the temp dir, which is then
 //! renamed (no replace) into place and `snapshots/` fsync'ed. A crash before the rename leaves
 //! only a temp dir, swept by the next `Store::open`; after it, the snapshot is complete.
@@ -37,12 +42,14 @@
 pub mod error;
 pub mod format;
 pub mod reader;
+mod verified;
 pub mod writer;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use log::{info, warn};
 use serde::Serialize;
@@ -53,6 +60,7 @@ pub use format::{
     check_name, EntryKind, Manifest, NamespaceEntry, PartitionKind, VolumeEntry, FORMAT,
 };
 pub use reader::{ReaderStats, VolumeReader};
+use verified::VerifiedExtents;
 pub use writer::{SnapshotWriter, VolumeHandle, VolumeMeta};
 
 use crate::track::{fsync_dir, Geometry, VolumeId};
@@ -184,6 +192,8 @@ impl VerifyReport {
 #[derive(Debug)]
 pub struct Store {
     snapshots: PathBuf,
+    /// Extents proven by the readers of this store, so each is hashed once.
+    verified: Arc<VerifiedExtents>,
 }
 
 /// Try to take the exclusive flock of a directory (None if held or not openable).
@@ -198,8 +208,16 @@ impl Store {
     /// builds and deletions left behind.
     pub fn open(store_dir: &Path) -> Result<Store> {
         let snapshots = store_dir.join("snapshots");
-        std::fs::create_dir_all(&snapshots).at(&snapshots)?;
-        let store = Store { snapshots };
+        // Explicit mode: the daemon runs with umask 0, and snapshots are nobody else's business.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&snapshots)
+            .at(&snapshots)?;
+        let store = Store {
+            snapshots,
+            verified: Arc::default(),
+        };
         store.sweep()?;
         Ok(store)
     }
@@ -295,8 +313,12 @@ impl Store {
 
     /// Open volume `id` of snapshot `name` for reading (resolves its chain once).
     pub fn open_volume(&self, name: &str, id: VolumeId) -> Result<VolumeReader> {
-        let m = self.manifest(name)?;
-        VolumeReader::open(&self.snapshots, m, id)
+        self.read_volume(self.manifest(name)?, id)
+    }
+
+    /// Open volume `id` of the snapshot whose manifest `m` the caller already loaded.
+    pub fn read_volume(&self, m: Manifest, id: VolumeId) -> Result<VolumeReader> {
+        VolumeReader::open(&self.snapshots, m, id, self.verified.clone())
     }
 
     /// The blake3 of every block with data that volume `id` of snapshot `name` reads, through

@@ -1,7 +1,9 @@
 //! Reading a volume of a snapshot: the chain of INCREMENTAL partitions is resolved once, when
 //! the volume is opened, into an index block -> (pack, offset, len); every read then costs an
-//! index lookup and a `pread` (or an lru cache hit), whatever the chain depth. Resolution is
-//! also what `verify` walks to prove every byte. Nothing here writes to the store.
+//! index lookup and a `pread` (or an lru cache hit), whatever the chain depth. A block read
+//! from a pack is checked against its blake3 the first time (and again after its pack file
+//! changed): a damaged block is an error, never wrong bytes. Resolution is also what `verify`
+//! walks to prove every byte. Nothing here writes to the store.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -11,12 +13,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use log::error;
 use lru::LruCache;
 
 use super::error::{IoContext, Result, StoreError};
 use super::format::{
     check_pack_header, load_manifest, load_table, Manifest, PartitionKind, Record, PACK_HEADER_LEN,
 };
+use super::verified::{PackKey, Stamp, VerifiedExtents};
 use crate::track::VolumeId;
 
 /// Longest chain followed before calling it a cycle (policy.max_chain is far below).
@@ -216,7 +220,23 @@ struct Loc {
     block: u64,
     offset: u64,
     pack: u32,
+    /// Bytes the volume reads from the extent.
     len: u32,
+    /// Bytes of the stored extent, which its blake3 covers (more than `len` when a snapshot on
+    /// the way cut the volume inside this block).
+    stored_len: u32,
+    /// The level (snapshot of the chain) that stores the extent.
+    level: u32,
+    hash: [u8; 32],
+}
+
+/// A pack file open for reading, with its identity for `VerifiedExtents`.
+struct OpenPack {
+    file: File,
+    path: PathBuf,
+    key: PackKey,
+    /// The stamp the last read saw (at first, the one at open).
+    seen: Mutex<Stamp>,
 }
 
 /// Counters of one open volume (for tests and `status`).
@@ -226,20 +246,28 @@ pub struct ReaderStats {
     pub preads: u64,
     /// Block reads served from the lru cache.
     pub cache_hits: u64,
+    /// Blocks hashed and compared with their blake3 (the rest were proven before).
+    pub hashed: u64,
 }
 
-/// A volume of a snapshot opened for reading; `read_at` is safe from several threads.
+/// A volume of a snapshot opened for reading; `read_at` is safe from several threads. Every
+/// block read from a pack is proven against its blake3 once (see `VerifiedExtents`); a block
+/// that fails is an error (`StoreError::Damaged`), logged once per open volume.
 pub struct VolumeReader {
     path: String,
     size: u64,
     block_size: u64,
-    depth: usize,
+    /// Names of the snapshots of the chain, level 0 the one read.
+    levels: Vec<String>,
     index: Vec<Loc>,
-    packs: Vec<File>,
-    pack_paths: Vec<PathBuf>,
+    packs: Vec<OpenPack>,
+    verified: Arc<VerifiedExtents>,
     cache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// Damaged blocks already logged.
+    reported: Mutex<HashSet<u64>>,
     preads: AtomicU64,
     hits: AtomicU64,
+    hashed: AtomicU64,
 }
 
 impl std::fmt::Debug for VolumeReader {
@@ -247,24 +275,29 @@ impl std::fmt::Debug for VolumeReader {
         f.debug_struct("VolumeReader")
             .field("path", &self.path)
             .field("size", &self.size)
-            .field("depth", &self.depth)
+            .field("depth", &self.levels.len())
             .field("blocks", &self.index.len())
             .finish()
     }
 }
 
 impl VolumeReader {
-    pub(crate) fn open(snapshots: &Path, m: Manifest, id: VolumeId) -> Result<VolumeReader> {
+    pub(crate) fn open(
+        snapshots: &Path,
+        m: Manifest,
+        id: VolumeId,
+        verified: Arc<VerifiedExtents>,
+    ) -> Result<VolumeReader> {
         let res = resolve(snapshots, m, id)?;
-        let (packs, which) = open_packs(&res)?;
-        let mut pack_paths = vec![PathBuf::new(); packs.len()];
+        let (files, which) = open_packs(&res)?;
+        let mut paths = vec![PathBuf::new(); files.len()];
         let index = res
             .blocks
             .iter()
             .zip(&which)
             .map(|(b, &w)| {
                 let level = &res.levels[b.level];
-                pack_paths[w as usize] = level
+                paths[w as usize] = level
                     .dir
                     .join(&level.manifest.packs[b.rec.pack as usize].file);
                 Loc {
@@ -272,23 +305,41 @@ impl VolumeReader {
                     offset: b.rec.offset,
                     pack: w,
                     len: b.len,
+                    stored_len: b.rec.len,
+                    level: b.level as u32,
+                    hash: b.rec.hash,
                 }
             })
             .collect();
+        let packs = files
+            .into_iter()
+            .zip(paths)
+            .map(|(file, path)| {
+                let (key, stamp) = Stamp::of(&file).at(&path)?;
+                Ok(OpenPack {
+                    file,
+                    path,
+                    key,
+                    seen: Mutex::new(stamp),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let cap = (CACHE_BYTES / res.block_size).max(8) as usize;
         Ok(VolumeReader {
             path: res.path,
             size: res.size,
             block_size: res.block_size,
-            depth: res.levels.len(),
+            levels: res.levels.into_iter().map(|l| l.name).collect(),
             index,
             packs,
-            pack_paths,
+            verified,
             cache: Mutex::new(LruCache::new(
                 NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN),
             )),
+            reported: Mutex::new(HashSet::new()),
             preads: AtomicU64::new(0),
             hits: AtomicU64::new(0),
+            hashed: AtomicU64::new(0),
         })
     }
 
@@ -304,7 +355,7 @@ impl VolumeReader {
 
     /// Snapshots the resolution visited (1 when every partition is FULL).
     pub fn depth(&self) -> usize {
-        self.depth
+        self.levels.len()
     }
 
     /// Bytes of block data the volume reads from packs (the rest is zeros).
@@ -345,6 +396,7 @@ impl VolumeReader {
         ReaderStats {
             preads: self.preads.load(Ordering::Relaxed),
             cache_hits: self.hits.load(Ordering::Relaxed),
+            hashed: self.hashed.load(Ordering::Relaxed),
         }
     }
 
@@ -358,18 +410,64 @@ impl VolumeReader {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b.clone());
         }
-        let mut data = vec![0u8; loc.len as usize];
-        let p = loc.pack as usize;
-        self.packs[p]
+        let pack = &self.packs[loc.pack as usize];
+        // A proof holds only while the pack stays as it was from before the proven read to
+        // after this one, so the stamp is taken after each read. A new proof is kept only if
+        // the stamp after the read equals one seen before it (the previous read's, or the one
+        // at open): a change racing the read proves nothing. One stat per read from a pack.
+        let proven = self.verified.proven_under(pack.key, loc.offset);
+        let before = *pack.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut data = vec![0u8; loc.stored_len as usize];
+        pack.file
             .read_exact_at(&mut data, loc.offset)
-            .at(&self.pack_paths[p])?;
+            .at(&pack.path)?;
         self.preads.fetch_add(1, Ordering::Relaxed);
+        let after = Stamp::of(&pack.file).at(&pack.path)?.1;
+        *pack.seen.lock().unwrap_or_else(|p| p.into_inner()) = after;
+        let trusted = match proven {
+            Some(stamp) if stamp == after => true,
+            Some(stamp) => {
+                self.verified.forget(pack.key, stamp);
+                false
+            }
+            None => false,
+        };
+        if !trusted {
+            self.hashed.fetch_add(1, Ordering::Relaxed);
+            if blake3::hash(&data).as_bytes() != &loc.hash {
+                return Err(self.damaged(loc));
+            }
+            if before == after {
+                self.verified.prove(pack.key, after, loc.offset);
+            }
+        }
+        data.truncate(loc.len as usize);
         let data = Arc::new(data);
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .put(loc.block, data.clone());
         Ok(data)
+    }
+
+    /// The error for a block that failed its blake3, logged the first time.
+    fn damaged(&self, loc: &Loc) -> StoreError {
+        let err = StoreError::Damaged {
+            snapshot: self.levels[0].clone(),
+            volume: self.path.clone(),
+            block: loc.block,
+            stored_in: self.levels[loc.level as usize].clone(),
+            path: self.packs[loc.pack as usize].path.clone(),
+        };
+        if self
+            .reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(loc.block)
+        {
+            error!("{err}");
+        }
+        err
     }
 
     /// Read up to `buf.len()` bytes at `offset`; returns the count (0 at or past the end).

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -116,7 +116,8 @@ impl SnapshotWriter {
             return Err(StoreError::NameTaken(name.to_string()));
         }
         let tmp = snapshots.join(format!(".tmp-{name}"));
-        if let Err(e) = std::fs::create_dir(&tmp) {
+        // Explicit mode (the daemon's umask is 0); the rename that commits keeps it.
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&tmp) {
             return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
                 StoreError::NameTaken(name.to_string())
             } else {
