@@ -455,9 +455,10 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
             tracker: tracker.clone(),
         },
     )?
-    .with_snapshots(
+    .with_snapshots_setuid(
         &store,
         req.config.snapdir == crate::config::SnapDir::Visible,
+        req.config.snapshot_setuid,
     )?;
     let engine = match &tracker {
         Some(t) => Some(Arc::new(start_engine(&req, &store, t.clone())?)),

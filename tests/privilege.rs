@@ -169,7 +169,6 @@ fn a_setuid_root_program_in_a_snapshot_runs_without_privilege() {
 
 /// `snapshot_setuid = true` shows the recorded bits, for restores that copy modes.
 #[test]
-#[ignore = "needs the daemon to hand config.snapshot_setuid to the view (src/daemon.rs and src/fs/mod.rs, outside this branch)"]
 fn snapshot_setuid_true_shows_the_recorded_bits() {
     if !root() {
         return;

@@ -301,8 +301,19 @@ impl OverlayFs {
     /// Show the snapshots of the store in `store_dir` under `.snapshots` in the root, listed
     /// there only when `visible`. (A builder rather than an `OverlayOptions` field: the view
     /// opens the store, which can fail, and callers building options by hand stay unchanged.)
-    pub fn with_snapshots(mut self, store_dir: &Path, visible: bool) -> FsResult<OverlayFs> {
-        self.snapview = Some(SnapView::new(store_dir, visible)?);
+    pub fn with_snapshots(self, store_dir: &Path, visible: bool) -> FsResult<OverlayFs> {
+        self.with_snapshots_setuid(store_dir, visible, false)
+    }
+
+    /// `with_snapshots`, showing the recorded setuid and setgid bits of snapshot files when
+    /// `setuid` (config `snapshot_setuid`).
+    pub fn with_snapshots_setuid(
+        mut self,
+        store_dir: &Path,
+        visible: bool,
+        setuid: bool,
+    ) -> FsResult<OverlayFs> {
+        self.snapview = Some(SnapView::with_setuid(store_dir, visible, setuid)?);
         Ok(self)
     }
 
