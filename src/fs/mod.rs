@@ -495,6 +495,11 @@ impl OverlayFs {
             }
         };
         record(v, r.as_ref().ok(), offset, len);
+        // Whatever the change was and whether it failed, the backing file's ctime may have
+        // moved: note it as ours, or the next stamp check takes it for a change behind our
+        // back. Here, not in `record`, so that no kind of change (a keep-size fallocate
+        // records no block) can forget it.
+        v.touch();
         r
     }
 

@@ -134,7 +134,6 @@ pub struct Deferred {
     settlers: AtomicUsize,
 }
 
-
 fn journal_name(id: VolumeId) -> String {
     format!("{:x}-{:x}.log", id.dev, id.ino)
 }
