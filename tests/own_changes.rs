@@ -301,3 +301,45 @@ fn setattr_and_xattrs_through_the_mount_are_the_overlays_own() {
         ],
     );
 }
+
+/// A real EIO: a snapshot's pack cut short (a damaged store) makes reading the snapshot's file
+/// through the mount fail with EIO, and the daemon says so at warn, with the operation, the
+/// file and the cause.
+#[test]
+fn an_eio_answered_to_a_caller_is_logged_at_warn_with_operation_file_and_cause() {
+    let m = Mount::with_setup(
+        |b| {
+            let data: Vec<u8> = (0..MIB).map(|i| (i * 7 % 251) as u8 + 1).collect();
+            std::fs::write(b.join("a.img"), data).unwrap();
+        },
+        Some(CONFIG),
+    );
+    let s = snapshot(&m);
+    let pack = m
+        .store()
+        .join("snapshots")
+        .join(&s.name)
+        .join("pack-000000");
+    let f = OpenOptions::new().write(true).open(&pack).unwrap();
+    f.set_len(0).unwrap();
+    drop(f);
+    let snap_file = m.path().join(".snapshots").join(&s.name).join("a.img");
+    let err = std::fs::read(&snap_file).expect_err("a snapshot with no pack data cannot be read");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = m.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("EIO"))
+        .unwrap_or_else(|| panic!("no EIO warning in the log:\n{log}"));
+    // The open resolves the snapshot's chain and reads its index, so it is the open that
+    // fails here; a read of a damaged block would be named `read`.
+    assert!(
+        line.contains("open on snapshot file (inode ")
+            || line.contains("read on snapshot file (inode "),
+        "{line}"
+    );
+    assert!(
+        line.contains("pack-000000"),
+        "the cause names the pack: {line}"
+    );
+}

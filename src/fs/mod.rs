@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use error::{FsError, FsResult};
+pub use error::{eio_warning, report, FsError, FsResult, RateLimit};
 use inode::{is_snapview, BackingKey, ContentStamp, Inode, InodeTable, ROOT_INO};
 use snapview::{SnapView, SNAPDIR_NAME, SNAP_FH};
 
@@ -1236,6 +1236,32 @@ impl OverlayFs {
         )
     }
 
+    /// How the log names inode `ino`: its number and its backing path (read from
+    /// /proc/self/fd, so only for logging a failure, never on a path that succeeds).
+    pub fn describe(&self, ino: u64) -> String {
+        if is_snapview(ino) {
+            return format!("snapshot file (inode {ino})");
+        }
+        match self.inodes.get(ino) {
+            Ok(inode) => format!("inode {ino} ({})", fd_path(inode.raw_fd())),
+            Err(_) => format!("inode {ino} (forgotten)"),
+        }
+    }
+
+    /// How the log names the file open as `fh` (see `describe`).
+    pub fn describe_fh(&self, fh: u64) -> String {
+        if let Some(v) = self.snap_fh(fh) {
+            return match v.handle_ino(fh) {
+                Ok(ino) => format!("snapshot file (inode {ino})"),
+                Err(_) => format!("snapshot file handle {fh}"),
+            };
+        }
+        match self.file(fh) {
+            Ok(h) => format!("inode {} ({})", h.inode.ino, fd_path(h.file.as_raw_fd())),
+            Err(_) => format!("file handle {fh} (released)"),
+        }
+    }
+
     /// The inode number an open file handle refers to (for the tracking layer to come).
     pub fn handle_ino(&self, fh: u64) -> FsResult<u64> {
         if let Some(v) = self.snap_fh(fh) {
@@ -1624,6 +1650,14 @@ fn hidden_store(store: &Path) -> Option<HiddenStore> {
         },
         name: store.file_name()?.to_os_string(),
     })
+}
+
+/// The path an fd was opened at, as the kernel knows it now, for log messages.
+fn fd_path(fd: std::os::fd::RawFd) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).map_or_else(
+        |e| format!("path unknown: {e}"),
+        |p| p.display().to_string(),
+    )
 }
 
 fn volume_id(key: BackingKey) -> VolumeId {
