@@ -443,7 +443,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -452,7 +452,13 @@ impl Filesystem for FuseAdapter {
                 return reply.error(self.fail("write", On::Fh(fh), &e));
             }
         }
-        match self.fs.write(fh.0, offset, data) {
+        // The kernel turns a short reply to an O_DIRECT write into EIO (see `write_whole`).
+        let r = if flags.0 & libc::O_DIRECT != 0 {
+            self.fs.write_whole(fh.0, offset, data)
+        } else {
+            self.fs.write(fh.0, offset, data)
+        };
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(self.fail("write", On::Fh(fh), &e)),
         }

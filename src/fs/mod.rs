@@ -1026,8 +1026,23 @@ impl OverlayFs {
         })
     }
 
-    /// Write all of `data` at `offset`.
+    /// Write all of `data` at `offset`; short only when the backing file took part of it and
+    /// then failed (ENOSPC), as pwrite(2) reports it.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_as(fh, offset, data, false)
+    }
+
+    /// `write` for a caller that cannot take a short count: all of `data`, or the error that
+    /// stopped it (part of it may be written then, as after a failed direct write). The
+    /// kernel's direct I/O path (O_DIRECT opens, with FUSE_ASYNC_DIO) turns a short write
+    /// reply into EIO: an O_DIRECT write that ran out of space part way failed with EIO, and
+    /// nothing was logged, since no operation had failed here (the one path found that fits
+    /// issue 9's unexplained O_DIRECT fsx failure, if its disk was full for a moment).
+    pub fn write_whole(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_as(fh, offset, data, true)
+    }
+
+    fn write_as(&self, fh: u64, offset: u64, data: &[u8], whole: bool) -> FsResult<u32> {
         if snapview::owns_fh(fh) {
             return Err(FsError::ReadOnly);
         }
@@ -1052,7 +1067,18 @@ impl OverlayFs {
                 }
                 Ok(None)
             },
-            || sys::pwrite_all(h.file.as_raw_fd(), data, offset).map_err(FsError::backing("write")),
+            || {
+                let fd = h.file.as_raw_fd();
+                let mut done =
+                    sys::pwrite_all(fd, data, offset).map_err(FsError::backing("write"))?;
+                // Short: the backing file failed after part of it. Go on with the rest, which
+                // either fails at once with that error or (space came back) makes progress.
+                while whole && done < data.len() {
+                    done += sys::pwrite_all(fd, &data[done..], offset + done as u64)
+                        .map_err(FsError::backing("write"))?;
+                }
+                Ok(done)
+            },
             |v, done, _, _| match done {
                 Some(_) => {
                     let sequential = h.last_end.swap(offset + len, Ordering::Relaxed) == offset;
