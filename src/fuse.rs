@@ -1,6 +1,7 @@
 //! The only file that touches fuser: it links fuser's method calls into `OverlayFs` and turns
 //! each `Result` into a reply. No filesystem logic lives here; the errno is decided by
-//! `FsError::errno` and the kernel cache policy by `KernelCache` (documented there).
+//! `FsError::errno`, every failure is logged by `FuseAdapter::fail` (an EIO at warn, naming the
+//! operation and the file), and the kernel cache policy by `KernelCache` (documented there).
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -98,17 +99,12 @@ impl FuseAdapter {
     }
 }
 
-fn errno(e: &FsError) -> Errno {
-    Errno::from_i32(e.errno())
-}
-
-fn log_err(op: &str, e: &FsError) {
-    // ENOENT on lookup is the normal answer for a missing name; keep it out of the log.
-    if e.errno() == libc::ENOENT {
-        debug!("{op}: {e}");
-    } else {
-        debug!("{op}: {e} (errno {})", e.errno());
-    }
+/// The file an operation was on, for the log; named only when a failure is logged.
+#[derive(Clone, Copy)]
+enum On<'a> {
+    Ino(INodeNo),
+    Fh(FileHandle),
+    Name(INodeNo, &'a OsStr),
 }
 
 fn kind(k: FileKind) -> FileType {
@@ -166,15 +162,30 @@ fn fopen(keep_cache: bool) -> FopenFlags {
     }
 }
 
-/// Reply to an operation that returns nothing.
-fn empty(reply: ReplyEmpty, r: Result<(), FsError>) {
-    match r {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(&e)),
-    }
-}
-
 impl FuseAdapter {
+    /// The errno to answer a failed `op` on `on` with, after logging it: every failure goes
+    /// through here, so an EIO a program sees is always in the log (`fs::report`).
+    fn fail(&self, op: &'static str, on: On<'_>, e: &FsError) -> Errno {
+        crate::fs::report(
+            op,
+            || match on {
+                On::Ino(ino) => self.fs.describe(ino.0),
+                On::Fh(fh) => self.fs.describe_fh(fh.0),
+                On::Name(parent, name) => format!("{name:?} in {}", self.fs.describe(parent.0)),
+            },
+            e,
+        );
+        Errno::from_i32(e.errno())
+    }
+
+    /// Reply to an operation that returns nothing.
+    fn empty(&self, op: &'static str, on: On<'_>, reply: ReplyEmpty, r: Result<(), FsError>) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.fail(op, on, &e)),
+        }
+    }
+
     /// The timeouts (attributes, entry) of `ino`.
     fn ttl(&self, ino: u64) -> (Duration, Duration) {
         match self.fs.validity(ino) {
@@ -185,17 +196,20 @@ impl FuseAdapter {
     }
 
     /// Reply to an operation that returns a looked-up entry.
-    fn entry(&self, op: &str, reply: ReplyEntry, r: Result<crate::fs::Entry, FsError>) {
+    fn entry(
+        &self,
+        op: &'static str,
+        on: On<'_>,
+        reply: ReplyEntry,
+        r: Result<crate::fs::Entry, FsError>,
+    ) {
         match r {
             Ok(e) => reply.entry(
                 &self.ttl(e.attr.ino).1,
                 &attr(&e.attr),
                 Generation(e.generation),
             ),
-            Err(e) => {
-                log_err(op, &e);
-                reply.error(errno(&e))
-            }
+            Err(e) => reply.error(self.fail(op, on, &e)),
         }
     }
 }
@@ -228,7 +242,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry("lookup", reply, self.fs.lookup(parent.0, name))
+        self.entry(
+            "lookup",
+            On::Name(parent, name),
+            reply,
+            self.fs.lookup(parent.0, name),
+        )
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -238,10 +257,7 @@ impl Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl(a.ino).0, &attr(&a)),
-            Err(e) => {
-                log_err("getattr", &e);
-                reply.error(errno(&e))
-            }
+            Err(e) => reply.error(self.fail("getattr", On::Ino(ino), &e)),
         }
     }
 
@@ -276,23 +292,19 @@ impl Filesystem for FuseAdapter {
         // with FATTR_KILL_SUIDGID, which fuser does not pass on).
         if size.is_some() && mode.is_none() {
             if let Err(e) = self.clear_setid(ino, Changer::Process(caller(req))) {
-                log_err("truncate", &e);
-                return reply.error(errno(&e));
+                return reply.error(self.fail("truncate", On::Ino(ino), &e));
             }
         }
         match self.fs.setattr(ino.0, &set) {
             Ok(a) => reply.attr(&self.ttl(a.ino).0, &attr(&a)),
-            Err(e) => {
-                log_err("setattr", &e);
-                reply.error(errno(&e))
-            }
+            Err(e) => reply.error(self.fail("setattr", On::Ino(ino), &e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.fail("readlink", On::Ino(ino), &e)),
         }
     }
 
@@ -309,7 +321,7 @@ impl Filesystem for FuseAdapter {
         let r = self
             .fs
             .mknod(caller(req), parent.0, name, mode, umask, rdev);
-        self.entry("mknod", reply, r)
+        self.entry("mknod", On::Name(parent, name), reply, r)
     }
 
     fn mkdir(
@@ -323,17 +335,20 @@ impl Filesystem for FuseAdapter {
     ) {
         self.entry(
             "mkdir",
+            On::Name(parent, name),
             reply,
             self.fs.mkdir(caller(req), parent.0, name, mode, umask),
         )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.unlink(parent.0, name))
+        let r = self.fs.unlink(parent.0, name);
+        self.empty("unlink", On::Name(parent, name), reply, r)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.rmdir(parent.0, name))
+        let r = self.fs.rmdir(parent.0, name);
+        self.empty("rmdir", On::Name(parent, name), reply, r)
     }
 
     fn symlink(
@@ -346,6 +361,7 @@ impl Filesystem for FuseAdapter {
     ) {
         self.entry(
             "symlink",
+            On::Name(parent, link_name),
             reply,
             self.fs.symlink(caller(req), parent.0, link_name, target),
         )
@@ -361,13 +377,10 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self
+        let r = self
             .fs
-            .rename(parent.0, name, newparent.0, newname, flags.bits())
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+            .rename(parent.0, name, newparent.0, newname, flags.bits());
+        self.empty("rename", On::Name(parent, name), reply, r)
     }
 
     fn link(
@@ -378,7 +391,12 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.entry("link", reply, self.fs.link(ino.0, newparent.0, newname))
+        self.entry(
+            "link",
+            On::Ino(ino),
+            reply,
+            self.fs.link(ino.0, newparent.0, newname),
+        )
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -390,10 +408,7 @@ impl Filesystem for FuseAdapter {
                 }
                 reply.opened(FileHandle(o.fh), fopen(o.keep_cache))
             }
-            Err(e) => {
-                log_err("open", &e);
-                reply.error(errno(&e))
-            }
+            Err(e) => reply.error(self.fail("open", On::Ino(ino), &e)),
         }
     }
 
@@ -416,8 +431,7 @@ impl Filesystem for FuseAdapter {
             }
         });
         if let (Err(e), Some(r)) = (r, reply) {
-            log_err("read", &e);
-            r.error(errno(&e));
+            r.error(self.fail("read", On::Fh(fh), &e));
         }
     }
 
@@ -429,22 +443,24 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             if let Err(e) = self.clear_setid(ino, Changer::WithoutFsetid(caller(req))) {
-                log_err("write", &e);
-                return reply.error(errno(&e));
+                return reply.error(self.fail("write", On::Fh(fh), &e));
             }
         }
-        match self.fs.write(fh.0, offset, data) {
+        // The kernel turns a short reply to an O_DIRECT write into EIO (see `write_whole`).
+        let r = if flags.0 & libc::O_DIRECT != 0 {
+            self.fs.write_whole(fh.0, offset, data)
+        } else {
+            self.fs.write(fh.0, offset, data)
+        };
+        match r {
             Ok(n) => reply.written(n),
-            Err(e) => {
-                log_err("write", &e);
-                reply.error(errno(&e))
-            }
+            Err(e) => reply.error(self.fail("write", On::Fh(fh), &e)),
         }
     }
 
@@ -456,7 +472,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.flush(fh.0))
+        self.empty("flush", On::Fh(fh), reply, self.fs.flush(fh.0))
     }
 
     fn release(
@@ -469,7 +485,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.release(fh.0))
+        self.empty("release", On::Fh(fh), reply, self.fs.release(fh.0))
     }
 
     fn fsync(
@@ -480,13 +496,13 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.fsync(fh.0, datasync))
+        self.empty("fsync", On::Fh(fh), reply, self.fs.fsync(fh.0, datasync))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
             Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.fail("opendir", On::Ino(ino), &e)),
         }
     }
 
@@ -503,7 +519,7 @@ impl Filesystem for FuseAdapter {
         });
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.fail("readdir", On::Ino(ino), &e)),
         }
     }
 
@@ -556,30 +572,31 @@ impl Filesystem for FuseAdapter {
         });
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.fail("readdirplus", On::Ino(ino), &e)),
         }
     }
 
     fn releasedir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.releasedir(fh.0))
+        self.empty("releasedir", On::Ino(ino), reply, self.fs.releasedir(fh.0))
     }
 
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.fsyncdir(fh.0, datasync))
+        let r = self.fs.fsyncdir(fh.0, datasync);
+        self.empty("fsyncdir", On::Ino(ino), reply, r)
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
@@ -587,7 +604,7 @@ impl Filesystem for FuseAdapter {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
             ),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.fail("statfs", On::Ino(ino), &e)),
         }
     }
 
@@ -601,14 +618,15 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.setxattr(ino.0, name, value, flags))
+        let r = self.fs.setxattr(ino.0, name, value, flags);
+        self.empty("setxattr", On::Ino(ino), reply, r)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         match self.fs.getxattr(ino.0, name, size) {
             Ok(Xattr::Size(n)) => reply.size(n),
             Ok(Xattr::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.fail("getxattr", On::Ino(ino), &e)),
         }
     }
 
@@ -616,16 +634,18 @@ impl Filesystem for FuseAdapter {
         match self.fs.listxattr(ino.0, size) {
             Ok(Xattr::Size(n)) => reply.size(n),
             Ok(Xattr::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.fail("listxattr", On::Ino(ino), &e)),
         }
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.removexattr(ino.0, name))
+        let r = self.fs.removexattr(ino.0, name);
+        self.empty("removexattr", On::Ino(ino), reply, r)
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        empty(reply, self.fs.access(caller(req), ino.0, mask.bits()))
+        let r = self.fs.access(caller(req), ino.0, mask.bits());
+        self.empty("access", On::Ino(ino), reply, r)
     }
 
     fn create(
@@ -649,10 +669,7 @@ impl Filesystem for FuseAdapter {
                 FileHandle(o.fh),
                 fopen(o.keep_cache),
             ),
-            Err(e) => {
-                log_err("create", &e);
-                reply.error(errno(&e))
-            }
+            Err(e) => reply.error(self.fail("create", On::Name(parent, name), &e)),
         }
     }
 
@@ -669,7 +686,7 @@ impl Filesystem for FuseAdapter {
         let r = self
             .clear_setid(ino, Changer::Process(caller(req)))
             .and_then(|()| self.fs.fallocate(fh.0, offset, length, mode));
-        empty(reply, r)
+        self.empty("fallocate", On::Fh(fh), reply, r)
     }
 
     fn lseek(
@@ -683,7 +700,7 @@ impl Filesystem for FuseAdapter {
     ) {
         match self.fs.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.fail("lseek", On::Fh(fh), &e)),
         }
     }
 
@@ -711,10 +728,12 @@ impl Filesystem for FuseAdapter {
         match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => {
-                if e.errno() != libc::EXDEV {
+                // EXDEV is the normal answer for a source in `.snapshots` (the kernel then
+                // copies by reading and writing); EIO is warned about by `fail`.
+                if e.errno() != libc::EXDEV && e.errno() != libc::EIO {
                     warn!("copy_file_range: {e}");
                 }
-                reply.error(errno(&e))
+                reply.error(self.fail("copy_file_range", On::Fh(fh_out), &e))
             }
         }
     }

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use error::{FsError, FsResult};
+pub use error::{eio_warning, report, FsError, FsResult, RateLimit};
 use inode::{is_snapview, BackingKey, ContentStamp, Inode, InodeTable, ROOT_INO};
 use snapview::{SnapView, SNAPDIR_NAME, SNAP_FH};
 
@@ -506,6 +506,11 @@ impl OverlayFs {
             }
         };
         record(v, r.as_ref().ok(), offset, len);
+        // Whatever the change was and whether it failed, the backing file's ctime may have
+        // moved: note it as ours, or the next stamp check takes it for a change behind our
+        // back. Here, not in `record`, so that no kind of change (a keep-size fallocate
+        // records no block) can forget it.
+        v.touch();
         r
     }
 
@@ -1032,8 +1037,23 @@ impl OverlayFs {
         })
     }
 
-    /// Write all of `data` at `offset`.
+    /// Write all of `data` at `offset`; short only when the backing file took part of it and
+    /// then failed (ENOSPC), as pwrite(2) reports it.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_as(fh, offset, data, false)
+    }
+
+    /// `write` for a caller that cannot take a short count: all of `data`, or the error that
+    /// stopped it (part of it may be written then, as after a failed direct write). The
+    /// kernel's direct I/O path (O_DIRECT opens, with FUSE_ASYNC_DIO) turns a short write
+    /// reply into EIO: an O_DIRECT write that ran out of space part way failed with EIO, and
+    /// nothing was logged, since no operation had failed here (the one path found that fits
+    /// issue 9's unexplained O_DIRECT fsx failure, if its disk was full for a moment).
+    pub fn write_whole(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_as(fh, offset, data, true)
+    }
+
+    fn write_as(&self, fh: u64, offset: u64, data: &[u8], whole: bool) -> FsResult<u32> {
         if snapview::owns_fh(fh) {
             return Err(FsError::ReadOnly);
         }
@@ -1058,7 +1078,18 @@ impl OverlayFs {
                 }
                 Ok(None)
             },
-            || sys::pwrite_all(h.file.as_raw_fd(), data, offset).map_err(FsError::backing("write")),
+            || {
+                let fd = h.file.as_raw_fd();
+                let mut done =
+                    sys::pwrite_all(fd, data, offset).map_err(FsError::backing("write"))?;
+                // Short: the backing file failed after part of it. Go on with the rest, which
+                // either fails at once with that error or (space came back) makes progress.
+                while whole && done < data.len() {
+                    done += sys::pwrite_all(fd, &data[done..], offset + done as u64)
+                        .map_err(FsError::backing("write"))?;
+                }
+                Ok(done)
+            },
             |v, done, _, _| match done {
                 Some(_) => {
                     let sequential = h.last_end.swap(offset + len, Ordering::Relaxed) == offset;
@@ -1240,6 +1271,32 @@ impl OverlayFs {
                 None => v.record_zero(off_out, len, now_ns()),
             },
         )
+    }
+
+    /// How the log names inode `ino`: its number and its backing path (read from
+    /// /proc/self/fd, so only for logging a failure, never on a path that succeeds).
+    pub fn describe(&self, ino: u64) -> String {
+        if is_snapview(ino) {
+            return format!("snapshot file (inode {ino})");
+        }
+        match self.inodes.get(ino) {
+            Ok(inode) => format!("inode {ino} ({})", fd_path(inode.raw_fd())),
+            Err(_) => format!("inode {ino} (forgotten)"),
+        }
+    }
+
+    /// How the log names the file open as `fh` (see `describe`).
+    pub fn describe_fh(&self, fh: u64) -> String {
+        if let Some(v) = self.snap_fh(fh) {
+            return match v.handle_ino(fh) {
+                Ok(ino) => format!("snapshot file (inode {ino})"),
+                Err(_) => format!("snapshot file handle {fh}"),
+            };
+        }
+        match self.file(fh) {
+            Ok(h) => format!("inode {} ({})", h.inode.ino, fd_path(h.file.as_raw_fd())),
+            Err(_) => format!("file handle {fh} (released)"),
+        }
     }
 
     /// The inode number an open file handle refers to (for the tracking layer to come).
@@ -1630,6 +1687,14 @@ fn hidden_store(store: &Path) -> Option<HiddenStore> {
         },
         name: store.file_name()?.to_os_string(),
     })
+}
+
+/// The path an fd was opened at, as the kernel knows it now, for log messages.
+fn fd_path(fd: std::os::fd::RawFd) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).map_or_else(
+        |e| format!("path unknown: {e}"),
+        |p| p.display().to_string(),
+    )
 }
 
 fn volume_id(key: BackingKey) -> VolumeId {

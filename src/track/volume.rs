@@ -420,7 +420,6 @@ impl Volume {
                 .counters
                 .record(bytes / nparts, m.newly_dirty, sequential, now_ns);
         }
-        self.note_own_change();
     }
 
     /// Mark the blocks of the byte range `offset..offset+len` (len > 0).
@@ -464,7 +463,6 @@ impl Volume {
             let shift = self.geometry.block_shift();
             self.mark_blocks(new_size >> shift, (old - 1) >> shift, 0, false, now_ns);
         }
-        self.note_own_change();
     }
 
     /// Current size as the write path knows it.
@@ -527,9 +525,12 @@ impl Volume {
             .insert(partition);
     }
 
-    /// Note a change made through the overlay that moves the file's stamp without changing
-    /// content (chmod, chown, utimens, link, rename, xattrs), so it is not taken for a change
-    /// behind our back.
+    /// Note a change made through the overlay, right after it reached the backing file, so the
+    /// stamp it moved is not taken for a change behind our back. Every change needs it, whether
+    /// or not it marks blocks: a keep-size fallocate, a punch hole past the end, chmod or an
+    /// xattr move the ctime without changing a byte. The `record_*` calls do not note on
+    /// their own; the overlay notes once per change, after recording it (one clock read and
+    /// one atomic max on the write path, as before).
     pub fn touch(&self) {
         self.note_own_change();
     }
