@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use grainfs::fs::{inode::ROOT_INO, Caller, OverlayFs, OverlayOptions};
-use grainfs::track::{Geometry, Tracker};
+use grainfs::ids::Geometry;
+use grainfs::track::Tracker;
 
 const FILE_SIZE: u64 = 256 << 20;
 const ROUNDS: usize = 7;

@@ -17,8 +17,9 @@ use crate::config::Config;
 use crate::control::{self, Request, Response, StatusReport};
 use crate::fs::{OverlayFs, OverlayOptions};
 use crate::fuse::{FuseAdapter, KernelCache};
+use crate::ids::{Geometry, VolumeId};
 use crate::snapshot::{Engine, EngineOptions};
-use crate::track::{Geometry, Tracker, VolumeId};
+use crate::track::Tracker;
 
 /// Why a mount could not be served; each message says what, where and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -247,7 +248,7 @@ impl StoreDir {
                 return Err(err(e));
             }
         }
-        let fd = crate::fs::sys::openat(
+        let fd = crate::sys::openat(
             libc::AT_FDCWD,
             &c,
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
@@ -263,7 +264,7 @@ impl StoreDir {
                 err(e)
             }
         })?;
-        let st = crate::fs::sys::fstat(fd.as_raw_fd()).map_err(err)?;
+        let st = crate::sys::fstat(fd.as_raw_fd()).map_err(err)?;
         let euid = unsafe { libc::geteuid() };
         if st.st_uid != euid {
             return Err(DaemonError::StoreUnsafe {
@@ -400,12 +401,12 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
     let store = store_dir.path();
     // The kernel already applied the caller's umask to every mode it sends us.
     unsafe { libc::umask(0) };
-    crate::fs::sys::raise_nofile_limit();
+    crate::sys::raise_nofile_limit();
 
     let store_inside = req.store.starts_with(&req.backing);
     let tracking = &req.config.tracking;
     let kept_aside = replay_deferred(&req.backing, &store)?;
-    let shadowed = req.backing.join(crate::fs::snapview::SNAPDIR_NAME);
+    let shadowed = req.backing.join(crate::ids::SNAPDIR_NAME);
     if shadowed.symlink_metadata().is_ok() {
         warn!(
             "{} exists in the backing dir: the mount shows the snapshot view under that name \
@@ -496,7 +497,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
     // Never weaker than the backing filesystem: where it is nosuid or nodev, so is the mount
     // (otherwise a setuid file or a device node there would work through us, as root). As an
     // ordinary user FUSE is always nosuid,nodev.
-    let backing_flags = crate::fs::sys::statvfs_flags(&req.backing).unwrap_or(u64::MAX);
+    let backing_flags = crate::sys::statvfs_flags(&req.backing).unwrap_or(u64::MAX);
     if root && backing_flags & libc::ST_NOSUID == 0 {
         options.mount_options.push(fuser::MountOption::Suid);
     } else {

@@ -286,7 +286,8 @@ mod tests {
 
     #[test]
     fn a_volume_plan_follows_its_change_map() {
-        use crate::track::{Geometry, Volume, VolumeId};
+        use crate::ids::{Geometry, VolumeId};
+        use crate::track::Volume;
         let g = Geometry {
             block_size: 4096,
             partition_size: 4096 * 16,

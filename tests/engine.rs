@@ -16,9 +16,10 @@ use std::time::Duration;
 use grainfs::config::{GroupConfig, KeepConfig, PolicyConfig};
 use grainfs::fs::inode::ROOT_INO;
 use grainfs::fs::{Caller, OverlayFs, OverlayOptions, SetAttr};
+use grainfs::ids::{Geometry, VolumeId};
 use grainfs::snapshot::{CreateReport, CreateRequest, Engine, EngineOptions, SnapshotError};
 use grainfs::store::Store;
-use grainfs::track::{Geometry, Tracker, VolumeId};
+use grainfs::track::Tracker;
 use proptest::prelude::*;
 
 const BS: u64 = 4096;

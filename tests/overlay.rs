@@ -13,8 +13,8 @@ use grainfs::fs::{
     Attr, Caller, DirEntry, Entry, FileKind, FsError, OverlayFs, OverlayOptions, SetAttr, SetTime,
     Validity, Xattr,
 };
+use grainfs::ids::{Geometry, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
-use grainfs::track::{Geometry, VolumeId};
 
 const ROOT: Caller = Caller {
     uid: 0,

@@ -19,8 +19,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::Mount;
+use grainfs::ids::{Geometry, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
-use grainfs::track::{Geometry, VolumeId};
 
 const BS: u64 = 4096;
 /// Four blocks per partition, so a volume of a few blocks has several partitions.

@@ -4,10 +4,10 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use grainfs::ids::{Geometry, VolumeId};
 use grainfs::store::{
     format, PartitionKind, SnapshotWriter, Store, StoreError, VolumeKind, VolumeMeta,
 };
-use grainfs::track::{Geometry, VolumeId};
 use proptest::prelude::*;
 
 const G: Geometry = Geometry {

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use grainfs::fs::inode::ROOT_INO;
 use grainfs::fs::{Caller, OverlayFs, OverlayOptions, SetAttr};
+use grainfs::ids::{Geometry, VolumeId};
 use grainfs::track::counters::AccessPattern;
-use grainfs::track::{ChangeMap, Geometry, Recovery, Tracker, Volume, VolumeId};
+use grainfs::track::{ChangeMap, Recovery, Tracker, Volume};
 
 const BS: u64 = 4096;
 const PS: u64 = 65536;

@@ -180,7 +180,7 @@ fn offline_report(t: &Target, store: &Path, config: &Config) -> Result<StatusRep
         Err(_) => (Default::default(), true),
     };
     let geometry = state.as_ref().map_or(
-        track::Geometry {
+        crate::ids::Geometry {
             block_size: config.tracking.block_size,
             partition_size: config.tracking.partition_size,
         },

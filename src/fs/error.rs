@@ -135,7 +135,7 @@ pub fn eio_warning(op: &str, file: &str, e: &FsError, held_back: u64) -> String 
 pub fn report(op: &str, file: impl FnOnce() -> String, e: &FsError) {
     let errno = e.errno();
     if errno == libc::EIO {
-        if let Some(held_back) = EIO_WARNINGS.admit(crate::track::now_ns()) {
+        if let Some(held_back) = EIO_WARNINGS.admit(crate::sys::now_ns()) {
             warn!("{}", eio_warning(op, &file(), e, held_back));
         }
     } else {

@@ -12,7 +12,7 @@
 mod error;
 pub mod inode;
 pub mod snapview;
-pub mod sys;
+use crate::sys;
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -28,7 +28,11 @@ pub use error::{eio_warning, report, FsError, FsResult, RateLimit};
 use inode::{is_snapview, BackingKey, ContentStamp, Inode, InodeTable, ROOT_INO};
 use snapview::{SnapView, SNAPDIR_NAME, SNAP_FH};
 
-use crate::track::{now_ns, Tracker, Volume, VolumeId};
+use crate::track::{Tracker, Volume};
+
+use crate::ids::VolumeId;
+
+use crate::sys::now_ns;
 
 // fallocate(2) mode bits (linux/falloc.h).
 const FALLOC_PUNCH_HOLE: i32 = 0x02;

@@ -39,11 +39,11 @@ use super::{
     permits, sys, system_time, Attr, Caller, DirEntry, Entry, FileKind, FsError, FsResult, Opened,
     Validity, READ_BUF,
 };
+use crate::ids::VolumeId;
 use crate::store::{check_name, EntryKind, Manifest, Store, StoreError, VolumeReader};
-use crate::track::VolumeId;
 
 /// Name of the view's directory in the mount root.
-pub const SNAPDIR_NAME: &str = ".snapshots";
+pub use crate::ids::SNAPDIR_NAME;
 
 /// Inode number of `.snapshots` itself; tree nodes are numbered after it.
 pub const SNAPDIR_INO: u64 = SNAPVIEW;
@@ -839,8 +839,8 @@ fn plan_leaf(kind: FileKind, mode: u32, uid: u32, gid: u32, mtime_ns: i128) -> P
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::Geometry;
     use crate::store::{NamespaceEntry, VolumeEntry};
-    use crate::track::Geometry;
 
     const UID: u32 = 4242;
     const GID: u32 = 4343;

@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::deferred::{Deferred, Parked};
+use crate::ids::Geometry;
 use crate::store::{SnapshotWriter, VolumeHandle};
-use crate::track::{BeforeChange, Geometry, Volume};
+use crate::track::{BeforeChange, Volume};
 
 /// Stripe locks per volume: enough that a writer and a worker rarely meet on one.
 const STRIPES: usize = 64;

@@ -38,8 +38,9 @@ use std::time::Duration;
 use log::warn;
 use serde::{Deserialize, Serialize};
 
-use crate::fs::sys::{self, FileIdentity};
-use crate::track::{Volume, VolumeId};
+use crate::ids::VolumeId;
+use crate::sys::{self, FileIdentity};
+use crate::track::Volume;
 
 /// The journals' directory in the store.
 pub const DIR: &str = "deferred";
@@ -323,7 +324,7 @@ impl Deferred {
             st.allocated += grow;
         }
         let seq = st.next_seq;
-        let time = crate::track::now_ns();
+        let time = crate::sys::now_ns();
         let mut rec = [0u8; RECORD_HEADER];
         rec[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         rec[8..16].copy_from_slice(&seq.to_le_bytes());

@@ -8,9 +8,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use glob::{MatchOptions, Pattern};
 
-use crate::fs::sys;
+use crate::ids::VolumeId;
 use crate::store::{EntryKind, NamespaceEntry};
-use crate::track::{walk_tree, VolumeId, WalkErrors};
+use crate::sys;
+use crate::track::{walk_tree, WalkErrors};
 
 /// The name of the implicit group of every regular file in the mount.
 pub const ALL: &str = "all";
@@ -94,7 +95,7 @@ impl TreeEntry {
 /// snapshot view there instead, so no snapshot takes what nobody can see through the mount.
 fn shadowed(path: &str) -> bool {
     let top = path.split('/').next().unwrap_or("");
-    top == crate::fs::snapview::SNAPDIR_NAME
+    top == crate::ids::SNAPDIR_NAME
 }
 
 /// st_mtime in nanoseconds.

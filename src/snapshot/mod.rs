@@ -27,13 +27,15 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{GroupConfig, PolicyConfig};
-use crate::fs::sys;
+use crate::ids::{Geometry, VolumeId};
 use crate::policy::{self, Decision, Kind, PartitionState};
 use crate::store::{
     check_name, Manifest, PartitionKind, SnapshotWriter, Store, StoreError, VolumeMeta,
 };
+use crate::sys;
+use crate::sys::now_ns;
 use crate::track::bitmap::{count_words_range, for_words};
-use crate::track::{now_ns, ChangeMap, Geometry, Taken, Tracker, Volume, VolumeId};
+use crate::track::{ChangeMap, Taken, Tracker, Volume};
 use capture::{BlockAction, Capture, CaptureSpec, CaptureStats, Failure};
 use group::{GroupTree, Selection, ALL};
 

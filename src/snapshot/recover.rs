@@ -20,8 +20,9 @@ use serde::Serialize;
 
 use super::deferred::{Journal, JournalHeader, DIR};
 use super::utc_stamp;
-use crate::fs::sys::{self, FileIdentity};
-use crate::track::{fsync_dir, now_ns, write_durably, VolumeId};
+use crate::ids::VolumeId;
+use crate::sys::{self, FileIdentity};
+use crate::sys::{fsync_dir, now_ns, write_durably};
 
 /// Where parked writes that could not be replayed are kept, in the store.
 pub const LOST_FOUND: &str = "lost+found";

@@ -5,7 +5,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::track::VolumeId;
+use crate::ids::VolumeId;
 
 /// A failure of the snapshot store.
 #[derive(Debug, thiserror::Error)]

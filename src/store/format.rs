@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::error::{IoContext, Result, StoreError};
-use crate::track::{Geometry, VolumeId};
+use crate::ids::{Geometry, VolumeId};
 
 /// Format version written in every manifest, table and pack; readers refuse any other.
 pub const FORMAT: u32 = 1;

@@ -63,7 +63,9 @@ pub use reader::{ReaderStats, VolumeReader};
 use verified::VerifiedExtents;
 pub use writer::{SnapshotWriter, VolumeHandle, VolumeMeta};
 
-use crate::track::{fsync_dir, Geometry, VolumeId};
+use crate::ids::{Geometry, VolumeId};
+
+use crate::sys::fsync_dir;
 
 /// How a volume is stored in a snapshot, from its partitions' kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

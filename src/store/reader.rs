@@ -21,7 +21,7 @@ use super::format::{
     check_pack_header, load_manifest, load_table, Manifest, PartitionKind, Record, PACK_HEADER_LEN,
 };
 use super::verified::{PackKey, Stamp, VerifiedExtents};
-use crate::track::VolumeId;
+use crate::ids::VolumeId;
 
 /// Longest chain followed before calling it a cycle (policy.max_chain is far below).
 const MAX_LEVELS: usize = 4096;

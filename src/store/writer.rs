@@ -21,7 +21,8 @@ use super::format::{
     encode_table, pack_header, FileRef, Manifest, NamespaceEntry, PackRef, PartitionEntry,
     PartitionKind, Record, VolumeEntry, FORMAT, MANIFEST, PACK_HEADER_LEN, ZERO_PACK,
 };
-use crate::track::{fsync_dir, now_ns, write_durably, Geometry, VolumeId};
+use crate::ids::{Geometry, VolumeId};
+use crate::sys::{fsync_dir, now_ns, write_durably};
 
 /// A pack file is closed and the next one started once it would exceed this size.
 pub const PACK_LIMIT: u64 = 1 << 30;
@@ -574,7 +575,7 @@ fn align(x: u64) -> u64 {
 fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> bool {
     let mut done = 0;
     while done < len {
-        match crate::fs::sys::copy_file_range(
+        match crate::sys::copy_file_range(
             src.as_raw_fd(),
             src_off + done,
             dst.as_raw_fd(),
@@ -612,7 +613,7 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
         std::ffi::CString::new(p.as_os_str().as_bytes())
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
     };
-    crate::fs::sys::renameat2(
+    crate::sys::renameat2(
         libc::AT_FDCWD,
         &c(from)?,
         libc::AT_FDCWD,

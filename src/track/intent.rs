@@ -14,8 +14,8 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::volume::VolumeId;
-use super::write_durably;
+use crate::ids::VolumeId;
+use crate::sys::write_durably;
 
 /// Format version of the intent file.
 pub const INTENT_FORMAT: u32 = 1;
@@ -142,7 +142,7 @@ impl IntentLog {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            return super::fsync_dir(self.path.parent().unwrap_or(Path::new(".")));
+            return crate::sys::fsync_dir(self.path.parent().unwrap_or(Path::new(".")));
         }
         self.write(&sets)
     }

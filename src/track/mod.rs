@@ -17,21 +17,22 @@ pub mod intent;
 pub mod volume;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{Geometry, VolumeId};
+use crate::sys::{fsync_dir, now_ns, write_durably};
 use intent::IntentLog;
 pub use volume::{
-    any_capture, BeforeChange, ChangeMap, FileStamp, Geometry, PartitionMap, SavedVolume, Taken,
-    Volume, VolumeId,
+    any_capture, BeforeChange, ChangeMap, FileStamp, PartitionMap, SavedVolume, Taken, Volume,
 };
 
 /// Format version of the saved tracking state.
@@ -47,43 +48,6 @@ pub struct SavedState {
     pub saved_at_ns: u64,
     pub interval_ns: u64,
     pub volumes: Vec<SavedVolume>,
-}
-
-/// Unix time in nanoseconds.
-pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// fsync a directory (after a rename or unlink in it).
-pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Replace `path` atomically and durably: temp file in the same dir, fsync, rename, fsync dir.
-pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Explicit modes: the daemon runs with umask 0 (the kernel applies the caller's).
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    fsync_dir(dir)
 }
 
 /// The tracking directory inside a store.
@@ -121,7 +85,7 @@ pub type VolumeFiles = HashMap<VolumeId, (String, libc::stat)>;
 /// Lenient: what cannot be read is left out, as `find` would.
 pub fn walk_volumes(backing: &Path, store: &Path) -> VolumeFiles {
     let mut out = HashMap::new();
-    let Ok(root) = crate::fs::sys::openat(
+    let Ok(root) = crate::sys::openat(
         libc::AT_FDCWD,
         &std::ffi::CString::new(backing.as_os_str().as_encoded_bytes()).unwrap_or_default(),
         libc::O_PATH | libc::O_DIRECTORY,
@@ -173,7 +137,7 @@ pub fn walk_tree(
     errors: WalkErrors,
     mut visit: impl FnMut(std::os::fd::RawFd, &std::ffi::CStr, &str, &libc::stat),
 ) -> io::Result<()> {
-    use crate::fs::sys;
+    use crate::sys;
     let tolerated = |e: io::Error, also: Option<i32>| -> io::Result<()> {
         let gone =
             e.raw_os_error() == Some(libc::ENOENT) || (also.is_some() && e.raw_os_error() == also);
@@ -464,7 +428,7 @@ impl Tracker {
             restore(saved.as_ref(), &left, &files, geometry, &mut rec);
         // Hold each restored volume's inode from the start, so that a change made behind our
         // back while mounted is seen at the next tick even if the file is never opened.
-        if let Ok(root) = crate::fs::sys::openat(
+        if let Ok(root) = crate::sys::openat(
             libc::AT_FDCWD,
             &std::ffi::CString::new(backing.as_os_str().as_encoded_bytes()).unwrap_or_default(),
             libc::O_PATH | libc::O_DIRECTORY,
@@ -475,9 +439,8 @@ impl Tracker {
                     continue;
                 };
                 v.attach_fd(|| {
-                    let fd =
-                        crate::fs::sys::open_beneath(root.as_raw_fd(), path, libc::O_PATH).ok()?;
-                    let st = crate::fs::sys::fstat(fd.as_raw_fd()).ok()?;
+                    let fd = crate::sys::open_beneath(root.as_raw_fd(), path, libc::O_PATH).ok()?;
+                    let st = crate::sys::fstat(fd.as_raw_fd()).ok()?;
                     (st.st_dev == v.id.dev && st.st_ino == v.id.ino).then_some(fd)
                 });
             }
@@ -827,7 +790,7 @@ mod tests {
 
     fn stat_of(path: &Path) -> libc::stat {
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        crate::fs::sys::fstatat(libc::AT_FDCWD, &c).unwrap()
+        crate::sys::fstatat(libc::AT_FDCWD, &c).unwrap()
     }
 
     #[test]

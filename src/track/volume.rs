@@ -14,47 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::bitmap::DirtyBitmap;
 use super::counters::{classify, ewma, AccessPattern, CounterValues, PartitionCounters};
-
-/// Identity of a volume: its backing inode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct VolumeId {
-    pub dev: u64,
-    pub ino: u64,
-}
-
-impl std::fmt::Display for VolumeId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:x}:{}", self.dev, self.ino)
-    }
-}
-
-/// Block and partition sizes (powers of two; a partition is a whole number of blocks).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Geometry {
-    pub block_size: u64,
-    pub partition_size: u64,
-}
-
-impl Geometry {
-    fn block_shift(&self) -> u32 {
-        self.block_size.trailing_zeros()
-    }
-
-    /// Blocks per partition.
-    pub fn blocks_per_partition(&self) -> u64 {
-        self.partition_size / self.block_size
-    }
-
-    /// Number of blocks covering `size` bytes.
-    pub fn blocks(&self, size: u64) -> u64 {
-        size.div_ceil(self.block_size)
-    }
-
-    /// Number of partitions covering `size` bytes.
-    pub fn partitions(&self, size: u64) -> u64 {
-        size.div_ceil(self.partition_size)
-    }
-}
+use crate::ids::{Geometry, VolumeId};
+use crate::sys::realtime_ns;
 
 /// What the daemon last saw of the backing file, to notice changes made behind its back.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,18 +35,6 @@ impl FileStamp {
             ctime_ns: st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128,
         }
     }
-}
-
-/// CLOCK_REALTIME in ns (the clock file timestamps come from; the fine one, so it is never
-/// behind a timestamp the kernel just gave).
-fn realtime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Smoothed rates of one partition, updated at each tick.
@@ -473,7 +422,7 @@ impl Volume {
     /// Links of the backing inode (None without an attached fd).
     pub fn nlink(&self) -> Option<u64> {
         let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
-        let st = crate::fs::sys::fstat(fd.as_ref()?.as_raw_fd()).ok()?;
+        let st = crate::sys::fstat(fd.as_ref()?.as_raw_fd()).ok()?;
         Some(st.st_nlink)
     }
 
@@ -491,7 +440,7 @@ impl Volume {
     pub fn refresh_stamp(&self) -> Option<FileStamp> {
         let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
         let fd = fd.as_ref()?;
-        let st = crate::fs::sys::fstat(fd.as_raw_fd()).ok()?;
+        let st = crate::sys::fstat(fd.as_raw_fd()).ok()?;
         let stamp = FileStamp::of(&st);
         *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
         self.size.store(stamp.size, Ordering::Relaxed);

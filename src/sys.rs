@@ -6,8 +6,11 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Turn a libc return value into an `io::Result`, reading errno on -1.
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -584,4 +587,53 @@ fn caller_groups(pid: u32, gid: u32) -> Vec<libc::gid_t> {
         groups = vec![gid];
     }
     groups
+}
+
+/// Unix time in nanoseconds.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// fsync a directory (after a rename or unlink in it).
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Replace `path` atomically and durably: temp file in the same dir, fsync, rename, fsync dir.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Explicit modes: the daemon runs with umask 0 (the kernel applies the caller's).
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    fsync_dir(dir)
+}
+
+/// CLOCK_REALTIME in ns (the clock file timestamps come from; the fine one, so it is never
+/// behind a timestamp the kernel just gave).
+pub fn realtime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
