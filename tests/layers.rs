@@ -25,7 +25,12 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// The top-level module a file of `src/` belongs to (None for lib.rs and main.rs).
 fn module_of(src: &Path, file: &Path) -> Option<String> {
     let rel = file.strip_prefix(src).unwrap();
-    let first = rel.components().next()?.as_os_str().to_string_lossy().into_owned();
+    let first = rel
+        .components()
+        .next()?
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
     let name = first.strip_suffix(".rs").unwrap_or(&first).to_string();
     (name != "lib" && name != "main").then_some(name)
 }
@@ -119,7 +124,10 @@ fn the_check_sees_grouped_imports_and_ignores_comments() {
         crate_refs("use crate::{ids::VolumeId, sys};"),
         vec!["ids", "sys"]
     );
-    assert_eq!(crate_refs("let x = 1; // see crate::daemon"), Vec::<String>::new());
+    assert_eq!(
+        crate_refs("let x = 1; // see crate::daemon"),
+        Vec::<String>::new()
+    );
     assert_eq!(
         crate_refs("a(crate::track::now(), crate::store::X)"),
         vec!["track", "store"]
@@ -128,10 +136,9 @@ fn the_check_sees_grouped_imports_and_ignores_comments() {
 
 #[test]
 fn the_documented_order_is_the_checked_one() {
-    let doc = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md"),
-    )
-    .unwrap();
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md"))
+            .unwrap();
     let line = doc
         .lines()
         .find(|l| l.starts_with("Layer order:"))

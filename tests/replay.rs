@@ -173,10 +173,12 @@ fn mount_big() -> Mount {
 }
 
 /// (a) Nothing happened while no daemon ran: the parked bytes are in the file after the
-/// remount, nothing is kept aside, and tracking carries on (the next snapshot equals the file).
+/// remount, nothing else changed, nothing is kept aside, and tracking carries on (the next
+/// snapshot equals the file).
 #[test]
 fn a_plain_remount_replays_every_parked_write() {
     let mut m = mount_big();
+    let original = std::fs::read(m.backing().join("big.img")).unwrap();
     let returned = park_and_kill(&mut m, 1);
     m.remount();
     let live = std::fs::read(m.backing().join("big.img")).unwrap();
@@ -186,12 +188,43 @@ fn a_plain_remount_replays_every_parked_write() {
             "a write at {off} returned before the kill and is not in the file"
         );
     }
+    // Every other byte is as it was, but for the one write in flight at the kill (it never
+    // returned: old or new content are both right).
+    let written: std::collections::BTreeSet<u64> = returned.iter().map(|(o, _)| *o).collect();
+    let differing: Vec<u64> = (0..SIZE / SLOT)
+        .map(|s| s * SLOT)
+        .filter(|o| !written.contains(o) && slot_of(&live, *o) != slot_of(&original, *o))
+        .collect();
+    assert!(differing.len() <= 1, "bytes nobody wrote at {differing:?}");
+    assert!(
+        m.log_text().contains("replayed"),
+        "the daemon did not say it replayed parked writes: {}",
+        m.log_text()
+    );
     assert!(
         recover_list(&m).is_empty(),
         "writes kept aside on a plain remount: {}",
         m.log_text()
     );
     assert!(!m.store().join("deferred").read_dir().unwrap().any(|_| true));
+    // Tracked as usual after it: the next snapshot has every write.
+    let out = Command::new(common::grainfs_bin())
+        .args([
+            "snapshot", "create", "--path", "big.img", "--name", "s2", "-m",
+        ])
+        .arg(m.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap = std::fs::read(m.path().join(".snapshots/s2/big.img")).unwrap();
+    assert!(
+        snap == live,
+        "the snapshot after the replay differs from the file"
+    );
 }
 
 /// (b) Newer bytes were written directly into the backing file while no daemon ran: they win,

@@ -17,7 +17,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Mount;
@@ -1358,126 +1358,6 @@ fn kill9_during_a_capture_leaves_no_trace_and_loses_no_change() {
         r.stored_bytes,
         secs(t)
     );
-}
-
-/// Writes that returned while a capture ran were parked (their blocks not captured yet) when
-/// the daemon died: the next daemon writes them before it mounts, so none is lost.
-#[test]
-fn kill9_with_parked_writes_loses_no_write_that_returned() {
-    let size = 256 * MIB;
-    let slot = 4 * KIB;
-    let mut m = Mount::with_setup(
-        |b| {
-            write_random_file(&b.join("big.img"), size, 80, MIB);
-        },
-        None,
-    );
-    let store = m.store();
-    let big = m.path().join("big.img");
-    let original = std::fs::read(m.backing().join("big.img")).unwrap();
-    let mut create = Command::new(common::grainfs_bin())
-        .args([
-            "snapshot", "create", "--path", "big.img", "--name", "s1", "-m",
-        ])
-        .arg(m.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn snapshot create");
-    let tmp = store.join("snapshots/.tmp-s1");
-    let wait = Instant::now();
-    while du(&tmp) < 4 * MIB {
-        assert!(
-            wait.elapsed() < Duration::from_secs(30),
-            "the capture never started"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    // A writer into distinct 4 KiB slots, far ahead of the capture; every write that
-    // returned is noted, in order.
-    let stop = AtomicBool::new(false);
-    let returned = Mutex::new(Vec::<(u64, Vec<u8>)>::new());
-    let in_flight = Mutex::new(None::<u64>);
-    let journals = std::thread::scope(|s| {
-        s.spawn(|| {
-            let f = open_rw(&big);
-            let mut rng = Rng(0x5eed);
-            let mut noise = Noise::new(81);
-            let mut used = BTreeSet::new();
-            while !stop.load(Ordering::Relaxed) {
-                let off = size / 2 + rng.below(size / 2 / slot) * slot;
-                if !used.insert(off) {
-                    continue;
-                }
-                let data = noise.bytes(slot as usize);
-                *in_flight.lock().unwrap() = Some(off);
-                if f.write_all_at(&data, off).is_err() {
-                    return;
-                }
-                returned.lock().unwrap().push((off, data));
-            }
-        });
-        let wait = Instant::now();
-        while returned.lock().unwrap().len() < 300 {
-            assert!(
-                wait.elapsed() < Duration::from_secs(30),
-                "the writer is stuck"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let journals = names_in(&store.join("deferred"));
-        if let Ok(Some(st)) = create.try_wait() {
-            panic!("the capture ended ({st}) before it could be killed");
-        }
-        m.kill9();
-        stop.store(true, Ordering::Relaxed);
-        journals
-    });
-    let _ = create.wait_with_output();
-    assert!(
-        !journals.is_empty(),
-        "no write was parked when the daemon died: the test did not test"
-    );
-    m.remount();
-    let returned = returned.into_inner().unwrap();
-    let in_flight = in_flight.into_inner().unwrap();
-    let live = std::fs::read(m.backing().join("big.img")).unwrap();
-    let mut expected = original;
-    for (off, data) in &returned {
-        expected[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-    }
-    // The write in flight at the kill never returned: old or new content are both right.
-    if let Some(off) = in_flight {
-        if !returned.iter().any(|(o, _)| *o == off) {
-            let r = off as usize..(off + slot) as usize;
-            expected[r.clone()].copy_from_slice(&live[r]);
-        }
-    }
-    for (off, data) in &returned {
-        assert!(
-            live[*off as usize..*off as usize + data.len()] == data[..],
-            "a write of 4 KiB at {off} returned before the kill and is lost"
-        );
-    }
-    assert!(live == expected, "big.img has bytes nobody wrote");
-    assert_eq!(
-        names_in(&store.join("deferred")),
-        BTreeSet::new(),
-        "journals left after the replay"
-    );
-    assert!(
-        m.log_text().contains("replayed"),
-        "the daemon did not say it replayed parked writes: {}",
-        m.log_text()
-    );
-    eprintln!(
-        "kill -9 with parked writes: {} writes returned, journals {journals:?}",
-        returned.len()
-    );
-    // The volume is tracked as usual after it: the next snapshot has every write.
-    let cli = Cli::new(&m);
-    cli.create(&["--path", "big.img", "--name", "s2"]);
-    assert_eq!(hash_file(&snap_file(&m, "s2", "big.img")), hash(&live));
 }
 
 // ---------------------------------------------------------------------------------------------

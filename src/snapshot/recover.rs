@@ -93,15 +93,9 @@ pub fn replay(store: &Path, root: RawFd) -> io::Result<Vec<Outcome>> {
             Err(e) => {
                 // Left in deferred/, the journal would be cut short by the next capture of the
                 // same volume: keep it aside, or stop here.
+                let what = path.display().to_string();
                 let reason = format!("replaying it failed ({e})");
-                let name = keep_aside(store, &path, None, &reason)?;
-                said.push(Outcome::KeptAside {
-                    path: path.display().to_string(),
-                    volume: VolumeId { dev: 0, ino: 0 },
-                    writes: 0,
-                    reason,
-                    name,
-                });
+                said.push(aside(store, &path, None, what, 0, reason)?);
             }
         }
     }
@@ -117,14 +111,9 @@ fn replay_one(store: &Path, journal: &Path, root: RawFd) -> io::Result<Option<Ou
         Ok(j) => j,
         Err(e) => {
             // Not ours to read (another version, damaged): the bytes stay, for a person.
-            let name = keep_aside(store, journal, None, &e.to_string())?;
-            return Ok(Some(Outcome::KeptAside {
-                path: journal.display().to_string(),
-                volume: VolumeId { dev: 0, ino: 0 },
-                writes: 0,
-                reason: format!("unreadable journal ({e})"),
-                name,
-            }));
+            let what = journal.display().to_string();
+            let reason = format!("unreadable journal ({e})");
+            return aside(store, journal, None, what, 0, reason).map(Some);
         }
     };
     let h = &j.header;
@@ -140,21 +129,10 @@ fn replay_one(store: &Path, journal: &Path, root: RawFd) -> io::Result<Option<Ou
             writes,
         }));
     }
-    let volume = VolumeId {
-        dev: h.file.dev,
-        ino: h.file.ino,
-    };
     let target = match find_target(root, h) {
         Ok(t) => t,
         Err(reason) => {
-            let name = keep_aside(store, journal, Some(&j), &reason)?;
-            return Ok(Some(Outcome::KeptAside {
-                path: h.path.clone(),
-                volume,
-                writes,
-                reason,
-                name,
-            }));
+            return aside(store, journal, Some(&j), h.path.clone(), writes, reason).map(Some)
         }
     };
     let now = sys::ctime_of(&sys::fstat(target.as_raw_fd())?);
@@ -164,14 +142,7 @@ fn replay_one(store: &Path, journal: &Path, root: RawFd) -> io::Result<Option<Ou
              left {}.{:09})",
             now.0, now.1, j.ctime.0, j.ctime.1
         );
-        let name = keep_aside(store, journal, Some(&j), &reason)?;
-        return Ok(Some(Outcome::KeptAside {
-            path: h.path.clone(),
-            volume,
-            writes,
-            reason,
-            name,
-        }));
+        return aside(store, journal, Some(&j), h.path.clone(), writes, reason).map(Some);
     }
     // Each write is marked applied (with the ctime it left) as it lands, as the daemon does:
     // a replay cut off here resumes, or keeps the rest aside, but never writes one twice over
@@ -195,6 +166,29 @@ fn replay_one(store: &Path, journal: &Path, root: RawFd) -> io::Result<Option<Ou
         path: h.path.clone(),
         writes,
     }))
+}
+
+/// Keep `journal` aside (see `keep_aside`) and say so. `path` names what it was for.
+fn aside(
+    store: &Path,
+    journal: &Path,
+    j: Option<&Journal>,
+    path: String,
+    writes: usize,
+    reason: String,
+) -> io::Result<Outcome> {
+    let name = keep_aside(store, journal, j, &reason)?;
+    let volume = j.map_or(VolumeId { dev: 0, ino: 0 }, |j| VolumeId {
+        dev: j.header.file.dev,
+        ino: j.header.file.ino,
+    });
+    Ok(Outcome::KeptAside {
+        path,
+        volume,
+        writes,
+        reason,
+        name,
+    })
 }
 
 /// The file a journal was written for, open for writing, or why it cannot be trusted to be.
