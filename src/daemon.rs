@@ -668,18 +668,10 @@ fn start_engine(
         defer_writes: true,
         flush: Box::new(move || {
             // Dirty pages of shared writable mappings reach us only at writeback; syncfs on
-            // the mount pushes them through our own write path before the barrier.
-            match File::open(&mountpoint) {
-                Ok(f) => {
-                    if unsafe { libc::syncfs(f.as_raw_fd()) } == -1 {
-                        warn!(
-                            "syncfs {} before a snapshot: {}",
-                            mountpoint.display(),
-                            io::Error::last_os_error()
-                        );
-                    }
-                }
-                Err(e) => warn!("open {} before a snapshot: {e}", mountpoint.display()),
+            // the mount pushes them through our own write path before the barrier. From a
+            // child process: see `sys::syncfs_in_child`.
+            if let Err(e) = crate::sys::syncfs_in_child(&mountpoint) {
+                warn!("syncfs {} before a snapshot: {e}", mountpoint.display());
             }
         }),
     })

@@ -637,3 +637,54 @@ pub fn realtime_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// `syncfs` on the filesystem at `path`, done by a forked child, with the caller waiting for
+/// it. The daemon must not sync its own FUSE mount from one of its threads: that thread can
+/// wait uninterruptibly for writeback that only the daemon serves, so a kill -9 arriving then
+/// leaves a zombie that holds /dev/fuse open forever and hangs the mount. The child closes
+/// every inherited fd (the /dev/fuse one included) before it starts; if the daemon dies, its
+/// fds close, the kernel aborts the connection and the child's wait ends.
+pub fn syncfs_in_child(path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: between fork and _exit the child makes only async-signal-safe system calls on
+    // memory prepared before the fork (`c`).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            let fd = libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                libc::_exit(*libc::__errno_location());
+            }
+            let code = if libc::syncfs(fd) == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            libc::_exit(code);
+        }
+    }
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for the child forked above.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+        (true, 0) => Ok(()),
+        (true, errno) => Err(io::Error::from_raw_os_error(errno)),
+        _ => Err(io::Error::other("the syncfs child was killed")),
+    }
+}
