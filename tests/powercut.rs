@@ -17,7 +17,10 @@
 //!   either complete and right, or absent), and no temp dir of a half-made one is left;
 //! - `status --json` never claims clean what changed: every partition whose live blocks differ
 //!   from the newest listed snapshot is unknown, or has at least that many dirty blocks;
-//! - a snapshot taken after the remount reads back equal to the live files.
+//! - a snapshot taken after the remount reads back equal to the live files;
+//! - and, on the way, the killed daemon exits within 10 s (a thread of it blocked on a request
+//!   to its own mount keeps it from exiting: the mount hangs until its FUSE connection is
+//!   aborted, which the test then does, and fails).
 //!
 //! Every block written carries a stamp (volume, write sequence number, block index) and bytes
 //! derived from it, so any block read back names the write it came from and is checked byte
@@ -305,11 +308,38 @@ impl Daemon {
         d
     }
 
-    /// SIGKILL, then detach the dead mount.
-    fn kill9(mut self) {
+    /// SIGKILL, then detach the dead mount. Err (after freeing the mount) if the daemon did
+    /// not exit within 10 s: a thread of it waits on a request to its own FUSE mount that no
+    /// thread will answer, and the process cannot finish exiting (its /dev/fuse fd, which
+    /// would abort that request, stays open) until the connection is aborted through fusectl.
+    fn kill9(mut self) -> Result<(), String> {
+        let conn = fuse_connection(&self.mnt);
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        if common::wait_timeout(&mut self.child, Duration::from_secs(10)).is_some() {
+            common::force_unmount(&self.mnt);
+            return Ok(());
+        }
+        let pid = self.child.id();
+        let stacks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|t| {
+                        let stack =
+                            std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+                        let top: Vec<&str> = stack.lines().take(6).collect();
+                        format!("thread {:?}: {}", t.file_name(), top.join(" <- "))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let aborted = conn.as_deref().map(abort_fuse_connection);
         common::force_unmount(&self.mnt);
+        let exited = common::wait_timeout(&mut self.child, Duration::from_secs(10)).is_some();
+        Err(format!(
+            "the daemon (pid {pid}) did not exit within 10 s of SIGKILL; its threads' kernel \
+             stacks: {stacks:?}; FUSE connection {conn:?} aborted by hand: {aborted:?}; exited \
+             then: {exited}"
+        ))
     }
 
     /// A clean `grainfs umount`.
@@ -336,6 +366,30 @@ impl Drop for Daemon {
             eprintln!("--- grainfs daemon log (tail) ---\n{}", log_tail(&self.log));
         }
     }
+}
+
+/// The FUSE connection (the minor of the mount's device) of the mount at `mnt`.
+fn fuse_connection(mnt: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let p = mnt.to_string_lossy();
+    let line = text.lines().find(|l| l.split(' ').nth(4) == Some(&*p))?;
+    line.split(' ')
+        .nth(2)?
+        .split(':')
+        .nth(1)
+        .map(str::to_string)
+}
+
+/// Abort a FUSE connection through fusectl (mounted first if it is not).
+fn abort_fuse_connection(conn: &str) -> Result<(), String> {
+    let dir = Path::new("/sys/fs/fuse/connections");
+    if !dir.join(conn).exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(dir)
+            .status();
+    }
+    std::fs::write(dir.join(conn).join("abort"), "1").map_err(|e| e.to_string())
 }
 
 fn log_tail(log: &Path) -> String {
@@ -814,7 +868,7 @@ fn a_block_captured_by_a_snapshot_then_lost_at_a_cut_is_not_tracked_clean() {
     std::thread::sleep(Duration::from_millis(2600));
     ok(grainfs(&mnt, &["snapshot", "create", "--name", "s1"]));
     fs.cut();
-    d.kill9();
+    d.kill9().unwrap();
     fs.unmount();
     fs.mount().unwrap();
     let _d = Daemon::start(&backing, &mnt, &config, &log, "regression-boot-2");
@@ -1039,9 +1093,16 @@ fn one_cut(
         std::thread::sleep(cut_after);
         sh.cut.store(true, Ordering::SeqCst);
         fs.cut();
-        daemon.kill9();
+        let killed = daemon.kill9();
         let logs: Vec<WriterLog> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-        (logs, snaps.join().unwrap())
+        let recs = snaps.join().unwrap();
+        if let Err(e) = killed {
+            panic!(
+                "{ctx}: kill -9 of the daemon: {e}. Snapshot attempts: {:?}",
+                recs.iter().map(|r| (&r.name, r.ok)).collect::<Vec<_>>()
+            );
+        }
+        (logs, recs)
     });
     let cut_ms = t.elapsed().as_millis();
     fs.unmount();
