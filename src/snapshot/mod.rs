@@ -546,6 +546,22 @@ impl Engine {
         if left != 0 {
             return Err(abort(format!("{left} block(s) were never captured")));
         }
+        // The capture read the volumes through the page cache, and after the commit the
+        // tracker calls those blocks clean. A power cut before the kernel wrote them back
+        // would bring the older blocks back under bits that say clean, with a stamp that says
+        // unchanged (our own fsyncs of the store made the new mtime durable): a silent miss
+        // that the next snapshot would copy from this one. So the volumes' content at the
+        // barrier is made durable before the snapshot commits (tests/powercut.rs).
+        for (id, path, _, _) in &r.plans {
+            if r.dropped.contains(id) {
+                continue;
+            }
+            if let Some(p) = prepared.get(id) {
+                if let Err(e) = sys::fsync(p.source.as_raw_fd(), true) {
+                    return Err(abort(format!("fdatasync {path}: {e}")));
+                }
+            }
+        }
         let Ok(mut writer) = Arc::try_unwrap(writer) else {
             return Err(abort("the store writer is still in use".into()));
         };
