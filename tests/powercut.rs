@@ -915,7 +915,7 @@ fn power_cuts_lose_no_fsynced_write_and_no_returned_snapshot() {
     let seed: u64 = std::env::var("GRAINFS_POWERCUT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| grainfs::track::now_ns() % 1_000_000_007);
+        .unwrap_or_else(|| grainfs::sys::now_ns() % 1_000_000_007);
     eprintln!("powercut: {cuts} cuts, seed {seed} (replay with GRAINFS_POWERCUT_SEED={seed})");
     let tmp = tempfile::Builder::new()
         .prefix("grainfs-powercut-")
