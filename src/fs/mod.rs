@@ -11,6 +11,7 @@
 
 mod error;
 pub mod inode;
+mod setid;
 pub mod snapview;
 use crate::sys;
 
@@ -26,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use error::{eio_warning, report, FsError, FsResult, RateLimit};
 use inode::{is_snapview, BackingKey, ContentStamp, Inode, InodeTable, ROOT_INO};
+pub use setid::{Changed, WriteBy};
 use snapview::{SnapView, SNAPDIR_NAME, SNAP_FH};
 
 use crate::track::{Tracker, Volume};
@@ -128,7 +130,7 @@ pub struct Opened {
 }
 
 /// Who is asking (from the FUSE request header).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
@@ -141,16 +143,6 @@ pub struct Caller {
 pub enum SetTime {
     Now,
     At(SystemTime),
-}
-
-/// Who changed a file's content, for `clear_setid`.
-#[derive(Clone, Copy, Debug)]
-pub enum Changer {
-    /// A caller the kernel found without CAP_FSETID (FUSE_WRITE_KILL_SUIDGID on a write).
-    WithoutFsetid(Caller),
-    /// A caller whose capabilities decide (the kernel's flag for truncate does not reach us
-    /// through fuser, and fallocate and copy_file_range carry none).
-    Process(Caller),
 }
 
 /// The attribute changes of one setattr call; `None` leaves a field alone.
@@ -883,7 +875,7 @@ impl OverlayFs {
 
     /// Open a regular file for `caller`: an `O_TRUNC` open runs as the caller, so the backing
     /// filesystem clears setuid/setgid as it does for a truncate by a non-owner.
-    pub fn open_as(&self, caller: Option<Caller>, ino: u64, flags: i32) -> FsResult<Opened> {
+    fn open_as(&self, caller: Option<Caller>, ino: u64, flags: i32) -> FsResult<Opened> {
         if let Some(v) = self.snap(ino) {
             return v.open(ino, flags, self.new_fh() | SNAP_FH);
         }
@@ -1103,43 +1095,6 @@ impl OverlayFs {
             },
         )?;
         Ok(written as u32)
-    }
-
-    /// Clear setuid, and setgid, before `changer` changes the content of `ino`, as the kernel
-    /// does for a caller without CAP_FSETID (setgid only if the group may execute or the caller
-    /// is not in the file's group). With FUSE_HANDLE_KILLPRIV_V2 (fuse.rs) this is the daemon's
-    /// duty: the backing filesystem sees the root daemon change the file and would keep both
-    /// bits. (It still drops `security.capability` on every change by itself, root or not.)
-    /// Returns whether the mode changed.
-    pub fn clear_setid(&self, ino: u64, changer: Changer) -> FsResult<bool> {
-        if self.snap(ino).is_some() {
-            // The change itself fails there (EROFS).
-            return Ok(false);
-        }
-        let inode = self.inodes.get(ino)?;
-        if inode.kind != FileKind::Regular {
-            return Ok(false);
-        }
-        let st = self.stat_of(&inode)?;
-        let mode = st.st_mode & 0o7777;
-        let (Changer::WithoutFsetid(caller) | Changer::Process(caller)) = changer;
-        let mut kept = mode & !libc::S_ISUID;
-        if mode & libc::S_ISGID != 0
-            && (mode & libc::S_IXGRP != 0
-                || !sys::caller_in_group(caller.pid, caller.gid, st.st_gid))
-        {
-            kept &= !libc::S_ISGID;
-        }
-        if kept == mode {
-            return Ok(false);
-        }
-        if matches!(changer, Changer::Process(_)) && sys::has_cap_fsetid(caller.pid) {
-            return Ok(false);
-        }
-        self.metadata_change(&[inode.key], || {
-            sys::chmod_fd(inode.raw_fd(), kept).map_err(FsError::backing("chmod"))
-        })?;
-        Ok(true)
     }
 
     /// Called on every close(2) of a descriptor; nothing is buffered here, so nothing to do.
