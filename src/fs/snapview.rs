@@ -28,12 +28,13 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::SystemTime;
 
 use log::warn;
 
+use super::handles::{DirListing, HandleTable, Listing};
 use super::inode::{ROOT_INO, SNAPVIEW};
 use super::{
     permits, sys, system_time, Attr, Caller, DirEntry, Entry, FileKind, FsError, FsResult, Opened,
@@ -57,9 +58,6 @@ pub(super) const SNAP_FH: u64 = 1 << 63;
 pub(super) fn owns_fh(fh: u64) -> bool {
     fh & SNAP_FH != 0
 }
-
-/// Directory entries: name, inode number, kind.
-type Listing = Vec<(OsString, u64, FileKind)>;
 
 /// A snapshot whose tree is loaded.
 #[derive(Debug)]
@@ -104,13 +102,6 @@ struct SnapFile {
     reader: Arc<VolumeReader>,
 }
 
-/// An open directory of the view: the entries read at the last rewind.
-struct SnapDirHandle {
-    entries: Mutex<Listing>,
-    /// Whether a readdir served this listing already (see `OverlayFs::readdir`).
-    served: AtomicBool,
-}
-
 /// The `.snapshots` view of one store.
 pub struct SnapView {
     store: Store,
@@ -130,8 +121,8 @@ pub struct SnapView {
     /// the resolved chain and its cache, and the last release closes the pack files (which
     /// keeps a deleted snapshot's space from being held for the life of the mount).
     readers: Mutex<HashMap<(u64, VolumeId), Weak<VolumeReader>>>,
-    files: RwLock<HashMap<u64, Arc<SnapFile>>>,
-    dirs: RwLock<HashMap<u64, Arc<SnapDirHandle>>>,
+    files: HandleTable<SnapFile>,
+    dirs: HandleTable<DirListing>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,8 +182,8 @@ impl SnapView {
             trees: Mutex::new(HashMap::new()),
             nodes: RwLock::new(HashMap::new()),
             readers: Mutex::new(HashMap::new()),
-            files: RwLock::new(HashMap::new()),
-            dirs: RwLock::new(HashMap::new()),
+            files: HandleTable::new(),
+            dirs: HandleTable::new(),
         })
     }
 
@@ -400,24 +391,12 @@ impl SnapView {
             Body::Dir(_) => return Err(fail("open", libc::EISDIR)),
             Body::Symlink(_) => return Err(fail("open", libc::ELOOP)),
         };
-        self.files
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, Arc::new(SnapFile { ino, reader }));
+        self.files.insert(fh, SnapFile { ino, reader });
         // The content of a snapshot file never changes: the kernel may keep its page cache.
         Ok(Opened {
             fh,
             keep_cache: true,
         })
-    }
-
-    fn file(&self, fh: u64) -> FsResult<Arc<SnapFile>> {
-        self.files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::UnknownHandle(fh))
     }
 
     /// Read up to `size` bytes at `offset` and pass them to `with` (short only at end of file).
@@ -428,7 +407,7 @@ impl SnapView {
         size: u32,
         with: impl FnOnce(&[u8]) -> R,
     ) -> FsResult<R> {
-        let h = self.file(fh)?;
+        let h = self.files.get(fh)?;
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.resize(size as usize, 0);
@@ -440,7 +419,7 @@ impl SnapView {
     /// lseek SEEK_DATA and SEEK_HOLE on an open file (the kernel handles the others itself),
     /// from the blocks the snapshot stores: a restore with `cp` keeps the holes.
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
-        let h = self.file(fh)?;
+        let h = self.files.get(fh)?;
         let off = u64::try_from(offset).map_err(|_| fail("lseek", libc::EINVAL))?;
         let at = match whence {
             libc::SEEK_SET => Some(off),
@@ -458,22 +437,12 @@ impl SnapView {
 
     /// The inode an open handle refers to.
     pub fn handle_ino(&self, fh: u64) -> FsResult<u64> {
-        Ok(self.file(fh)?.ino)
+        Ok(self.files.get(fh)?.ino)
     }
 
     /// Check that `fh` is an open file or directory of the view (flush and fsync: nothing to do).
     pub fn check_handle(&self, fh: u64) -> FsResult<()> {
-        let known = self
-            .files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&fh)
-            || self
-                .dirs
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&fh);
-        if known {
+        if self.files.contains(fh) || self.dirs.contains(fh) {
             Ok(())
         } else {
             Err(FsError::UnknownHandle(fh))
@@ -482,12 +451,7 @@ impl SnapView {
 
     /// Close a file handle.
     pub fn release(&self, fh: u64) -> FsResult<()> {
-        self.files
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh)
-            .map(drop)
-            .ok_or(FsError::UnknownHandle(fh))
+        self.files.remove(fh)
     }
 
     // ---- directories ----
@@ -529,26 +493,11 @@ impl SnapView {
     /// Open a directory of the view as handle `fh` and list it.
     pub fn opendir(&self, ino: u64, fh: u64) -> FsResult<Opened> {
         let entries = self.listing(ino)?;
-        self.dirs.write().unwrap_or_else(|p| p.into_inner()).insert(
-            fh,
-            Arc::new(SnapDirHandle {
-                entries: Mutex::new(entries),
-                served: AtomicBool::new(false),
-            }),
-        );
+        self.dirs.insert(fh, DirListing::new(entries));
         Ok(Opened {
             fh,
             keep_cache: false,
         })
-    }
-
-    fn dir(&self, fh: u64) -> FsResult<Arc<SnapDirHandle>> {
-        self.dirs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::UnknownHandle(fh))
     }
 
     /// Directory entries from `offset`, with their entries for readdirplus (None for "." and
@@ -562,12 +511,9 @@ impl SnapView {
         plus: bool,
         mut add: impl FnMut(DirEntry, Option<&Entry>) -> bool,
     ) -> FsResult<()> {
-        let dir = self.dir(fh)?;
-        let mut entries = lock(&dir.entries);
-        if offset == 0 && dir.served.swap(true, Ordering::Relaxed) {
-            // A rewind sees `.snapshots` as it is now.
-            *entries = self.listing(ino)?;
-        }
+        // A rewind sees `.snapshots` as it is now.
+        let dir = self.dirs.get(fh)?;
+        let entries = dir.at(offset, || self.listing(ino))?;
         for (i, (name, d_ino, kind)) in entries.iter().enumerate().skip(offset as usize) {
             let entry = if plus && name != "." && name != ".." {
                 match self.entry_of(*d_ino) {
@@ -592,12 +538,7 @@ impl SnapView {
 
     /// Close a directory handle.
     pub fn releasedir(&self, fh: u64) -> FsResult<()> {
-        self.dirs
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh)
-            .map(drop)
-            .ok_or(FsError::UnknownHandle(fh))
+        self.dirs.remove(fh)
     }
 
     /// access(2): write access is EROFS, as on any read-only filesystem; the rest from the
