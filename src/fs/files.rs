@@ -210,9 +210,7 @@ impl OverlayFs {
     }
 
     pub(super) fn write_as(&self, fh: u64, offset: u64, data: &[u8], whole: bool) -> FsResult<u32> {
-        if snapview::owns_fh(fh) {
-            return Err(FsError::ReadOnly);
-        }
+        Self::refuse_snap_fh(fh)?;
         let h = self.files.get(fh)?;
         let len = data.len() as u64;
         let written = self.tracked_or_deferred(
@@ -294,9 +292,7 @@ impl OverlayFs {
 
     /// fallocate(2), including FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
-        if snapview::owns_fh(fh) {
-            return Err(FsError::ReadOnly);
-        }
+        Self::refuse_snap_fh(fh)?;
         let h = self.files.get(fh)?;
         let old = std::cell::Cell::new(0u64);
         self.tracked(
@@ -358,10 +354,8 @@ impl OverlayFs {
         off_out: u64,
         len: u64,
     ) -> FsResult<u64> {
-        if snapview::owns_fh(fh_out) {
-            return Err(FsError::ReadOnly);
-        }
-        if snapview::owns_fh(fh_in) {
+        Self::refuse_snap_fh(fh_out)?;
+        if Self::is_snap_fh(fh_in) {
             // Snapshot data is not in a file the kernel could copy from: EXDEV makes it fall
             // back to reading and writing (ENOSYS would turn copy_file_range off for the mount).
             return Err(FsError::backing("copy_file_range")(

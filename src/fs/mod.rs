@@ -157,6 +157,8 @@ impl OverlayFs {
         }
     }
 
+    // ---- dispatch: the only place that tells the live tree from the snapshot view ----
+
     /// The snapshot view, if `ino` is one of its inodes.
     fn snap(&self, ino: u64) -> Option<&SnapView> {
         self.snapview.as_ref().filter(|_| is_snapview(ino))
@@ -173,6 +175,24 @@ impl OverlayFs {
             return Err(FsError::ReadOnly);
         }
         Ok(())
+    }
+
+    /// Refuse a change through `fh` if it is a handle of the snapshot view.
+    fn refuse_snap_fh(fh: u64) -> FsResult<()> {
+        if snapview::owns_fh(fh) {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Whether `fh` is a handle of the snapshot view (whose data no backing fd holds).
+    fn is_snap_fh(fh: u64) -> bool {
+        snapview::owns_fh(fh)
+    }
+
+    /// Whether `ino` is one of the snapshot view's inode numbers.
+    fn is_snap_ino(ino: u64) -> bool {
+        is_snapview(ino)
     }
 
     /// Whether `name` in `dir` is the snapshot view's `.snapshots` (which shadows any backing
@@ -272,7 +292,7 @@ impl OverlayFs {
     /// Drop `nlookup` kernel references to `ino`.
     pub fn forget(&self, ino: u64, nlookup: u64) {
         // The view's inodes live as long as the mount: nothing to count.
-        if is_snapview(ino) {
+        if Self::is_snap_ino(ino) {
             return;
         }
         self.inodes.forget(ino, nlookup);
@@ -423,7 +443,7 @@ impl OverlayFs {
     /// How the log names inode `ino`: its number and its backing path (read from
     /// /proc/self/fd, so only for logging a failure, never on a path that succeeds).
     pub fn describe(&self, ino: u64) -> String {
-        if is_snapview(ino) {
+        if Self::is_snap_ino(ino) {
             return format!("snapshot file (inode {ino})");
         }
         match self.inodes.get(ino) {
