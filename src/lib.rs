@@ -1,7 +1,7 @@
 //! grainfs: a FUSE overlay for a directory of file-backed volumes.
 //!
 //! Layers run one way: `cli` -> `daemon` -> `fs` (and later the snapshot engine) -> store.
-//! Only `fuse.rs` touches fuser; everything else is testable on a temp dir without a mount.
+//! Only `fuse/` touches fuser; everything else is testable on a temp dir without a mount.
 
 pub mod cli;
 pub mod config;

@@ -152,7 +152,7 @@ pub enum Xattr {
     Data(Vec<u8>),
 }
 
-/// How long the kernel may cache an inode's entry and attributes (fuse.rs turns it into TTLs).
+/// How long the kernel may cache an inode's entry and attributes (the adapter, `fuse/`, turns it into TTLs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Validity {
     /// A backing inode: it may change behind the overlay's back, so the configured timeouts.
