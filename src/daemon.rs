@@ -2,7 +2,8 @@
 //! it is unmounted (by `grainfs umount`, umount(8), or SIGINT/SIGTERM), then releases the store.
 //!
 //! It owns the mount's lifetime and the store lock; it never touches file data itself (that is
-//! `fs`) and never talks to fuser beyond building the session (that is `fuse`).
+//! `fs`) and never talks to the kernel's FUSE side (the session and its mount options are
+//! `fuse::session`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -16,7 +17,8 @@ use log::{error, info, warn};
 use crate::config::Config;
 use crate::control::{self, Request, Response, StatusReport};
 use crate::fs::{OverlayFs, OverlayOptions};
-use crate::fuse::{FuseAdapter, KernelCache};
+use crate::fuse::session::{self, unescape_mountinfo, MountError, MountSettings};
+use crate::fuse::KernelCache;
 use crate::ids::{Geometry, VolumeId};
 use crate::snapshot::{Engine, EngineOptions};
 use crate::track::Tracker;
@@ -82,9 +84,7 @@ pub struct MountRequest {
 
 /// Name of the lock file that marks a store as served by a live daemon.
 pub const LOCK_FILE: &str = "daemon.lock";
-/// Prefix of the mount's source in mountinfo: `grainfs:<backing>`. It identifies our mounts
-/// even where the fs type shows only as `fuse` (fuser mounts as root without the subtype).
-pub const FSNAME_PREFIX: &str = "grainfs:";
+pub use crate::fuse::session::FSNAME_PREFIX;
 
 /// Name of the daemon's log file in the store when it runs in the background.
 pub const LOG_FILE: &str = "grainfs.log";
@@ -203,27 +203,6 @@ pub fn mount_entry(path: &Path) -> Option<MountEntry> {
     found
 }
 
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The store, opened once: a directory fd checked to be a real directory (not a symlink)
 /// owned by the daemon's user, mode 0700. Everything in the store is reached through this fd
 /// (as `/proc/self/fd/N/...`), so nobody who can rename or replace the store's path, or any of
@@ -289,31 +268,6 @@ impl StoreDir {
     /// The store's real path, for messages.
     pub fn real(&self) -> &Path {
         &self.real
-    }
-}
-
-/// Readahead of the mount, in KiB. The kernel gives a FUSE mount 128 KiB, so sequential reads
-/// reach the daemon as 128 KiB requests; at 1 MiB (our max_write) they come as 1 MiB requests,
-/// a quarter of the round trips per byte.
-const READ_AHEAD_KB: u32 = 1024;
-
-/// Raise the readahead of the mount's backing device info (root only; best effort). The device
-/// is read from mountinfo: a stat of the mount point here would wait on our own session.
-fn set_read_ahead(mountpoint: &Path) {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let dev = text.lines().rev().find_map(|line| {
-        let mut f = line.split(' ');
-        let dev = f.nth(2)?;
-        let mp = f.nth(1)?;
-        (Path::new(&unescape_mountinfo(mp)) == mountpoint).then(|| dev.to_string())
-    });
-    if let Some(dev) = dev {
-        let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
-        if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
-            log::debug!("cannot set {path}: {e}");
-        }
     }
 }
 
@@ -481,55 +435,20 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         attr_ttl: req.config.cache.attr_timeout,
         entry_ttl: req.config.cache.entry_timeout,
     };
-    let adapter = FuseAdapter::new(Arc::new(overlay), cache);
-    let notifier = adapter.notifier_slot();
-
-    let root = unsafe { libc::geteuid() } == 0;
-    let allow_other = req.config.allow_other.unwrap_or(root);
-    let mut options = fuser::Config::default();
-    options.mount_options = vec![
-        fuser::MountOption::FSName(format!("{FSNAME_PREFIX}{}", req.backing.display())),
-        fuser::MountOption::Subtype("grainfs".into()),
-        // The kernel checks permissions from the attributes we report, as for a local fs.
-        fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::RW,
-    ];
-    // Never weaker than the backing filesystem: where it is nosuid or nodev, so is the mount
-    // (otherwise a setuid file or a device node there would work through us, as root). As an
-    // ordinary user FUSE is always nosuid,nodev.
-    let backing_flags = crate::sys::statvfs_flags(&req.backing).unwrap_or(u64::MAX);
-    if root && backing_flags & libc::ST_NOSUID == 0 {
-        options.mount_options.push(fuser::MountOption::Suid);
-    } else {
-        options.mount_options.push(fuser::MountOption::NoSuid);
-    }
-    if root && backing_flags & libc::ST_NODEV == 0 {
-        options.mount_options.push(fuser::MountOption::Dev);
-    } else {
-        options.mount_options.push(fuser::MountOption::NoDev);
-    }
-    options.acl = if allow_other {
-        fuser::SessionACL::All
-    } else {
-        fuser::SessionACL::Owner
+    let settings = MountSettings {
+        backing: req.backing.clone(),
+        mountpoint: req.mountpoint.clone(),
+        allow_other: req.config.allow_other,
+        threads: req.config.threads,
+        cache,
     };
-    options.n_threads = Some(req.config.threads.max(1));
-    options.clone_fd = true;
-
-    if !root && unsafe { libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
-        // fusermount3 too opens /dev/fuse as the calling user, so nothing else can work.
-        return Err(DaemonError::DevFuse(req.mountpoint.clone(), unsafe {
-            libc::getuid()
-        }));
-    }
-    let mut session =
-        fuser::Session::new(adapter, &req.mountpoint, &options).map_err(|source| {
-            DaemonError::Mount {
-                mountpoint: req.mountpoint.clone(),
-                source,
-            }
-        })?;
-    let _ = notifier.set(session.notifier());
+    let mut mounted = session::mount(Arc::new(overlay), &settings).map_err(|e| match e {
+        MountError::DevFuse { uid } => DaemonError::DevFuse(req.mountpoint.clone(), uid),
+        MountError::Mount(source) => DaemonError::Mount {
+            mountpoint: req.mountpoint.clone(),
+            source,
+        },
+    })?;
     info!(
         "mounted {} at {} ({} threads, store {})",
         req.backing.display(),
@@ -538,11 +457,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         store_dir.real().display()
     );
 
-    if root {
-        set_read_ahead(&req.mountpoint);
-    }
-
-    let mut unmounter = session.unmount_callable();
+    let mut unmounter = mounted.unmounter();
     let mountpoint = req.mountpoint.clone();
     match signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
         Ok(mut signals) => {
@@ -570,7 +485,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
     }
 
     ready.ready(&req.mountpoint);
-    let result = session.run().map_err(|source| DaemonError::Serve {
+    let result = mounted.run().map_err(|source| DaemonError::Serve {
         mountpoint: req.mountpoint.clone(),
         source,
     });

@@ -1,8 +1,8 @@
 //! grainfs: a FUSE overlay for a directory of file-backed volumes.
 //!
 //! Layers run one way, top to bottom, as docs/architecture.md lists them (checked by
-//! tests/layers.rs).
-//! Only `fuse.rs` touches fuser; everything else is testable on a temp dir without a mount.
+//! tests/layers.rs). Only `fuse/` touches fuser; everything else is testable on a temp dir
+//! without a mount.
 
 pub mod cli;
 pub mod config;

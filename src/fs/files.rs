@@ -1,0 +1,390 @@
+//! Operations on regular files of the live tree: open, create, read, write, fsync, fallocate,
+//! lseek, copy_file_range, release. Every content change goes through the write gate
+//! (`gate.rs`); a read only waits for writes parked on its range during a capture.
+//!
+//! It must never write to the backing file outside the gate, and never hand the backing open
+//! a flag that breaks tracking (`STRIPPED_OPEN_FLAGS`).
+
+use super::*;
+
+// fallocate(2) mode bits (linux/falloc.h).
+const FALLOC_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_COLLAPSE_RANGE: i32 = 0x08;
+const FALLOC_ZERO_RANGE: i32 = 0x10;
+const FALLOC_INSERT_RANGE: i32 = 0x20;
+
+/// Open flags the backing open must not get. O_APPEND: the kernel already computes the append
+/// offset and serialises appends per inode, and with O_APPEND Linux pwrite ignores the offset, so
+/// tracking would record the wrong blocks. O_DIRECT: the kernel's buffers are not aligned for
+/// the backing file (qemu cache=none depends on O_DIRECT opens working at all). O_CREAT, O_EXCL
+/// and O_NOFOLLOW are meaningless on a reopen of an inode we already hold.
+const STRIPPED_OPEN_FLAGS: libc::c_int = libc::O_APPEND
+    | libc::O_DIRECT
+    | libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_NOFOLLOW
+    | libc::O_NOCTTY;
+
+impl OverlayFs {
+    // ---- files ----
+
+    /// Open a regular file.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        self.open_as(None, ino, flags)
+    }
+
+    /// Open a regular file for `caller`: an `O_TRUNC` open runs as the caller, so the backing
+    /// filesystem clears setuid/setgid as it does for a truncate by a non-owner.
+    pub(super) fn open_as(&self, caller: Option<Caller>, ino: u64, flags: i32) -> FsResult<Opened> {
+        if let Some(v) = self.snap(ino) {
+            return v.open(ino, flags, self.new_fh() | SNAP_FH);
+        }
+        let inode = self.inodes.get(ino)?;
+        if inode.kind != FileKind::Regular {
+            // Devices and fifos are handled by the kernel; a symlink is never opened by us.
+            return Err(FsError::backing("open")(std::io::Error::from_raw_os_error(
+                if inode.kind == FileKind::Directory {
+                    libc::EISDIR
+                } else {
+                    libc::ELOOP
+                },
+            )));
+        }
+        let truncate = flags & libc::O_TRUNC != 0;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || truncate;
+        let volume = if writable {
+            self.volume_of(&inode, false)
+        } else {
+            None
+        };
+        let old = std::cell::Cell::new(0u64);
+        let fd = self.tracked(
+            volume.as_ref(),
+            || {
+                if truncate {
+                    old.set(self.stat_of(&inode)?.st_size as u64);
+                }
+                Ok((0, old.get()))
+            },
+            || {
+                let reopen = || sys::reopen(inode.raw_fd(), flags & !STRIPPED_OPEN_FLAGS);
+                match caller {
+                    Some(c) if truncate => self.as_caller(c, reopen),
+                    _ => reopen(),
+                }
+                .map_err(FsError::backing("open"))
+            },
+            |v, _, _, _| {
+                if truncate {
+                    v.record_truncate(old.get(), 0, now_ns())
+                }
+            },
+        )?;
+        self.register_file(File::from(fd), inode, volume)
+    }
+
+    /// Create and open a regular file (O_EXCL and O_TRUNC honoured by the backing open).
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> FsResult<(Entry, Opened)> {
+        Self::refuse_snap(&[parent])?;
+        let parent_inode = self.inodes.get(parent)?;
+        self.check_not_store(&parent_inode, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing("create"))?;
+        // With tracking, O_TRUNC is not left to the open: the name is only resolved by the
+        // open itself, so which inode it truncates is known only after it. The file is opened
+        // without it, and the truncation then runs on that inode's volume like any other
+        // change (inside its gate, copy-before-write first, recorded), as the caller, so the
+        // backing filesystem clears setuid/setgid as an O_TRUNC by the caller would.
+        let accmode = flags & libc::O_ACCMODE;
+        let truncate_after =
+            self.tracker.is_some() && flags & libc::O_TRUNC != 0 && accmode != libc::O_RDONLY;
+        let mut open_flags = (flags & !(libc::O_APPEND | libc::O_DIRECT | libc::O_NOCTTY))
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW;
+        if truncate_after {
+            open_flags &= !libc::O_TRUNC;
+        }
+        // A file created here is tracked from birth; an existing one may have a history.
+        let existed = sys::fstatat(parent_inode.raw_fd(), &c).is_ok();
+        let fd = self
+            .as_caller(caller, || {
+                sys::openat(
+                    parent_inode.raw_fd(),
+                    &c,
+                    open_flags,
+                    (mode & !umask) & 0o7777,
+                )
+            })
+            .map_err(FsError::backing("create"))?;
+        if truncate_after {
+            let st = sys::fstat(fd.as_raw_fd()).map_err(FsError::backing("create"))?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size > 0 {
+                let volume = self.tracker.as_ref().map(|t| {
+                    let v = t.volume(volume_id(BackingKey::of(&st)), st.st_size as u64, false);
+                    v.first_stamp(&st);
+                    v
+                });
+                let old = std::cell::Cell::new(0u64);
+                self.tracked(
+                    volume.as_ref(),
+                    || {
+                        old.set(
+                            sys::fstat(fd.as_raw_fd())
+                                .map_err(FsError::backing("create"))?
+                                .st_size as u64,
+                        );
+                        Ok((0, old.get()))
+                    },
+                    || {
+                        self.as_caller(caller, || sys::ftruncate(fd.as_raw_fd(), 0))
+                            .map_err(FsError::backing("create"))
+                    },
+                    |v, _, _, _| v.record_truncate(old.get(), 0, now_ns()),
+                )?;
+            }
+        }
+        let entry = self.lookup_in(&parent_inode, name)?;
+        let inode = self.inodes.get(entry.attr.ino)?;
+        if inode.key
+            != BackingKey::of(&sys::fstat(fd.as_raw_fd()).map_err(FsError::backing("create"))?)
+        {
+            // Someone replaced the name between our open and our lookup: refuse rather than
+            // hand the kernel a handle on one inode under the number of another.
+            self.inodes.forget(entry.attr.ino, 1);
+            return Err(FsError::backing("create")(
+                std::io::Error::from_raw_os_error(libc::EAGAIN),
+            ));
+        }
+        let volume = self.volume_of(&inode, !existed);
+        // The kernel counts the lookup only if the reply goes out: on failure, give it back.
+        let opened = self
+            .register_file(File::from(fd), inode, volume)
+            .inspect_err(|_| self.inodes.forget(entry.attr.ino, 1))?;
+        Ok((entry, opened))
+    }
+
+    /// Read up to `size` bytes at `offset` and pass them to `with` (short only at end of file).
+    pub fn read<R>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        with: impl FnOnce(&[u8]) -> R,
+    ) -> FsResult<R> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.read(fh, offset, size, with);
+        }
+        let h = self.files.get(fh)?;
+        if let Some(v) = self.parked_on(&h) {
+            v.settle(offset, size as u64);
+        }
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            sys::pread_into(h.file.as_raw_fd(), &mut buf, size as usize, offset)
+                .map_err(FsError::backing("read"))?;
+            Ok(with(&buf))
+        })
+    }
+
+    /// Write all of `data` at `offset`; short only when the backing file took part of it and
+    /// then failed (ENOSPC), as pwrite(2) reports it.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_as(fh, offset, data, false)
+    }
+
+    /// `write` for a caller that cannot take a short count: all of `data`, or the error that
+    /// stopped it (part of it may be written then, as after a failed direct write). The
+    /// kernel's direct I/O path (O_DIRECT opens, with FUSE_ASYNC_DIO) turns a short write
+    /// reply into EIO: an O_DIRECT write that ran out of space part way failed with EIO, and
+    /// nothing was logged, since no operation had failed here (the one path found that fits
+    /// issue 9's unexplained O_DIRECT fsx failure, if its disk was full for a moment).
+    pub fn write_whole(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_as(fh, offset, data, true)
+    }
+
+    pub(super) fn write_as(&self, fh: u64, offset: u64, data: &[u8], whole: bool) -> FsResult<u32> {
+        Self::refuse_snap_fh(fh)?;
+        let h = self.files.get(fh)?;
+        let len = data.len() as u64;
+        let written = self.tracked_or_deferred(
+            h.volume.as_ref(),
+            || Ok((offset, len)),
+            |v| {
+                // O_SYNC and O_DSYNC writes must be on disk when they return: never parked.
+                // Nor a write to a file with capabilities: the backing filesystem drops them
+                // when the bytes land, and an exec must not find the new bytes with the old
+                // capabilities.
+                if crate::track::any_capture()
+                    && sys::open_flags(h.file.as_raw_fd()).is_ok_and(|f| f & libc::O_DSYNC == 0)
+                    && !sys::has_file_caps(h.file.as_raw_fd())
+                {
+                    return v
+                        .defer_write(offset, data)
+                        .map(|parked| parked.then_some(data.len()))
+                        .map_err(FsError::backing("write"));
+                }
+                Ok(None)
+            },
+            || {
+                let fd = h.file.as_raw_fd();
+                let mut done =
+                    sys::pwrite_all(fd, data, offset).map_err(FsError::backing("write"))?;
+                // Short: the backing file failed after part of it. Go on with the rest, which
+                // either fails at once with that error or (space came back) makes progress.
+                while whole && done < data.len() {
+                    done += sys::pwrite_all(fd, &data[done..], offset + done as u64)
+                        .map_err(FsError::backing("write"))?;
+                }
+                Ok(done)
+            },
+            |v, done, _, _| match done {
+                Some(_) => {
+                    let sequential = h.last_end.swap(offset + len, Ordering::Relaxed) == offset;
+                    v.record_write(offset, len, sequential, now_ns())
+                }
+                None => v.record_zero(offset, len, now_ns()),
+            },
+        )?;
+        Ok(written as u32)
+    }
+
+    /// Called on every close(2) of a descriptor; nothing is buffered here, so nothing to do.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.check_handle(fh);
+        }
+        self.files.get(fh).map(drop)
+    }
+
+    /// The last close of an open file.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.release(fh);
+        }
+        self.files.remove(fh)
+    }
+
+    /// fsync or fdatasync the backing file.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.check_handle(fh);
+        }
+        let h = self.files.get(fh)?;
+        if let Some(v) = self.parked_on(&h) {
+            v.settle(0, 0);
+        }
+        if let Some(v) = &h.volume {
+            // A write parked during a capture that failed when it landed, reported as the
+            // kernel reports a failed writeback.
+            if let Some(e) = v.take_write_error() {
+                return Err(FsError::backing("fsync")(e));
+            }
+        }
+        sys::fsync(h.file.as_raw_fd(), datasync).map_err(FsError::backing("fsync"))
+    }
+
+    /// fallocate(2), including FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        Self::refuse_snap_fh(fh)?;
+        let h = self.files.get(fh)?;
+        let old = std::cell::Cell::new(0u64);
+        self.tracked(
+            h.volume.as_ref(),
+            || {
+                let old_size = sys::fstat(h.file.as_raw_fd())
+                    .map_err(FsError::backing("fallocate"))?
+                    .st_size as u64;
+                old.set(old_size);
+                let old = old_size;
+                // Which content changes: punch hole and zero range zero the blocks they touch
+                // (within the old size; past it the file only grows); collapse and insert shift
+                // everything from the offset on; plain allocation changes only the size.
+                Ok(if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 {
+                    let end = old.min(offset.saturating_add(length));
+                    (offset, end.saturating_sub(offset))
+                } else if mode & (FALLOC_COLLAPSE_RANGE | FALLOC_INSERT_RANGE) != 0 {
+                    (offset, (old + length).saturating_sub(offset))
+                } else {
+                    (offset, 0)
+                })
+            },
+            || {
+                sys::fallocate(h.file.as_raw_fd(), mode, offset, length)
+                    .map_err(FsError::backing("fallocate"))
+            },
+            |v, _, start, len| {
+                let now = now_ns();
+                v.record_zero(start, len, now);
+                if let Ok(st) = sys::fstat(h.file.as_raw_fd()) {
+                    if st.st_size as u64 != old.get() {
+                        v.record_truncate(old.get(), st.st_size as u64, now);
+                    }
+                }
+            },
+        )
+    }
+
+    /// lseek(2) on the backing file: SEEK_DATA and SEEK_HOLE see its real holes.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.lseek(fh, offset, whence);
+        }
+        let h = self.files.get(fh)?;
+        if whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE {
+            if let Some(v) = self.parked_on(&h) {
+                v.settle(0, 0);
+            }
+        }
+        sys::lseek(h.file.as_raw_fd(), offset, whence).map_err(FsError::backing("lseek"))
+    }
+
+    /// copy_file_range(2) between two open files (reflinks where the backing fs can).
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
+        Self::refuse_snap_fh(fh_out)?;
+        if Self::is_snap_fh(fh_in) {
+            // Snapshot data is not in a file the kernel could copy from: EXDEV makes it fall
+            // back to reading and writing (ENOSYS would turn copy_file_range off for the mount).
+            return Err(FsError::backing("copy_file_range")(
+                std::io::Error::from_raw_os_error(libc::EXDEV),
+            ));
+        }
+        let a = self.files.get(fh_in)?;
+        let b = self.files.get(fh_out)?;
+        if let Some(v) = self.parked_on(&a) {
+            v.settle(off_in, len);
+        }
+        self.tracked(
+            b.volume.as_ref(),
+            || Ok((off_out, len)),
+            || {
+                sys::copy_file_range(a.file.as_raw_fd(), off_in, b.file.as_raw_fd(), off_out, len)
+                    .map_err(FsError::backing("copy_file_range"))
+            },
+            |v, n, _, _| match n {
+                Some(n) => v.record_write(off_out, *n, false, now_ns()),
+                None => v.record_zero(off_out, len, now_ns()),
+            },
+        )
+    }
+    /// The inode number an open file handle refers to (for the tracking layer to come).
+    pub fn handle_ino(&self, fh: u64) -> FsResult<u64> {
+        if let Some(v) = self.snap_fh(fh) {
+            return v.handle_ino(fh);
+        }
+        Ok(self.files.get(fh)?.inode.ino)
+    }
+}

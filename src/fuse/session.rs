@@ -1,0 +1,169 @@
+//! The FUSE session of one mount: the mount options, /dev/fuse, fuser's `Session` and its
+//! threads, the mount's readahead, and how the mount names itself in mountinfo. This is where
+//! a faster request path (our own /dev/fuse or io_uring loop) will replace fuser's.
+//!
+//! It owns the kernel side of a mount's life, from mounting to the end of `run`; it never
+//! decides what happens around it (the store, tracking, signals, the order of shutdown: that is
+//! `daemon`), and it never answers a request itself (that is the adapter, `FuseAdapter`).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{MountOption, SessionACL, SessionUnmounter};
+
+use super::{FuseAdapter, KernelCache};
+use crate::fs::OverlayFs;
+
+/// Prefix of the mount's source in mountinfo: `grainfs:<backing>`. It identifies our mounts
+/// even where the fs type shows only as `fuse` (fuser mounts as root without the subtype).
+pub const FSNAME_PREFIX: &str = "grainfs:";
+
+/// Readahead of the mount, in KiB. The kernel gives a FUSE mount 128 KiB, so sequential reads
+/// reach the daemon as 128 KiB requests; at 1 MiB (our max_write) they come as 1 MiB requests,
+/// a quarter of the round trips per byte.
+const READ_AHEAD_KB: u32 = 1024;
+
+/// What a mount needs to know beyond the filesystem it serves.
+#[derive(Clone, Debug)]
+pub struct MountSettings {
+    /// The backing dir, named in the mount's source (`FSNAME_PREFIX`).
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Let other users in; `None`: only when the daemon is root (config `allow_other`).
+    pub allow_other: Option<bool>,
+    /// Threads serving requests, each with its own /dev/fuse fd.
+    pub threads: usize,
+    pub cache: KernelCache,
+}
+
+/// Why a mount failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// /dev/fuse is not open to this (non-root) user.
+    #[error("/dev/fuse is not open to uid {uid}")]
+    DevFuse { uid: u32 },
+    /// The kernel or fusermount refused the mount.
+    #[error("{0}")]
+    Mount(io::Error),
+}
+
+/// A live mount, not yet served: `run` serves it until it is unmounted.
+pub struct Mounted {
+    session: fuser::Session<FuseAdapter>,
+}
+
+/// Unmounts a `Mounted` from another thread (a signal handler).
+pub struct Unmounter(SessionUnmounter);
+
+impl Unmounter {
+    /// Unmount; fails (and leaves the mount alone) while it is busy.
+    pub fn unmount(&mut self) -> io::Result<()> {
+        self.0.unmount()
+    }
+}
+
+/// Mount `fs` at `settings.mountpoint`.
+pub fn mount(fs: Arc<OverlayFs>, settings: &MountSettings) -> Result<Mounted, MountError> {
+    let adapter = FuseAdapter::new(fs, settings.cache);
+    let notifier = adapter.notifier_slot();
+
+    let root = crate::sys::geteuid() == 0;
+    let allow_other = settings.allow_other.unwrap_or(root);
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        MountOption::FSName(format!("{FSNAME_PREFIX}{}", settings.backing.display())),
+        MountOption::Subtype("grainfs".into()),
+        // The kernel checks permissions from the attributes we report, as for a local fs.
+        MountOption::DefaultPermissions,
+        MountOption::RW,
+    ];
+    // Never weaker than the backing filesystem: where it is nosuid or nodev, so is the mount
+    // (otherwise a setuid file or a device node there would work through us, as root). As an
+    // ordinary user FUSE is always nosuid,nodev.
+    let backing_flags = crate::sys::statvfs_flags(&settings.backing).unwrap_or(u64::MAX);
+    if root && backing_flags & libc::ST_NOSUID == 0 {
+        options.mount_options.push(MountOption::Suid);
+    } else {
+        options.mount_options.push(MountOption::NoSuid);
+    }
+    if root && backing_flags & libc::ST_NODEV == 0 {
+        options.mount_options.push(MountOption::Dev);
+    } else {
+        options.mount_options.push(MountOption::NoDev);
+    }
+    options.acl = if allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    options.n_threads = Some(settings.threads.max(1));
+    options.clone_fd = true;
+
+    if !root && unsafe { libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
+        // fusermount3 too opens /dev/fuse as the calling user, so nothing else can work.
+        return Err(MountError::DevFuse {
+            uid: unsafe { libc::getuid() },
+        });
+    }
+    let session =
+        fuser::Session::new(adapter, &settings.mountpoint, &options).map_err(MountError::Mount)?;
+    let _ = notifier.set(session.notifier());
+    if root {
+        set_read_ahead(&settings.mountpoint);
+    }
+    Ok(Mounted { session })
+}
+
+impl Mounted {
+    /// What unmounts this mount from another thread.
+    pub fn unmounter(&mut self) -> Unmounter {
+        Unmounter(self.session.unmount_callable())
+    }
+
+    /// Serve requests until the mount goes away.
+    pub fn run(self) -> io::Result<()> {
+        self.session.run()
+    }
+}
+
+/// Raise the readahead of the mount's backing device info (root only; best effort). The device
+/// is read from mountinfo: a stat of the mount point here would wait on our own session.
+fn set_read_ahead(mountpoint: &Path) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let dev = text.lines().rev().find_map(|line| {
+        let mut f = line.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        (Path::new(&unescape_mountinfo(mp)) == mountpoint).then(|| dev.to_string())
+    });
+    if let Some(dev) = dev {
+        let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+            log::debug!("cannot set {path}: {e}");
+        }
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+pub fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
