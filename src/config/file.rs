@@ -16,7 +16,7 @@ use serde_spanned::__unstable as spanned;
 use toml::{Spanned, Value};
 
 use super::values::{parse_duration, parse_size};
-use super::{KeepConfig, Schedule, SnapDir};
+use super::{Schedule, SnapDir};
 
 /// The whole file; a table left out reads as empty.
 #[derive(Deserialize, Default)]
@@ -75,27 +75,15 @@ pub(super) struct GroupFile {
     pub keep: Table<KeepFile>,
 }
 
-/// A group's `keep`; no rule beyond the type, so no spans.
+/// A group's `keep`.
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct KeepFile {
-    last: Typed<u32>,
-    hourly: Typed<u32>,
-    daily: Typed<u32>,
-    weekly: Typed<u32>,
-    monthly: Typed<u32>,
-}
-
-impl From<KeepFile> for KeepConfig {
-    fn from(k: KeepFile) -> KeepConfig {
-        KeepConfig {
-            last: k.last.0,
-            hourly: k.hourly.0,
-            daily: k.daily.0,
-            weekly: k.weekly.0,
-            monthly: k.monthly.0,
-        }
-    }
+    pub last: Option<Field<u32>>,
+    pub hourly: Option<Field<u32>>,
+    pub daily: Option<Field<u32>>,
+    pub weekly: Option<Field<u32>>,
+    pub monthly: Option<Field<u32>>,
 }
 
 /// A TOML table read into `T`. serde's derived structs would also take an array of their
@@ -174,32 +162,35 @@ impl<'de> Deserialize<'de> for Globs {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Size(pub u64);
 
-/// A value from the file and the bytes of the file it was read from.
+/// A value from the file, or why it is not a `T`, and the bytes of the file it was read from.
+/// A wrong type is told when the value is used (`super::build`), where its key is known, so
+/// the error points at the value itself even inside an array.
 pub(super) struct Field<T> {
-    pub value: T,
-    pub span: Range<usize>,
+    value: Result<T, String>,
+    span: Range<usize>,
 }
 
 impl<T> Field<T> {
-    /// An error about this value.
-    pub fn error(&self, key: &str, message: String) -> Located {
-        Located {
-            at: self.span.start,
-            key: key.to_string(),
-            message,
-        }
-    }
-
-    /// The value if `rule` accepts it, else the rule's message located at the value.
+    /// The value if it has the right type and `rule` accepts it, else an error at the value.
     pub fn check(
         self,
         key: &str,
         rule: impl FnOnce(&T) -> Result<(), String>,
     ) -> Result<T, Located> {
-        match rule(&self.value) {
-            Ok(()) => Ok(self.value),
-            Err(message) => Err(self.error(key, message)),
-        }
+        self.then(key, |v| rule(&v).map(|()| v))
+    }
+
+    /// `convert` applied to the value if it has the right type; its error is located at the value.
+    pub fn then<U>(
+        self,
+        key: &str,
+        convert: impl FnOnce(T) -> Result<U, String>,
+    ) -> Result<U, Located> {
+        self.value.and_then(convert).map_err(|message| Located {
+            at: self.span.start,
+            key: key.to_string(),
+            message,
+        })
     }
 }
 
@@ -234,7 +225,14 @@ impl<'de, T: Scalar> Visitor<'de> for FieldVisitor<T> {
         map.next_key::<IgnoredAny>()?;
         let end = map.next_value()?;
         map.next_key::<IgnoredAny>()?;
-        let Typed(value) = map.next_value()?;
+        let value: Value = map.next_value()?;
+        let value = T::decode(&value).unwrap_or_else(|| {
+            Err(format!(
+                "expected {}, found {}",
+                T::EXPECTED,
+                describe(&value)
+            ))
+        });
         Ok(Field {
             value,
             span: start..end,
@@ -242,117 +240,44 @@ impl<'de, T: Scalar> Visitor<'de> for FieldVisitor<T> {
     }
 }
 
-/// A value type of the file and how errors name it.
+/// A value type of the file: how errors name it, and how it is read from a TOML value; `decode`
+/// gives `None` for a value of the wrong type and an error message for a bad one.
 pub(super) trait Scalar: Sized {
-    /// What a value of the wrong type is told to be, e.g. "an integer".
     const EXPECTED: &'static str;
-    /// The value, an error message for a bad one, or `None` when `value` has the wrong type.
     fn decode(value: &Value) -> Option<Result<Self, String>>;
 }
 
-impl Scalar for bool {
-    const EXPECTED: &'static str = "true or false";
-    fn decode(value: &Value) -> Option<Result<bool, String>> {
-        value.as_bool().map(Ok)
-    }
-}
-
-impl Scalar for String {
-    const EXPECTED: &'static str = "a string";
-    fn decode(value: &Value) -> Option<Result<String, String>> {
-        value.as_str().map(|s| Ok(s.to_string()))
-    }
-}
-
-impl Scalar for f64 {
-    const EXPECTED: &'static str = "a number";
-    fn decode(value: &Value) -> Option<Result<f64, String>> {
-        match *value {
-            Value::Float(f) => Some(Ok(f)),
-            // Whole numbers are written without a point often enough to accept them.
-            Value::Integer(i) => Some(Ok(i as f64)),
-            _ => None,
-        }
-    }
-}
-
-macro_rules! integer_scalar {
-    ($($t:ty),*) => {$(
+macro_rules! scalars {
+    ($($t:ty: $expected:literal, |$v:ident| $decode:expr;)*) => {$(
         impl Scalar for $t {
-            const EXPECTED: &'static str = "an integer";
-            fn decode(value: &Value) -> Option<Result<$t, String>> {
-                let i = value.as_integer()?;
-                Some(<$t>::try_from(i).map_err(|_| format!("{i} is out of range")))
+            const EXPECTED: &'static str = $expected;
+            fn decode($v: &Value) -> Option<Result<$t, String>> {
+                $decode
             }
         }
     )*};
 }
-integer_scalar!(u32, usize);
 
-// Sizes and durations are strings, so the unit is always explicit.
-impl Scalar for Size {
-    const EXPECTED: &'static str = "a size string such as \"64KiB\"";
-    fn decode(value: &Value) -> Option<Result<Size, String>> {
-        value.as_str().map(|s| parse_size(s).map(Size))
-    }
+// Whole numbers are written without a point often enough to accept them as floats. Sizes and
+// durations are strings, so the unit is always explicit.
+scalars! {
+    bool: "true or false", |v| v.as_bool().map(Ok);
+    String: "a string", |v| v.as_str().map(|s| Ok(s.to_string()));
+    f64: "a number", |v| v.as_float().or(v.as_integer().map(|i| i as f64)).map(Ok);
+    u32: "an integer", |v| v.as_integer().map(|i| i.try_into().map_err(|_| out_of_range(i)));
+    usize: "an integer", |v| v.as_integer().map(|i| i.try_into().map_err(|_| out_of_range(i)));
+    Size: "a size string such as \"64KiB\"", |v| v.as_str().map(|s| parse_size(s).map(Size));
+    Duration: "a duration string such as \"10s\"", |v| v.as_str().map(parse_duration);
+    Schedule: "a string such as \"every 15m\"", |v| v.as_str().map(str::parse);
+    SnapDir: "a string", |v| v.as_str().map(|s| match s {
+        "hidden" => Ok(SnapDir::Hidden),
+        "visible" => Ok(SnapDir::Visible),
+        other => Err(format!("\"{other}\" is not hidden or visible")),
+    });
 }
 
-impl Scalar for Duration {
-    const EXPECTED: &'static str = "a duration string such as \"10s\"";
-    fn decode(value: &Value) -> Option<Result<Duration, String>> {
-        value.as_str().map(parse_duration)
-    }
-}
-
-impl Scalar for Schedule {
-    const EXPECTED: &'static str = "a string such as \"every 15m\"";
-    fn decode(value: &Value) -> Option<Result<Schedule, String>> {
-        value.as_str().map(str::parse)
-    }
-}
-
-impl Scalar for SnapDir {
-    const EXPECTED: &'static str = "a string";
-    fn decode(value: &Value) -> Option<Result<SnapDir, String>> {
-        Some(match value.as_str()? {
-            "hidden" => Ok(SnapDir::Hidden),
-            "visible" => Ok(SnapDir::Visible),
-            other => Err(format!("\"{other}\" is not hidden or visible")),
-        })
-    }
-}
-
-/// A [`Scalar`] read as any TOML value first, so that a wrong type is told in grainfs's words
-/// ("expected an integer, found a datetime") rather than serde's.
-#[derive(Default)]
-struct Typed<T>(T);
-
-impl<'de, T: Scalar> Deserialize<'de> for Typed<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Typed<T>, D::Error> {
-        // Decoded within toml's newtype call, which puts the value's own span on the error; an
-        // array element would otherwise get the whole array's.
-        d.deserialize_newtype_struct("Typed", TypedVisitor(PhantomData))
-    }
-}
-
-struct TypedVisitor<T>(PhantomData<T>);
-
-impl<'de, T: Scalar> Visitor<'de> for TypedVisitor<T> {
-    type Value = Typed<T>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(T::EXPECTED)
-    }
-    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Typed<T>, D::Error> {
-        let value = Value::deserialize(d)?;
-        match T::decode(&value) {
-            Some(decoded) => decoded.map(Typed).map_err(de::Error::custom),
-            None => Err(de::Error::custom(format!(
-                "expected {}, found {}",
-                T::EXPECTED,
-                describe(&value)
-            ))),
-        }
-    }
+fn out_of_range(i: i64) -> String {
+    format!("{i} is out of range")
 }
 
 fn describe(value: &Value) -> String {

@@ -14,7 +14,8 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use file::{ConfigFile, Field, Located, Size};
+use file::{ConfigFile, Field, Globs, GroupFile, Located, Size, Table};
+use toml::Spanned;
 use values::{fmt_duration, fmt_size, GIB, KIB, MIB};
 
 pub use values::{parse_duration, parse_size, Schedule};
@@ -219,9 +220,13 @@ impl Config {
 /// what it says; an error points at the value that breaks a rule.
 fn build(file: ConfigFile, origin: &Path) -> Result<Config, Located> {
     let d = Config::default();
+    let (cache, tracking, policy) = (file.cache.0, file.tracking.0, file.policy.0);
     let path = |field: Option<Field<String>>, key| field.map(|f| resolve(origin, f, key));
     let timeout = within(Duration::ZERO..=Duration::from_secs(3600), fmt_duration);
-    let (cache, tracking, policy) = (file.cache.0, file.tracking.0, file.policy.0);
+    let interval = within(
+        Duration::from_secs(1)..=Duration::from_secs(300),
+        fmt_duration,
+    );
     let block_rule = |&Size(b): &Size| {
         let ok = b.is_power_of_two() && (4 * KIB..=MIB).contains(&b);
         let got = fmt_size(b);
@@ -229,13 +234,10 @@ fn build(file: ConfigFile, origin: &Path) -> Result<Config, Located> {
             format!("must be a power of two from 4KiB to 1MiB, got {got}")
         })
     };
-    let key = "tracking.block_size";
-    let Size(block) = check(
-        tracking.block_size,
-        Size(d.tracking.block_size),
-        key,
-        block_rule,
-    )?;
+    let default = Size(d.tracking.block_size);
+    let Size(block) = tracking
+        .block_size
+        .read("tracking.block_size", default, block_rule)?;
     let partition_rule = |&Size(p): &Size| {
         let ok = p >= block && p.is_multiple_of(block) && p <= 64 * GIB;
         let (got, block) = (fmt_size(p), fmt_size(block));
@@ -243,14 +245,15 @@ fn build(file: ConfigFile, origin: &Path) -> Result<Config, Located> {
             format!("must be a multiple of block_size ({block}) up to 64GiB, got {got}")
         })
     };
-    let (key, default) = ("tracking.partition_size", Size(d.tracking.partition_size));
-    let Size(partition) = check(tracking.partition_size, default, key, partition_rule)?;
+    let default = Size(d.tracking.partition_size);
+    let Size(partition) =
+        (tracking.partition_size).read("tracking.partition_size", default, partition_rule)?;
     let level_rule = |level: &String| {
         let levels = LOG_LEVELS.join(", ");
         let message = || format!("unknown level \"{level}\"; use one of: {levels}");
         ensure(LOG_LEVELS.contains(&level.as_str()), message)
     };
-    let full_rate_rule = |&r: &f64| {
+    let rate_rule = |&r: &f64| {
         ensure(r.is_finite() && r >= 0.0, || {
             format!("must be >= 0, got {r}")
         })
@@ -260,65 +263,60 @@ fn build(file: ConfigFile, origin: &Path) -> Result<Config, Located> {
             format!("must be in (0, 1], got {f}")
         })
     };
+    let fraction = d.policy.full_dirty_fraction;
     Ok(Config {
         backing: path(file.backing, "backing").transpose()?,
         mountpoint: path(file.mountpoint, "mountpoint").transpose()?,
         store: path(file.store, "store").transpose()?,
-        threads: check(
-            file.threads,
-            d.threads,
-            "threads",
-            within(1..=256, |n| n.to_string()),
-        )?,
-        snapdir: value(file.snapdir, d.snapdir),
-        snapshot_setuid: value(file.snapshot_setuid, d.snapshot_setuid),
-        allow_other: file.allow_other.map(|f| f.value),
-        log_level: (file.log_level.map(|f| f.check("log_level", level_rule))).transpose()?,
+        threads: file
+            .threads
+            .read("threads", d.threads, within(1..=256, |n| n.to_string()))?,
+        snapdir: file.snapdir.read("snapdir", d.snapdir, any)?,
+        snapshot_setuid: file
+            .snapshot_setuid
+            .read("snapshot_setuid", d.snapshot_setuid, any)?,
+        allow_other: file
+            .allow_other
+            .map(|f| f.check("allow_other", any))
+            .transpose()?,
+        log_level: file
+            .log_level
+            .map(|f| f.check("log_level", level_rule))
+            .transpose()?,
         cache: CacheConfig {
-            attr_timeout: check(
-                cache.attr_timeout,
-                d.cache.attr_timeout,
+            attr_timeout: cache.attr_timeout.read(
                 "cache.attr_timeout",
+                d.cache.attr_timeout,
                 &timeout,
             )?,
-            entry_timeout: check(
-                cache.entry_timeout,
-                d.cache.entry_timeout,
+            entry_timeout: cache.entry_timeout.read(
                 "cache.entry_timeout",
+                d.cache.entry_timeout,
                 &timeout,
             )?,
         },
         tracking: TrackingConfig {
-            enabled: value(tracking.enabled, d.tracking.enabled),
+            enabled: tracking
+                .enabled
+                .read("tracking.enabled", d.tracking.enabled, any)?,
             block_size: block,
             partition_size: partition,
-            interval: check(
-                tracking.interval,
-                d.tracking.interval,
-                "tracking.interval",
-                within(
-                    Duration::from_secs(1)..=Duration::from_secs(300),
-                    fmt_duration,
-                ),
-            )?,
+            interval: tracking
+                .interval
+                .read("tracking.interval", d.tracking.interval, interval)?,
         },
         policy: PolicyConfig {
-            full_rate: check(
-                policy.full_rate,
-                d.policy.full_rate,
-                "policy.full_rate",
-                full_rate_rule,
-            )?,
-            full_dirty_fraction: check(
-                policy.full_dirty_fraction,
-                d.policy.full_dirty_fraction,
+            full_rate: policy
+                .full_rate
+                .read("policy.full_rate", d.policy.full_rate, rate_rule)?,
+            full_dirty_fraction: (policy.full_dirty_fraction).read(
                 "policy.full_dirty_fraction",
+                fraction,
                 fraction_rule,
             )?,
-            max_chain: check(
-                policy.max_chain,
-                d.policy.max_chain,
+            max_chain: policy.max_chain.read(
                 "policy.max_chain",
+                d.policy.max_chain,
                 within(1..=1000, |n| n.to_string()),
             )?,
         },
@@ -327,9 +325,7 @@ fn build(file: ConfigFile, origin: &Path) -> Result<Config, Located> {
 }
 
 /// The `[[group]]` tables, each checked, in the order of the file.
-fn groups(
-    tables: Vec<toml::Spanned<file::Table<file::GroupFile>>>,
-) -> Result<Vec<GroupConfig>, Located> {
+fn groups(tables: Vec<Spanned<Table<GroupFile>>>) -> Result<Vec<GroupConfig>, Located> {
     let mut groups: Vec<GroupConfig> = Vec::with_capacity(tables.len());
     for (i, table) in tables.into_iter().enumerate() {
         let key = |field: &str| format!("group[{i}].{field}");
@@ -339,54 +335,74 @@ fn groups(
             key: key(field),
             message: format!("missing; every [[group]] needs a {field}"),
         };
-        let table = table.into_inner().0;
+        let Table(table) = table.into_inner();
         let name = table.name.ok_or_else(|| missing("name"))?;
-        let volumes = table.volumes.ok_or_else(|| missing("volumes"))?;
+        let Globs(volumes) = table.volumes.ok_or_else(|| missing("volumes"))?;
         let name = name.check(&key("name"), |name| {
             check_group_name(name)?;
-            match groups.iter().position(|g| g.name == *name) {
-                Some(first) => Err(format!(
+            let first = groups.iter().position(|g| g.name == *name);
+            first.map_or(Ok(()), |first| {
+                Err(format!(
                     "duplicate group name \"{name}\" (also group[{first}])"
-                )),
-                None => Ok(()),
-            }
+                ))
+            })
         })?;
-        let volumes = (volumes.0.into_iter().enumerate())
+        let volumes = (volumes.into_iter().enumerate())
             .map(|(j, glob)| glob.check(&key(&format!("volumes[{j}]")), |g| check_volume_glob(g)))
             .collect::<Result<_, _>>()?;
-        let schedule = (table.schedule)
-            .map(|s| {
-                s.check(&key("schedule"), |s| match s {
-                    Schedule::Every(every) if *every < Duration::from_secs(1) => {
-                        Err("interval must be at least 1s".into())
-                    }
-                    _ => Ok(()),
-                })
+        let schedule = table.schedule.map(|s| {
+            s.check(&key("schedule"), |s| match s {
+                Schedule::Every(every) if *every < Duration::from_secs(1) => {
+                    Err("interval must be at least 1s".into())
+                }
+                _ => Ok(()),
             })
-            .transpose()?;
+        });
+        let Table(keep) = table.keep;
+        let count =
+            |field: Option<Field<u32>>, name| field.read(&key(&format!("keep.{name}")), 0, any);
         groups.push(GroupConfig {
             name,
             volumes,
-            schedule,
-            keep: table.keep.0.into(),
+            schedule: schedule.transpose()?,
+            keep: KeepConfig {
+                last: count(keep.last, "last")?,
+                hourly: count(keep.hourly, "hourly")?,
+                daily: count(keep.daily, "daily")?,
+                weekly: count(keep.weekly, "weekly")?,
+                monthly: count(keep.monthly, "monthly")?,
+            },
         });
     }
     Ok(groups)
 }
 
-/// The value of `field`, or `default` when the file leaves the key out.
-fn value<T>(field: Option<Field<T>>, default: T) -> T {
-    field.map_or(default, |f| f.value)
+/// A key the file may leave out.
+trait Optional<T> {
+    /// The value if `rule` accepts it, or `default` when the key is left out (the defaults obey
+    /// the rules).
+    fn read(
+        self,
+        key: &str,
+        default: T,
+        rule: impl FnOnce(&T) -> Result<(), String>,
+    ) -> Result<T, Located>;
 }
 
-/// Like [`value`], with `rule` checked on a value the file gives (the defaults obey the rules).
-fn check<T>(
-    field: Option<Field<T>>,
-    default: T,
-    key: &str,
-    rule: impl FnOnce(&T) -> Result<(), String>,
-) -> Result<T, Located> {
-    field.map_or(Ok(default), |f| f.check(key, rule))
+impl<T> Optional<T> for Option<Field<T>> {
+    fn read(
+        self,
+        key: &str,
+        default: T,
+        rule: impl FnOnce(&T) -> Result<(), String>,
+    ) -> Result<T, Located> {
+        self.map_or(Ok(default), |f| f.check(key, rule))
+    }
+}
+
+/// The rule of a value that needs no more than its type.
+fn any<T>(_: &T) -> Result<(), String> {
+    Ok(())
 }
 
 /// A rule that a value lie in `range`, shown with `show` in the message.
@@ -412,13 +428,14 @@ fn ensure(ok: bool, message: impl FnOnce() -> String) -> Result<(), String> {
 
 /// A path; a relative one is taken relative to the directory of the config file `origin`.
 fn resolve(origin: &Path, field: Field<String>, key: &str) -> Result<PathBuf, Located> {
-    if field.value.is_empty() {
-        return Err(field.error(key, "must not be empty".into()));
-    }
     let dir = origin.parent().unwrap_or(Path::new(""));
-    std::path::absolute(dir.join(&field.value))
-        .map_err(|e| field.error(key, format!("cannot resolve relative path: {e}")))
+    field.then(key, |path| {
+        ensure(!path.is_empty(), || "must not be empty".into())?;
+        std::path::absolute(dir.join(path))
+            .map_err(|e| format!("cannot resolve relative path: {e}"))
+    })
 }
+
 fn check_group_name(name: &str) -> Result<(), String> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
@@ -618,6 +635,28 @@ mod tests {
             "{shown}"
         );
         error_at("tracking.enabled = \"yes\"\n", "tracking.enabled", 1);
+    }
+
+    #[test]
+    fn shapes_serde_would_take_are_refused_in_plain_words() {
+        // A derived struct also reads an array of its fields in order.
+        let shown = error_at("policy = [1]\n", "policy", 1);
+        assert!(
+            shown.ends_with("expected a table, found an array"),
+            "{shown}"
+        );
+        // A table made by a dotted key has no span of its own.
+        let shown = error_at("\nthreads.x = 1\n", "threads", 2);
+        assert!(
+            shown.ends_with("expected an integer, found a table"),
+            "{shown}"
+        );
+        let shown = error_at("[group]\nname = \"a\"\n", "group", 1);
+        assert!(shown.contains("([[group]]), found a table"), "{shown}");
+        // A wrong type inside an array points at the element, not the array.
+        let multiline = "[[group]]\nname = \"a\"\nvolumes = [\"a\",\n  3]\n";
+        let shown = error_at(multiline, "group[0].volumes[1]", 4);
+        assert!(shown.ends_with("found integer 3"), "{shown}");
     }
 
     #[test]
