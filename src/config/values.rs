@@ -1,0 +1,307 @@
+//! The string syntaxes of config values: byte sizes ("64KiB"), durations ("1h30m") and
+//! schedules ("every 15m" or a 5-field cron expression), parsed and shown back. Pure functions
+//! of strings: this module knows nothing of TOML, keys or files.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+pub(super) const KIB: u64 = 1 << 10;
+pub(super) const MIB: u64 = 1 << 20;
+pub(super) const GIB: u64 = 1 << 30;
+
+/// When a group is snapshotted automatically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schedule {
+    /// `every 15m`: a fixed interval.
+    Every(Duration),
+    /// A syntax-checked 5-field cron expression (minute hour day-of-month month day-of-week).
+    Cron(String),
+}
+
+impl FromStr for Schedule {
+    type Err = String;
+
+    /// `every <duration>` or a 5-field cron expression.
+    fn from_str(s: &str) -> Result<Schedule, String> {
+        let s = s.trim();
+        if let Some(every) = s.strip_prefix("every ") {
+            return parse_duration(every).map(Schedule::Every);
+        }
+        check_cron(s)?;
+        Ok(Schedule::Cron(
+            s.split_whitespace().collect::<Vec<_>>().join(" "),
+        ))
+    }
+}
+
+/// Fields of a cron expression and their bounds (day of week: 0 and 7 are Sunday).
+const CRON_FIELDS: [(&str, u32, u32); 5] = [
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day of month", 1, 31),
+    ("month", 1, 12),
+    ("day of week", 0, 7),
+];
+
+fn check_cron(expr: &str) -> Result<(), String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    if fields.len() != CRON_FIELDS.len() {
+        return Err(format!(
+            "\"{expr}\" is neither \"every <duration>\" (e.g. \"every 15m\") nor a 5-field cron \
+             expression (minute hour day-of-month month day-of-week, e.g. \"0 */6 * * *\")"
+        ));
+    }
+    for (field, (name, lo, hi)) in fields.iter().zip(CRON_FIELDS) {
+        for part in field.split(',') {
+            check_cron_part(part, lo, hi)
+                .map_err(|e| format!("cron {name} field \"{field}\": {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_cron_part(part: &str, lo: u32, hi: u32) -> Result<(), String> {
+    let number = |s: &str| -> Result<u32, String> {
+        let n = (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+            .ok_or_else(|| format!("\"{s}\" is not *, */N, N, N-M or a list of them"))?;
+        if (lo..=hi).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("{n} is outside {lo}..={hi}"))
+        }
+    };
+    if part == "*" {
+        return Ok(());
+    }
+    if let Some(step) = part.strip_prefix("*/") {
+        return match step.parse::<u32>() {
+            Ok(n) if (1..=hi).contains(&n) => Ok(()),
+            _ => Err(format!("step \"{step}\" must be 1..={hi}")),
+        };
+    }
+    if let Some((from, to)) = part.split_once('-') {
+        let (from, to) = (number(from)?, number(to)?);
+        if from > to {
+            return Err(format!("range {from}-{to} runs backwards"));
+        }
+        return Ok(());
+    }
+    number(part).map(drop)
+}
+
+/// Parses a byte size: a plain integer or one followed by B, K/KiB, M/MiB, G/GiB or T/TiB
+/// (all powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let usage = "write an integer with B, KiB, MiB, GiB or TiB, e.g. \"64KiB\"";
+    if digits == 0 {
+        return Err(format!("invalid size \"{s}\": {usage}"));
+    }
+    let unit = t[digits..].trim_start();
+    let multiplier: u64 = match unit {
+        "" | "B" => 1,
+        "K" | "KiB" => KIB,
+        "M" | "MiB" => MIB,
+        "G" | "GiB" => GIB,
+        "T" | "TiB" => 1 << 40,
+        "KB" | "kB" | "MB" | "GB" | "TB" => {
+            return Err(format!(
+                "invalid size \"{s}\": \"{unit}\" is ambiguous (1000 or 1024?); {usage}"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "invalid size \"{s}\": unknown unit \"{unit}\"; {usage}"
+            ))
+        }
+    };
+    t[..digits]
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("size \"{s}\" is too large"))
+}
+
+/// Parses a duration: integers with units d, h, m, s, ms, largest first, e.g. "1h30m", "500ms".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let usage = "write e.g. \"10s\", \"500ms\", \"15m\" or \"1h30m\" (units d, h, m, s, ms)";
+    if t.is_empty() {
+        return Err(format!("empty duration; {usage}"));
+    }
+    let mut rest = t;
+    let mut millis: u64 = 0;
+    let mut previous_rank = None;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit_len = rest[digits..]
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len() - digits);
+        let (number, unit) = (&rest[..digits], &rest[digits..digits + unit_len]);
+        rest = &rest[digits + unit_len..];
+        let (rank, unit_millis) = match unit {
+            _ if number.is_empty() => return Err(format!("invalid duration \"{s}\"; {usage}")),
+            "d" => (0, 86_400_000),
+            "h" => (1, 3_600_000),
+            "m" => (2, 60_000),
+            "s" => (3, 1_000),
+            "ms" => (4, 1),
+            "" => return Err(format!("duration \"{s}\" lacks a unit; {usage}")),
+            _ => {
+                return Err(format!(
+                    "duration \"{s}\" has unknown unit \"{unit}\"; {usage}"
+                ))
+            }
+        };
+        if previous_rank.is_some_and(|p| p >= rank) {
+            return Err(format!(
+                "duration \"{s}\": units must go largest first, each once"
+            ));
+        }
+        previous_rank = Some(rank);
+        millis = number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit_millis))
+            .and_then(|m| m.checked_add(millis))
+            .ok_or_else(|| format!("duration \"{s}\" is too large"))?;
+    }
+    Ok(Duration::from_millis(millis))
+}
+
+pub(super) fn fmt_size(bytes: u64) -> String {
+    for (unit, size) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", GIB),
+        ("MiB", MIB),
+        ("KiB", KIB),
+    ] {
+        if bytes >= size && bytes.is_multiple_of(size) {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    format!("{bytes}B")
+}
+
+pub(super) fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sizes() {
+        for (text, bytes) in [
+            ("4096", 4096),
+            ("0", 0),
+            ("12B", 12),
+            ("64KiB", 64 << 10),
+            ("64K", 64 << 10),
+            ("1MiB", 1 << 20),
+            (" 2 MiB ", 2 << 20),
+            ("1GiB", 1 << 30),
+            ("3G", 3 << 30),
+            ("1TiB", 1 << 40),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for text in [
+            "", "KiB", "-1", "1.5MiB", "64KB", "1MB", "64kib", "1PiB", "64 KiBs",
+        ] {
+            assert!(parse_size(text).is_err(), "{text} should be rejected");
+        }
+        assert!(parse_size("99999999999TiB").is_err_and(|e| e.contains("too large")));
+        assert!(parse_size("1MB").is_err_and(|e| e.contains("ambiguous")));
+    }
+
+    #[test]
+    fn durations() {
+        let s = Duration::from_secs;
+        for (text, expected) in [
+            ("10s", s(10)),
+            ("0s", s(0)),
+            ("500ms", Duration::from_millis(500)),
+            ("15m", s(900)),
+            ("1h", s(3600)),
+            ("1h30m", s(5400)),
+            ("2d", s(172_800)),
+            ("1m30s250ms", Duration::from_millis(90_250)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+        for text in [
+            "",
+            "10",
+            "s",
+            "1.5h",
+            "10sec",
+            "30m1h",
+            "1h1h",
+            "-1s",
+            "1 h",
+            "99999999999999d",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text} should be rejected");
+        }
+    }
+
+    #[test]
+    fn schedules() {
+        let every = "every 1h30m".parse::<Schedule>();
+        assert_eq!(every, Ok(Schedule::Every(Duration::from_secs(5400))));
+        for cron in [
+            "*/15 * * * *",
+            "0 3 * * *",
+            "0,30 8-18 * * 1-5",
+            "5 0 1 1,4,7,10 *",
+            "59 23 31 12 7",
+            "0  */6  *  *  0",
+        ] {
+            let parsed = cron.parse::<Schedule>();
+            assert!(
+                matches!(parsed, Ok(Schedule::Cron(_))),
+                "{cron}: {parsed:?}"
+            );
+        }
+        for bad in [
+            "every",
+            "every 15",
+            "hourly",
+            "* * * *",
+            "* * * * * *",
+            "60 * * * *",
+            "* 24 * * *",
+            "* * 0 * *",
+            "* * * 13 *",
+            "* * * * 8",
+            "*/0 * * * *",
+            "10-5 * * * *",
+            "1,,2 * * * *",
+            "a * * * *",
+            "-1 * * * *",
+            "*/ * * * *",
+        ] {
+            assert!(bad.parse::<Schedule>().is_err(), "{bad} should be rejected");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn sizes_round_trip(n in 0u64..(1 << 40)) {
+            prop_assert_eq!(parse_size(&fmt_size(n)), Ok(n));
+        }
+    }
+}
