@@ -43,6 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Rng;
 use grainfs::control::StatusReport;
 use grainfs::track::ChangeMap;
 
@@ -65,27 +66,6 @@ const MAGIC: &[u8; 8] = b"GRAINPC1";
 // ---------------------------------------------------------------------------------------------
 // Stamped content
 
-/// xorshift64*: deterministic decisions from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-}
-
 /// The 4 KiB block that write `seq` of volume `vol` puts at block index `blk`.
 fn block_bytes(vol: usize, seq: u64, blk: u64, out: &mut [u8]) {
     out[..8].copy_from_slice(MAGIC);
@@ -94,7 +74,7 @@ fn block_bytes(vol: usize, seq: u64, blk: u64, out: &mut [u8]) {
     out[24..32].copy_from_slice(&blk.to_le_bytes());
     let mut r = Rng::new((vol as u64) << 56 ^ seq << 20 ^ blk ^ 0x5eed);
     for chunk in out[32..].chunks_mut(8) {
-        let v = r.next().to_le_bytes();
+        let v = r.next_u64().to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
 }
@@ -1055,7 +1035,7 @@ fn one_cut(
             .collect(),
     };
     let modes: Vec<bool> = (0..vols.len()).map(|_| rng.below(2) == 0).collect();
-    let seeds: Vec<u64> = (0..=vols.len()).map(|_| rng.next()).collect();
+    let seeds: Vec<u64> = (0..=vols.len()).map(|_| rng.next_u64()).collect();
     // Some writers go quiet part way, so that ticks (every second) make their partitions
     // known again before the cut.
     let quiet: Vec<Option<Duration>> = (0..vols.len())

@@ -18,7 +18,7 @@ use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use common::Mount;
+use common::{Mount, Noise};
 use grainfs::ids::{Geometry, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
 
@@ -56,19 +56,9 @@ fn vol(path: &'static str, id: u64, content: Vec<u8>) -> Vol {
     }
 }
 
-/// `len` bytes of pseudo-random data from `seed`.
-fn noise(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(seed.as_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
 /// Data block, hole block, data block, then a partial last block (3.5 blocks).
 fn holey(seed: &str) -> Vec<u8> {
-    let mut c = noise(seed, (3 * BS + BS / 2) as usize);
+    let mut c = Noise::named(seed).bytes((3 * BS + BS / 2) as usize);
     c[BS as usize..2 * BS as usize].fill(0);
     c
 }
@@ -190,7 +180,11 @@ fn first_snapshot() -> (Vec<Vol>, Vec<NamespaceEntry>) {
     };
     let b = Vol {
         mode: 0o600,
-        ..vol("deep/er/b.raw", 11, noise("b", (2 * BS) as usize))
+        ..vol(
+            "deep/er/b.raw",
+            11,
+            Noise::named("b").bytes((2 * BS) as usize),
+        )
     };
     let empty = vol("empty", 12, Vec::new());
     let ns = vec![
@@ -291,7 +285,7 @@ fn an_incremental_chain_reads_its_parents_blocks_at_every_depth() {
         let mut c = chain[g - 1][0].content.clone();
         let b = (g * 3) % 4;
         let r = b * BS as usize..((b + 1) * BS as usize).min(c.len());
-        let fresh = noise(&format!("gen{g}"), r.len());
+        let fresh = Noise::named(format!("gen{g}")).bytes(r.len());
         c[r].copy_from_slice(&fresh);
         chain.push(vec![Vol {
             content: c,
@@ -540,7 +534,7 @@ fn snapshots_committed_or_deleted_while_mounted_show_at_once() {
         fs::read(snaps.join("s1/vms/a.img")).expect("read new"),
         vols[0].content
     );
-    let v2 = vec![vol("only.img", 20, noise("two", 5000))];
+    let v2 = vec![vol("only.img", 20, Noise::named("two").bytes(5000))];
     commit(&store, "s2", None, &v2, &[]);
     assert_eq!(names(&snaps), ["s1", "s2"]);
 
@@ -566,7 +560,7 @@ fn snapshots_committed_or_deleted_while_mounted_show_at_once() {
     drop(open);
 
     // The name taken again by another snapshot: its content, under new inode numbers.
-    let v3 = vec![vol("only.img", 20, noise("three", 5000))];
+    let v3 = vec![vol("only.img", 20, Noise::named("three").bytes(5000))];
     commit(&store, "s2", None, &v3, &[]);
     let p = snaps.join("s2/only.img");
     assert_eq!(fs::read(&p).expect("read reused"), v3[0].content);
@@ -674,7 +668,7 @@ fn a_snapshot_taken_by_the_daemon_shows_the_tree_as_it_was() {
 /// read as stored, the daemon logs snapshot, volume and block, and `snapshot verify` names it.
 #[test]
 fn a_damaged_block_reads_as_eio_and_is_named_in_the_log() {
-    let content = noise("damaged", (12 * BS) as usize);
+    let content = Noise::named("damaged").bytes((12 * BS) as usize);
     let bad = 5u64;
     let m = Mount::with_setup(
         |backing| {
