@@ -44,7 +44,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Rng;
-use grainfs::control::StatusReport;
 use grainfs::track::ChangeMap;
 
 const KIB: u64 = 1024;
@@ -412,20 +411,6 @@ fn list(mnt: &Path) -> BTreeSet<String> {
             s["name"].as_str().expect("name").to_string()
         })
         .collect()
-}
-
-fn status(mnt: &Path) -> StatusReport {
-    let out = Command::new(common::grainfs_bin())
-        .args(["status", "--json"])
-        .arg(mnt)
-        .output()
-        .expect("run grainfs status");
-    assert!(
-        out.status.success(),
-        "status --json failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json is a StatusReport")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -861,7 +846,7 @@ fn a_block_captured_by_a_snapshot_then_lost_at_a_cut_is_not_tracked_clean() {
     let s1 = read_stamps(0, &mnt.join(".snapshots/s1/v0.img"), MIB).unwrap();
     assert_eq!(s1[20], 2, "s1 lacks the write that returned before it");
     eprintln!("block 20 after the cut: write {}", live[20]);
-    let st = status(&mnt);
+    let st = common::status_json(&mnt);
     let map = st
         .volumes
         .iter()
@@ -1185,7 +1170,7 @@ fn one_cut(
 
     // Tracking: nothing that differs from the newest snapshot may be called clean.
     if let Some((newest, (_, stamps))) = known.iter().max_by_key(|(_, (o, _))| *o) {
-        let st = status(mnt);
+        let st = common::status_json(mnt);
         assert!(st.live, "{ctx}: status did not come from the daemon");
         for (i, v) in vols.iter().enumerate() {
             let map = st

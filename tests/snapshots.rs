@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Mount, Noise, Rng};
+use common::{open_rw, Mount, Noise, Rng};
 use grainfs::snapshot::CreateReport;
 
 const KIB: u64 = 1024;
@@ -203,16 +203,6 @@ fn hash_file(path: &Path) -> String {
     let mut h = blake3::Hasher::new();
     std::io::copy(&mut f, &mut h).unwrap_or_else(|e| panic!("read {path:?}: {e}"));
     h.finalize().to_hex().to_string()
-}
-
-fn open_rw(p: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)
-        .unwrap_or_else(|e| panic!("open {p:?}: {e}"))
 }
 
 fn mode(p: &Path) -> u32 {

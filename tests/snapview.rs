@@ -10,14 +10,13 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
+use common::posix::{cpath, cvt};
 use common::{Mount, Noise};
 use grainfs::ids::{Geometry, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
@@ -144,18 +143,6 @@ fn errno<T: std::fmt::Debug>(what: &str, r: io::Result<T>) -> i32 {
         Err(e) => e
             .raw_os_error()
             .unwrap_or_else(|| panic!("{what}: error without errno: {e}")),
-    }
-}
-
-fn cstr(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path")
-}
-
-fn libc_result(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
     }
 }
 
@@ -420,17 +407,16 @@ fn every_change_inside_the_view_is_erofs() {
         ("write (O_TRUNC)", fs::write(&file, b"x")),
         (
             "open O_RDONLY|O_TRUNC",
-            libc_result(unsafe {
-                libc::open(cstr(&file).as_ptr(), libc::O_RDONLY | libc::O_TRUNC)
-            })
-            .map(|fd| unsafe {
-                libc::close(fd);
-            }),
+            cvt(unsafe { libc::open(cpath(&file).as_ptr(), libc::O_RDONLY | libc::O_TRUNC) }).map(
+                |fd| unsafe {
+                    libc::close(fd);
+                },
+            ),
         ),
         ("create", File::create(s1.join("vms/new")).map(drop)),
         ("mkdir", fs::create_dir(s1.join("newdir"))),
         ("mknod fifo", {
-            libc_result(unsafe { libc::mkfifo(cstr(&s1.join("fifo")).as_ptr(), 0o644) }).map(drop)
+            cvt(unsafe { libc::mkfifo(cpath(&s1.join("fifo")).as_ptr(), 0o644) }).map(drop)
         }),
         (
             "symlink",
@@ -451,17 +437,17 @@ fn every_change_inside_the_view_is_erofs() {
         ("chown", std::os::unix::fs::chown(&file, Some(1), Some(1))),
         (
             "truncate",
-            libc_result(unsafe { libc::truncate(cstr(&file).as_ptr(), 0) }).map(drop),
+            cvt(unsafe { libc::truncate(cpath(&file).as_ptr(), 0) }).map(drop),
         ),
         (
             "utimes",
-            libc_result(unsafe { libc::utimes(cstr(&file).as_ptr(), std::ptr::null()) }).map(drop),
+            cvt(unsafe { libc::utimes(cpath(&file).as_ptr(), std::ptr::null()) }).map(drop),
         ),
         (
             "setxattr",
-            libc_result(unsafe {
+            cvt(unsafe {
                 libc::setxattr(
-                    cstr(&file).as_ptr(),
+                    cpath(&file).as_ptr(),
                     c"user.x".as_ptr(),
                     b"1".as_ptr().cast(),
                     1,
@@ -472,8 +458,7 @@ fn every_change_inside_the_view_is_erofs() {
         ),
         (
             "removexattr",
-            libc_result(unsafe { libc::removexattr(cstr(&file).as_ptr(), c"user.x".as_ptr()) })
-                .map(drop),
+            cvt(unsafe { libc::removexattr(cpath(&file).as_ptr(), c"user.x".as_ptr()) }).map(drop),
         ),
         ("mkdir in .snapshots", fs::create_dir(snaps.join("s2"))),
         ("rmdir a snapshot", fs::remove_dir(&s1)),
@@ -499,7 +484,7 @@ fn every_change_inside_the_view_is_erofs() {
     let mut buf = [0u8; 64];
     let n = unsafe {
         libc::getxattr(
-            cstr(&file).as_ptr(),
+            cpath(&file).as_ptr(),
             c"user.x".as_ptr(),
             buf.as_mut_ptr().cast(),
             buf.len(),
@@ -511,7 +496,7 @@ fn every_change_inside_the_view_is_erofs() {
         Some(libc::ENODATA)
     );
     assert_eq!(
-        unsafe { libc::listxattr(cstr(&file).as_ptr(), std::ptr::null_mut(), 0) },
+        unsafe { libc::listxattr(cpath(&file).as_ptr(), std::ptr::null_mut(), 0) },
         0
     );
     m.unmount();

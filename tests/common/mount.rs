@@ -196,6 +196,32 @@ pub fn blake3_file(path: &Path) -> String {
     blake3::hash(&data).to_hex().to_string()
 }
 
+/// Open `p` read-write, creating it if missing, never truncating.
+pub fn open_rw(p: &Path) -> File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {p:?}: {e}"))
+}
+
+/// `grainfs status --json` of the mount at `mnt`, which must succeed, parsed.
+pub fn status_json(mnt: &Path) -> grainfs::control::StatusReport {
+    let out = Command::new(grainfs_bin())
+        .args(["status", "--json"])
+        .arg(mnt)
+        .output()
+        .expect("run grainfs status");
+    assert!(
+        out.status.success(),
+        "grainfs status --json failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is a StatusReport")
+}
+
 /// Skip (return true) when an external program is missing, saying so on stderr.
 pub fn missing(program: &str) -> bool {
     let found = Command::new("sh")
