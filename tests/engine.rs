@@ -5,21 +5,22 @@
 //! writer (the snapshot is a prefix of the write sequence), rescans after a deleted snapshot or
 //! a change behind the overlay's back, the chain bound, dry runs, names and groups.
 
+mod common;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::ops::Deref;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Noise, Overlay, ROOT};
 use grainfs::config::{GroupConfig, KeepConfig, PolicyConfig};
 use grainfs::fs::inode::ROOT_INO;
-use grainfs::fs::{Caller, OverlayFs, OverlayOptions, SetAttr};
+use grainfs::fs::SetAttr;
 use grainfs::ids::{Geometry, VolumeId};
 use grainfs::snapshot::{CreateReport, CreateRequest, Engine, EngineOptions, SnapshotError};
 use grainfs::store::Store;
-use grainfs::track::Tracker;
 use proptest::prelude::*;
 
 const BS: u64 = 4096;
@@ -28,12 +29,6 @@ const G: Geometry = Geometry {
     block_size: BS,
     partition_size: PS,
 };
-const ROOT: Caller = Caller {
-    uid: 0,
-    gid: 0,
-    pid: 0,
-};
-
 fn policy() -> PolicyConfig {
     PolicyConfig {
         // High enough that the rate rule never fires in these short tests.
@@ -43,14 +38,18 @@ fn policy() -> PolicyConfig {
     }
 }
 
-/// A backing dir with its store inside, the overlay, the tracker and the engine.
+/// The FUSE-free overlay with its tracker (the common fixture), and the engine on it.
 struct Fx {
-    _tmp: tempfile::TempDir,
-    backing: PathBuf,
-    store: PathBuf,
-    fs: Arc<OverlayFs>,
-    tracker: Arc<Tracker>,
+    overlay: Overlay,
     engine: Engine,
+}
+
+impl Deref for Fx {
+    type Target = Overlay;
+
+    fn deref(&self) -> &Overlay {
+        &self.overlay
+    }
 }
 
 impl Fx {
@@ -65,29 +64,11 @@ impl Fx {
     /// `defer_writes`: writers park writes to blocks not yet captured (the daemon's way)
     /// instead of copying the blocks first.
     fn build(policy: PolicyConfig, groups: Vec<GroupConfig>, defer_writes: bool) -> Fx {
-        let tmp = tempfile::Builder::new()
-            .prefix("grainfs-engine-")
-            .tempdir()
-            .unwrap();
-        let backing = tmp.path().canonicalize().unwrap().join("backing");
-        std::fs::create_dir(&backing).unwrap();
-        let store = backing.join(".grainfs");
-        let (t, _) = Tracker::open(&backing, &store, G, Duration::from_secs(3600)).unwrap();
-        let tracker = Arc::new(t);
-        let fs = Arc::new(
-            OverlayFs::new(
-                &backing,
-                OverlayOptions {
-                    store: Some(store.clone()),
-                    tracker: Some(tracker.clone()),
-                },
-            )
-            .unwrap(),
-        );
+        let overlay = Overlay::tracked(G, Duration::from_secs(3600), |_| {});
         let engine = Engine::new(EngineOptions {
-            backing: backing.clone(),
-            store_dir: store.clone(),
-            tracker: tracker.clone(),
+            backing: overlay.backing.clone(),
+            store_dir: overlay.store.clone(),
+            tracker: overlay.tracker().clone(),
             policy,
             groups,
             workers: 2,
@@ -95,14 +76,7 @@ impl Fx {
             defer_writes,
         })
         .unwrap();
-        Fx {
-            _tmp: tmp,
-            backing,
-            store,
-            fs,
-            tracker,
-            engine,
-        }
+        Fx { overlay, engine }
     }
 
     /// Read `buf.len()` bytes from the start of open file `fh` through the overlay.
@@ -200,27 +174,15 @@ impl Fx {
     }
 }
 
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn first_snapshot_is_full_and_the_next_stores_only_changed_blocks() {
     let fx = Fx::new();
     let a = fx.create("a.img");
     fx.fs
-        .write(a, 0, &random_bytes(1, 40 * BS as usize))
+        .write(a, 0, &Noise::new(1).bytes(40 * BS as usize))
         .unwrap();
     // A hole in the middle costs nothing.
-    fx.fs.write(a, 100 * BS, &random_bytes(2, 3)).unwrap();
+    fx.fs.write(a, 100 * BS, &Noise::new(2).bytes(3)).unwrap();
     let r1 = fx.snapshot("s1");
     assert_eq!(r1.volumes.len(), 1);
     assert_eq!(r1.volumes[0].kind, "FULL");
@@ -228,9 +190,11 @@ fn first_snapshot_is_full_and_the_next_stores_only_changed_blocks() {
     let id = fx.id("a.img");
     assert_eq!(fx.snap_hash("s1", id), fx.live_hash("a.img"));
 
-    fx.fs.write(a, 5 * BS + 10, &random_bytes(3, 100)).unwrap();
     fx.fs
-        .write(a, 33 * BS, &random_bytes(4, BS as usize))
+        .write(a, 5 * BS + 10, &Noise::new(3).bytes(100))
+        .unwrap();
+    fx.fs
+        .write(a, 33 * BS, &Noise::new(4).bytes(BS as usize))
         .unwrap();
     let r2 = fx.snapshot("s2");
     assert_eq!(r2.parent.as_deref(), Some("s1"));
@@ -248,14 +212,14 @@ fn the_manifest_records_each_partitions_kind_and_reason_and_hybrid_volumes() {
     let fx = Fx::new();
     let a = fx.create("a.img");
     fx.fs
-        .write(a, 0, &random_bytes(1, 4 * PS as usize))
+        .write(a, 0, &Noise::new(1).bytes(4 * PS as usize))
         .unwrap();
     fx.snapshot("s1");
     // Partition 0: most blocks changed (FULL by dirty fraction); partition 2: one block.
     fx.fs
-        .write(a, 0, &random_bytes(2, 12 * BS as usize))
+        .write(a, 0, &Noise::new(2).bytes(12 * BS as usize))
         .unwrap();
-    fx.fs.write(a, 2 * PS, &random_bytes(3, 10)).unwrap();
+    fx.fs.write(a, 2 * PS, &Noise::new(3).bytes(10)).unwrap();
     let r = fx.snapshot("s2");
     let v = &r.volumes[0];
     assert_eq!(v.kind, "HYBRID");
@@ -274,7 +238,7 @@ fn a_dry_run_plans_and_takes_nothing() {
     let fx = Fx::new();
     let a = fx.create("a.img");
     fx.fs
-        .write(a, 0, &random_bytes(1, 3 * BS as usize))
+        .write(a, 0, &Noise::new(1).bytes(3 * BS as usize))
         .unwrap();
     let r = fx
         .engine
@@ -288,7 +252,7 @@ fn a_dry_run_plans_and_takes_nothing() {
     assert!(fx.store().names().unwrap().is_empty());
     // The dirty bits are still there for the real snapshot.
     fx.snapshot("s1");
-    fx.fs.write(a, 0, &random_bytes(2, 1)).unwrap();
+    fx.fs.write(a, 0, &Noise::new(2).bytes(1)).unwrap();
     let r = fx
         .engine
         .create(&CreateRequest {
@@ -368,14 +332,14 @@ fn deleting_the_newest_snapshot_makes_the_next_one_rescan_against_its_parent() {
     let fx = Fx::new();
     let a = fx.create("a.img");
     fx.fs
-        .write(a, 0, &random_bytes(1, 32 * BS as usize))
+        .write(a, 0, &Noise::new(1).bytes(32 * BS as usize))
         .unwrap();
     fx.snapshot("s1");
-    fx.fs.write(a, 3 * BS, &random_bytes(2, 10)).unwrap();
+    fx.fs.write(a, 3 * BS, &Noise::new(2).bytes(10)).unwrap();
     fx.snapshot("s2");
     fx.engine.delete("s2").unwrap();
     // The change that only s2 held must reach s3, though the live dirty map lost it.
-    fx.fs.write(a, 20 * BS, &random_bytes(3, 10)).unwrap();
+    fx.fs.write(a, 20 * BS, &Noise::new(3).bytes(10)).unwrap();
     let r = fx.snapshot("s3");
     assert_eq!(r.parent.as_deref(), Some("s1"));
     assert!(r.volumes[0].partitions.iter().all(|p| p.rescan), "{r:?}");
@@ -396,7 +360,7 @@ fn a_change_behind_the_overlays_back_is_found_by_rescan() {
     let fx = Fx::new();
     let a = fx.create("a.img");
     fx.fs
-        .write(a, 0, &random_bytes(1, 32 * BS as usize))
+        .write(a, 0, &Noise::new(1).bytes(32 * BS as usize))
         .unwrap();
     fx.snapshot("s1");
     // Someone writes the backing file directly.
@@ -413,7 +377,7 @@ fn a_change_behind_the_overlays_back_after_one_through_it_is_found_too() {
     let fx = Fx::new();
     let a = fx.create("a.img");
     fx.fs
-        .write(a, 0, &random_bytes(1, 32 * BS as usize))
+        .write(a, 0, &Noise::new(1).bytes(32 * BS as usize))
         .unwrap();
     fx.snapshot("s1");
     fx.fs.write(a, 2 * BS, b"through the mount").unwrap();
@@ -431,10 +395,10 @@ fn the_chain_is_bounded_by_max_chain() {
     let fx = Fx::new();
     let a = fx.create("a.img");
     fx.fs
-        .write(a, 0, &random_bytes(1, 16 * BS as usize))
+        .write(a, 0, &Noise::new(1).bytes(16 * BS as usize))
         .unwrap();
     for i in 1..=6 {
-        fx.fs.write(a, i * BS, &random_bytes(i, 1)).unwrap();
+        fx.fs.write(a, i * BS, &Noise::new(i).bytes(1)).unwrap();
         fx.snapshot(&format!("s{i}"));
     }
     let depths: Vec<u32> = (1..=6)
@@ -456,10 +420,10 @@ fn shrink_grow_and_unlink_between_snapshots() {
     let a = fx.create("a.img");
     let b = fx.create("b.img");
     fx.fs
-        .write(a, 0, &random_bytes(1, 40 * BS as usize))
+        .write(a, 0, &Noise::new(1).bytes(40 * BS as usize))
         .unwrap();
     fx.fs
-        .write(b, 0, &random_bytes(2, 5 * BS as usize))
+        .write(b, 0, &Noise::new(2).bytes(5 * BS as usize))
         .unwrap();
     fx.snapshot("s1");
     fx.truncate("a.img", 3 * BS + 7);
@@ -494,7 +458,7 @@ fn prefix_under_a_concurrent_writer(defer: bool) {
     let fx = Fx::build(policy(), Vec::new(), defer);
     let a = fx.create("a.img");
     let blocks = 4096u64; // 16 MiB of 4 KiB blocks
-    let original = random_bytes(7, (blocks * BS) as usize);
+    let original = Noise::new(7).bytes((blocks * BS) as usize);
     fx.fs.write(a, 0, &original).unwrap();
     let mut by_writers = 0;
     for attempt in 0..5 {
@@ -593,7 +557,7 @@ fn two_volumes_are_consistent_at_one_instant() {
     fx.fs.write(b, 0, &0u64.to_le_bytes()).unwrap();
     // Make the capture long enough to overlap the writer.
     fx.fs
-        .write(a, BS, &random_bytes(1, 256 * BS as usize))
+        .write(a, BS, &Noise::new(1).bytes(256 * BS as usize))
         .unwrap();
     let stop = AtomicBool::new(false);
     let (ida, idb) = (fx.id("a.img"), fx.id("b.img"));
@@ -685,23 +649,23 @@ proptest! {
         for op in ops {
             match op {
                 Op::Write { vol, off, len, seed } => {
-                    fx.fs.write(fh[vol], off, &random_bytes(seed, len)).unwrap();
+                    fx.fs.write(fh[vol], off, &Noise::new(seed).bytes(len)).unwrap();
                 }
                 Op::Truncate { vol, size } => fx.truncate(names[vol], size),
                 Op::Recreate { vol } => {
                     fx.fs.release(fh[vol]).unwrap();
                     fx.fs.unlink(ROOT_INO, OsStr::new(names[vol])).unwrap();
                     fh[vol] = fx.create(names[vol]);
-                    fx.fs.write(fh[vol], 0, &random_bytes(n as u64, 5000)).unwrap();
+                    fx.fs.write(fh[vol], 0, &Noise::new(n as u64).bytes(5000)).unwrap();
                 }
                 Op::Behind { vol, off } => {
                     // An outside change is found by the stamp check (inode, size, mtime, ctime)
                     // unless the overlay writes the file both before and after it within one
                     // tracking interval (README, known limits): the interval ends first, as
                     // the daemon's tick would end it. The clock must move for the ctime rule.
-                    fx.tracker.tick().unwrap();
+                    fx.tracker().tick().unwrap();
                     std::thread::sleep(Duration::from_millis(25));
-                    fx.write_behind(names[vol], off, &random_bytes(off, 100));
+                    fx.write_behind(names[vol], off, &Noise::new(off).bytes(100));
                 }
                 Op::Snapshot => {
                     n += 1;
@@ -732,7 +696,7 @@ fn an_error_in_the_store_aborts_the_snapshot_and_gives_the_changes_back() {
     let fx = Fx::new();
     let a = fx.create("a.img");
     fx.fs
-        .write(a, 0, &random_bytes(1, 8 * BS as usize))
+        .write(a, 0, &Noise::new(1).bytes(8 * BS as usize))
         .unwrap();
     fx.snapshot("s1");
     fx.fs.write(a, 2 * BS, b"x").unwrap();
@@ -762,7 +726,7 @@ fn reads_and_changes_during_captures_see_every_parked_write() {
     let fx = Fx::new();
     let a = fx.create("a.img");
     let size0 = 2048 * BS;
-    let mut model = random_bytes(11, size0 as usize);
+    let mut model = Noise::new(11).bytes(size0 as usize);
     fx.fs.write(a, 0, &model).unwrap();
     let stop = AtomicBool::new(false);
     let deferred = std::thread::scope(|s| {
@@ -788,7 +752,7 @@ fn reads_and_changes_during_captures_see_every_parked_write() {
                 0..=59 => {
                     let len = 1 + next(3 * BS);
                     let off = next(size.saturating_sub(len) + 1);
-                    let data = random_bytes(step, len as usize);
+                    let data = Noise::new(step).bytes(len as usize);
                     fx.fs.write(a, off, &data).unwrap();
                     model[off as usize..(off + len) as usize].copy_from_slice(&data);
                 }

@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::Mount;
+use common::{Mount, Noise};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -243,19 +243,6 @@ fn sequence_strategy() -> impl Strategy<Value = Vec<Op>> {
         })
 }
 
-/// Bytes to write, a cheap deterministic function of the seed (xorshift).
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s as u8
-        })
-        .collect()
-}
-
 fn cpath(root: &Path, rel: &str) -> CString {
     CString::new(root.join(rel).as_os_str().as_bytes()).expect("path without NUL")
 }
@@ -332,7 +319,7 @@ fn apply(root: &Path, op: &Op) -> Outcome {
             let p = cpath(root, path);
             let fd = unsafe { libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
             check(fd)?;
-            let r = pwrite_all(fd, &data(*seed, *len), *offset);
+            let r = pwrite_all(fd, &Noise::new(*seed).bytes(*len), *offset);
             let c = close(fd);
             r?;
             c?;
@@ -400,7 +387,7 @@ fn apply(root: &Path, op: &Op) -> Outcome {
                     check(unsafe { libc::rename(a.as_ptr(), b.as_ptr()) })
                 }
             };
-            let written = pwrite_all(fd, &data(*seed, *len), *offset);
+            let written = pwrite_all(fd, &Noise::new(*seed).bytes(*len), *offset);
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
             let stat = check(unsafe { libc::fstat(fd, &mut st) });
             let closed = close(fd);

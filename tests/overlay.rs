@@ -2,57 +2,32 @@
 //! round trips, directory listings, the hidden store, name checks, setattr, unlinked files,
 //! rename flags, stale handles, sparse files, and the read-only snapshot view.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::{Overlay, ROOT, STORE};
 use grainfs::fs::inode::{ROOT_INO, SNAPVIEW};
 use grainfs::fs::snapview::SNAPDIR_INO;
 use grainfs::fs::{
-    Attr, Caller, DirEntry, Entry, FileKind, FsError, OverlayFs, OverlayOptions, SetAttr, SetTime,
-    Validity, Xattr,
+    Attr, Caller, DirEntry, Entry, FileKind, FsError, SetAttr, SetTime, Validity, Xattr,
 };
 use grainfs::ids::{Geometry, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
 
-const ROOT: Caller = Caller {
-    uid: 0,
-    gid: 0,
-    pid: 0,
-};
-const STORE: &str = ".grainfs";
-
-/// A backing dir in a fresh temp dir, with its store, and the overlay on it.
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    backing: PathBuf,
-    fs: OverlayFs,
-}
+/// The overlay without a tracker, on a backing dir whose store already holds a file (`secret`)
+/// that must stay out of sight.
+type Fixture = Overlay;
 
 fn fixture_with(setup: impl FnOnce(&Path)) -> Fixture {
-    let tmp = tempfile::Builder::new()
-        .prefix("grainfs-overlay-")
-        .tempdir()
-        .expect("tempdir");
-    let backing = tmp.path().canonicalize().unwrap().join("backing");
-    std::fs::create_dir(&backing).unwrap();
-    std::fs::create_dir(backing.join(STORE)).unwrap();
-    std::fs::write(backing.join(STORE).join("secret"), b"store data").unwrap();
-    setup(&backing);
-    let fs = OverlayFs::new(
-        &backing,
-        OverlayOptions {
-            store: Some(backing.join(STORE)),
-            tracker: None,
-        },
-    )
-    .expect("OverlayFs::new");
-    Fixture {
-        _tmp: tmp,
-        backing,
-        fs,
-    }
+    Overlay::untracked(|backing| {
+        std::fs::create_dir(backing.join(STORE)).unwrap();
+        std::fs::write(backing.join(STORE).join("secret"), b"store data").unwrap();
+        setup(backing);
+    })
 }
 
 fn fixture() -> Fixture {
@@ -897,7 +872,7 @@ const SNAP_CONTENT: &[u8] = b"snapshot content";
 /// A fixture whose store holds snapshot `s1` (`vms/a.img`, mode 0640, and the symlink
 /// `vms/cur`), with the snapshot view on.
 fn snap_fixture(visible: bool) -> Fixture {
-    let Fixture { _tmp, backing, fs } = fixture_with(|b| {
+    fixture_with(|b| {
         std::fs::write(b.join("live.txt"), b"live").unwrap();
         let store = Store::open(&b.join(STORE)).unwrap();
         let geometry = Geometry {
@@ -928,11 +903,8 @@ fn snap_fixture(visible: bool) -> Fixture {
             target: Some("a.img".into()),
         });
         w.commit().unwrap();
-    });
-    let fs = fs
-        .with_snapshots(&backing.join(STORE), visible)
-        .expect("with_snapshots");
-    Fixture { _tmp, backing, fs }
+    })
+    .with_snapshots(visible)
 }
 
 #[test]

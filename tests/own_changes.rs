@@ -14,8 +14,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::process::Command;
 use std::time::Duration;
 
+use common::posix::{cvt, fallocate};
 use common::Mount;
-use grainfs::control::StatusReport;
 use grainfs::snapshot::CreateReport;
 
 const KIB: u64 = 1024;
@@ -39,35 +39,6 @@ const FALLOC_FL_COLLAPSE_RANGE: i32 = 0x08;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 const FALLOC_FL_INSERT_RANGE: i32 = 0x20;
 
-fn check(r: libc::c_int) -> io::Result<()> {
-    if r == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn fallocate(f: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: a plain syscall on an fd we own.
-    check(unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) })
-}
-
-/// `grainfs status --json` of the mount, parsed.
-fn status(m: &Mount) -> StatusReport {
-    let out = Command::new(common::grainfs_bin())
-        .arg("status")
-        .arg("--json")
-        .arg(m.path())
-        .output()
-        .expect("run grainfs status");
-    assert!(
-        out.status.success(),
-        "grainfs status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json is a StatusReport")
-}
-
 /// `grainfs snapshot create --json` (group `all`), which must succeed.
 fn snapshot(m: &Mount) -> CreateReport {
     let out = Command::new(common::grainfs_bin())
@@ -89,7 +60,7 @@ fn snapshot(m: &Mount) -> CreateReport {
 fn assert_own(m: &Mount, what: &str) {
     // Two ticks of 1 s, and a margin for a busy machine.
     std::thread::sleep(Duration::from_millis(2300));
-    let r = status(m);
+    let r = common::status_json(m.path());
     let v = r
         .volumes
         .iter()
@@ -285,18 +256,18 @@ fn setattr_and_xattrs_through_the_mount_are_the_overlays_own() {
                 "setxattr".into(),
                 Box::new(|| {
                     // SAFETY: valid fd, NUL-terminated name, a value of the given length.
-                    check(unsafe {
+                    cvt(unsafe {
                         libc::fsetxattr(a.as_raw_fd(), name.as_ptr(), b"v".as_ptr().cast(), 1, 0)
                     })
-                    .expect("fsetxattr")
+                    .expect("fsetxattr");
                 }),
             ),
             (
                 "removexattr".into(),
                 Box::new(|| {
                     // SAFETY: as above.
-                    check(unsafe { libc::fremovexattr(a.as_raw_fd(), name.as_ptr()) })
-                        .expect("fremovexattr")
+                    cvt(unsafe { libc::fremovexattr(a.as_raw_fd(), name.as_ptr()) })
+                        .expect("fremovexattr");
                 }),
             ),
         ],
@@ -383,7 +354,7 @@ fn an_o_direct_write_that_runs_out_of_space_part_way_fails_with_enospc_not_eio()
                     c"size=8m".as_ptr().cast(),
                 )
             };
-            check(r).expect("mount a tmpfs on the backing dir");
+            cvt(r).expect("mount a tmpfs on the backing dir");
             tmpfs = Some(Tmpfs(b.to_path_buf()));
         },
         Some(CONFIG),
@@ -433,7 +404,7 @@ fn nix_statvfs(p: &std::path::Path) -> (u64, u64) {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: statvfs into a buffer we own.
-    check(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) }).expect("statvfs");
+    cvt(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) }).expect("statvfs");
     // SAFETY: initialised by the successful call.
     let st = unsafe { st.assume_init() };
     (st.f_bavail, st.f_frsize)

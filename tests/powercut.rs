@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grainfs::control::StatusReport;
+use common::Rng;
 use grainfs::track::ChangeMap;
 
 const KIB: u64 = 1024;
@@ -65,27 +65,6 @@ const MAGIC: &[u8; 8] = b"GRAINPC1";
 // ---------------------------------------------------------------------------------------------
 // Stamped content
 
-/// xorshift64*: deterministic decisions from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-}
-
 /// The 4 KiB block that write `seq` of volume `vol` puts at block index `blk`.
 fn block_bytes(vol: usize, seq: u64, blk: u64, out: &mut [u8]) {
     out[..8].copy_from_slice(MAGIC);
@@ -94,7 +73,7 @@ fn block_bytes(vol: usize, seq: u64, blk: u64, out: &mut [u8]) {
     out[24..32].copy_from_slice(&blk.to_le_bytes());
     let mut r = Rng::new((vol as u64) << 56 ^ seq << 20 ^ blk ^ 0x5eed);
     for chunk in out[32..].chunks_mut(8) {
-        let v = r.next().to_le_bytes();
+        let v = r.next_u64().to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
 }
@@ -432,20 +411,6 @@ fn list(mnt: &Path) -> BTreeSet<String> {
             s["name"].as_str().expect("name").to_string()
         })
         .collect()
-}
-
-fn status(mnt: &Path) -> StatusReport {
-    let out = Command::new(common::grainfs_bin())
-        .args(["status", "--json"])
-        .arg(mnt)
-        .output()
-        .expect("run grainfs status");
-    assert!(
-        out.status.success(),
-        "status --json failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json is a StatusReport")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -881,7 +846,7 @@ fn a_block_captured_by_a_snapshot_then_lost_at_a_cut_is_not_tracked_clean() {
     let s1 = read_stamps(0, &mnt.join(".snapshots/s1/v0.img"), MIB).unwrap();
     assert_eq!(s1[20], 2, "s1 lacks the write that returned before it");
     eprintln!("block 20 after the cut: write {}", live[20]);
-    let st = status(&mnt);
+    let st = common::status_json(&mnt);
     let map = st
         .volumes
         .iter()
@@ -1055,7 +1020,7 @@ fn one_cut(
             .collect(),
     };
     let modes: Vec<bool> = (0..vols.len()).map(|_| rng.below(2) == 0).collect();
-    let seeds: Vec<u64> = (0..=vols.len()).map(|_| rng.next()).collect();
+    let seeds: Vec<u64> = (0..=vols.len()).map(|_| rng.next_u64()).collect();
     // Some writers go quiet part way, so that ticks (every second) make their partitions
     // known again before the cut.
     let quiet: Vec<Option<Duration>> = (0..vols.len())
@@ -1205,7 +1170,7 @@ fn one_cut(
 
     // Tracking: nothing that differs from the newest snapshot may be called clean.
     if let Some((newest, (_, stamps))) = known.iter().max_by_key(|(_, (o, _))| *o) {
-        let st = status(mnt);
+        let st = common::status_json(mnt);
         assert!(st.live, "{ctx}: status did not come from the daemon");
         for (i, v) in vols.iter().enumerate() {
             let map = st

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::Mount;
+use common::{Mount, Noise};
 use grainfs::control::StatusReport;
 
 const KIB: u64 = 1024;
@@ -22,20 +22,10 @@ const MIB: u64 = 1024 * KIB;
 const SIZE: u64 = 256 * MIB;
 const SLOT: u64 = 4 * KIB;
 
-/// Deterministic bytes (blake3 in XOF mode).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
 fn write_big(path: &Path) {
     let f = File::create(path).unwrap();
     for i in 0..SIZE / MIB {
-        f.write_all_at(&noise(1000 + i, MIB as usize), i * MIB)
+        f.write_all_at(&Noise::new(1000 + i).bytes(MIB as usize), i * MIB)
             .unwrap();
     }
     f.sync_all().unwrap();
@@ -84,7 +74,7 @@ fn park_and_kill(m: &mut Mount, seed: u64) -> Vec<(u64, Vec<u8>)> {
             while !stop.load(Ordering::Relaxed) {
                 // Distinct slots in the second half, which the capture reaches last.
                 let off = SIZE / 2 + (i * 7919 % (SIZE / 2 / SLOT)) * SLOT;
-                let data = noise(seed * 1_000_000 + i, SLOT as usize);
+                let data = Noise::new(seed * 1_000_000 + i).bytes(SLOT as usize);
                 i += 1;
                 if f.write_all_at(&data, off).is_err() {
                     return;
@@ -238,7 +228,7 @@ fn bytes_written_behind_the_overlays_back_win_over_parked_ones() {
     {
         let f = OpenOptions::new().write(true).open(&backing).unwrap();
         for (i, (off, _)) in returned.iter().enumerate() {
-            f.write_all_at(&noise(900_000 + i as u64, SLOT as usize), *off)
+            f.write_all_at(&Noise::new(900_000 + i as u64).bytes(SLOT as usize), *off)
                 .unwrap();
         }
     }
@@ -246,7 +236,7 @@ fn bytes_written_behind_the_overlays_back_win_over_parked_ones() {
     let live = std::fs::read(&backing).unwrap();
     for (i, (off, _)) in returned.iter().enumerate() {
         assert!(
-            slot_of(&live, *off) == &noise(900_000 + i as u64, SLOT as usize)[..],
+            slot_of(&live, *off) == &Noise::new(900_000 + i as u64).bytes(SLOT as usize)[..],
             "an older parked write at {off} was replayed over newer bytes"
         );
     }
@@ -309,7 +299,7 @@ fn a_new_file_reusing_the_volumes_inode_number_is_never_written() {
     std::fs::remove_file(&backing).unwrap();
     // Make files until one reuses the inode number (ext4 and XFS hand a freed one out again
     // soon); the others go again.
-    let content = noise(77, 1024 * 1024);
+    let content = Noise::new(77).bytes(1024 * 1024);
     let mut reused = None;
     for i in 0..2000 {
         let p = m.backing().join(format!("new-{i}.img"));

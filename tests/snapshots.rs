@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Mount;
+use common::{open_rw, Mount, Noise, Rng};
 use grainfs::snapshot::CreateReport;
 
 const KIB: u64 = 1024;
@@ -156,40 +156,6 @@ fn hash(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
 
-/// Deterministic pseudo-random bytes (blake3 in XOF mode): fast even in a debug build.
-struct Noise(blake3::OutputReader);
-
-impl Noise {
-    fn new(seed: u64) -> Noise {
-        let mut h = blake3::Hasher::new();
-        h.update(b"grainfs snapshot tests");
-        h.update(&seed.to_le_bytes());
-        Noise(h.finalize_xof())
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.0.fill(&mut v);
-        v
-    }
-}
-
-/// xorshift64*: the decisions of the random sequences (the data comes from `Noise`).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// Write `size` pseudo-random bytes to `path` in 4 MiB pieces; returns the blake3 of the whole
 /// file and of each `block` bytes of it.
 fn write_random_file(path: &Path, size: u64, seed: u64, block: u64) -> (String, Vec<String>) {
@@ -237,16 +203,6 @@ fn hash_file(path: &Path) -> String {
     let mut h = blake3::Hasher::new();
     std::io::copy(&mut f, &mut h).unwrap_or_else(|e| panic!("read {path:?}: {e}"));
     h.finalize().to_hex().to_string()
-}
-
-fn open_rw(p: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)
-        .unwrap_or_else(|e| panic!("open {p:?}: {e}"))
 }
 
 fn mode(p: &Path) -> u32 {
@@ -322,7 +278,7 @@ fn oracle_run(seed: u64, steps: usize) -> BTreeMap<String, usize> {
     let cli = Cli::new(&m);
     let dir = m.path().join("vols");
     std::fs::create_dir(&dir).unwrap();
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::new(seed);
     let mut noise = Noise::new(seed);
     let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for name in &POOL[..3] {

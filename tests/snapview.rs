@@ -10,15 +10,14 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use common::Mount;
+use common::posix::{cpath, cvt};
+use common::{Mount, Noise};
 use grainfs::ids::{Geometry, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
 
@@ -56,19 +55,9 @@ fn vol(path: &'static str, id: u64, content: Vec<u8>) -> Vol {
     }
 }
 
-/// `len` bytes of pseudo-random data from `seed`.
-fn noise(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(seed.as_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
 /// Data block, hole block, data block, then a partial last block (3.5 blocks).
 fn holey(seed: &str) -> Vec<u8> {
-    let mut c = noise(seed, (3 * BS + BS / 2) as usize);
+    let mut c = Noise::named(seed).bytes((3 * BS + BS / 2) as usize);
     c[BS as usize..2 * BS as usize].fill(0);
     c
 }
@@ -157,18 +146,6 @@ fn errno<T: std::fmt::Debug>(what: &str, r: io::Result<T>) -> i32 {
     }
 }
 
-fn cstr(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path")
-}
-
-fn libc_result(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("read_dir {dir:?}: {e}"))
@@ -190,7 +167,11 @@ fn first_snapshot() -> (Vec<Vol>, Vec<NamespaceEntry>) {
     };
     let b = Vol {
         mode: 0o600,
-        ..vol("deep/er/b.raw", 11, noise("b", (2 * BS) as usize))
+        ..vol(
+            "deep/er/b.raw",
+            11,
+            Noise::named("b").bytes((2 * BS) as usize),
+        )
     };
     let empty = vol("empty", 12, Vec::new());
     let ns = vec![
@@ -291,7 +272,7 @@ fn an_incremental_chain_reads_its_parents_blocks_at_every_depth() {
         let mut c = chain[g - 1][0].content.clone();
         let b = (g * 3) % 4;
         let r = b * BS as usize..((b + 1) * BS as usize).min(c.len());
-        let fresh = noise(&format!("gen{g}"), r.len());
+        let fresh = Noise::named(format!("gen{g}")).bytes(r.len());
         c[r].copy_from_slice(&fresh);
         chain.push(vec![Vol {
             content: c,
@@ -426,17 +407,16 @@ fn every_change_inside_the_view_is_erofs() {
         ("write (O_TRUNC)", fs::write(&file, b"x")),
         (
             "open O_RDONLY|O_TRUNC",
-            libc_result(unsafe {
-                libc::open(cstr(&file).as_ptr(), libc::O_RDONLY | libc::O_TRUNC)
-            })
-            .map(|fd| unsafe {
-                libc::close(fd);
-            }),
+            cvt(unsafe { libc::open(cpath(&file).as_ptr(), libc::O_RDONLY | libc::O_TRUNC) }).map(
+                |fd| unsafe {
+                    libc::close(fd);
+                },
+            ),
         ),
         ("create", File::create(s1.join("vms/new")).map(drop)),
         ("mkdir", fs::create_dir(s1.join("newdir"))),
         ("mknod fifo", {
-            libc_result(unsafe { libc::mkfifo(cstr(&s1.join("fifo")).as_ptr(), 0o644) }).map(drop)
+            cvt(unsafe { libc::mkfifo(cpath(&s1.join("fifo")).as_ptr(), 0o644) }).map(drop)
         }),
         (
             "symlink",
@@ -457,17 +437,17 @@ fn every_change_inside_the_view_is_erofs() {
         ("chown", std::os::unix::fs::chown(&file, Some(1), Some(1))),
         (
             "truncate",
-            libc_result(unsafe { libc::truncate(cstr(&file).as_ptr(), 0) }).map(drop),
+            cvt(unsafe { libc::truncate(cpath(&file).as_ptr(), 0) }).map(drop),
         ),
         (
             "utimes",
-            libc_result(unsafe { libc::utimes(cstr(&file).as_ptr(), std::ptr::null()) }).map(drop),
+            cvt(unsafe { libc::utimes(cpath(&file).as_ptr(), std::ptr::null()) }).map(drop),
         ),
         (
             "setxattr",
-            libc_result(unsafe {
+            cvt(unsafe {
                 libc::setxattr(
-                    cstr(&file).as_ptr(),
+                    cpath(&file).as_ptr(),
                     c"user.x".as_ptr(),
                     b"1".as_ptr().cast(),
                     1,
@@ -478,8 +458,7 @@ fn every_change_inside_the_view_is_erofs() {
         ),
         (
             "removexattr",
-            libc_result(unsafe { libc::removexattr(cstr(&file).as_ptr(), c"user.x".as_ptr()) })
-                .map(drop),
+            cvt(unsafe { libc::removexattr(cpath(&file).as_ptr(), c"user.x".as_ptr()) }).map(drop),
         ),
         ("mkdir in .snapshots", fs::create_dir(snaps.join("s2"))),
         ("rmdir a snapshot", fs::remove_dir(&s1)),
@@ -505,7 +484,7 @@ fn every_change_inside_the_view_is_erofs() {
     let mut buf = [0u8; 64];
     let n = unsafe {
         libc::getxattr(
-            cstr(&file).as_ptr(),
+            cpath(&file).as_ptr(),
             c"user.x".as_ptr(),
             buf.as_mut_ptr().cast(),
             buf.len(),
@@ -517,7 +496,7 @@ fn every_change_inside_the_view_is_erofs() {
         Some(libc::ENODATA)
     );
     assert_eq!(
-        unsafe { libc::listxattr(cstr(&file).as_ptr(), std::ptr::null_mut(), 0) },
+        unsafe { libc::listxattr(cpath(&file).as_ptr(), std::ptr::null_mut(), 0) },
         0
     );
     m.unmount();
@@ -540,7 +519,7 @@ fn snapshots_committed_or_deleted_while_mounted_show_at_once() {
         fs::read(snaps.join("s1/vms/a.img")).expect("read new"),
         vols[0].content
     );
-    let v2 = vec![vol("only.img", 20, noise("two", 5000))];
+    let v2 = vec![vol("only.img", 20, Noise::named("two").bytes(5000))];
     commit(&store, "s2", None, &v2, &[]);
     assert_eq!(names(&snaps), ["s1", "s2"]);
 
@@ -566,7 +545,7 @@ fn snapshots_committed_or_deleted_while_mounted_show_at_once() {
     drop(open);
 
     // The name taken again by another snapshot: its content, under new inode numbers.
-    let v3 = vec![vol("only.img", 20, noise("three", 5000))];
+    let v3 = vec![vol("only.img", 20, Noise::named("three").bytes(5000))];
     commit(&store, "s2", None, &v3, &[]);
     let p = snaps.join("s2/only.img");
     assert_eq!(fs::read(&p).expect("read reused"), v3[0].content);
@@ -674,7 +653,7 @@ fn a_snapshot_taken_by_the_daemon_shows_the_tree_as_it_was() {
 /// read as stored, the daemon logs snapshot, volume and block, and `snapshot verify` names it.
 #[test]
 fn a_damaged_block_reads_as_eio_and_is_named_in_the_log() {
-    let content = noise("damaged", (12 * BS) as usize);
+    let content = Noise::named("damaged").bytes((12 * BS) as usize);
     let bad = 5u64;
     let m = Mount::with_setup(
         |backing| {

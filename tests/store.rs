@@ -1,9 +1,12 @@
 //! The snapshot store on a temp dir: an oracle (proptest) of random volumes and snapshot
 //! chains against an in-memory model, crash leftovers, damaged files, holes and read cost.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use common::Noise;
 use grainfs::ids::{Geometry, VolumeId};
 use grainfs::store::{
     format, PartitionKind, SnapshotWriter, Store, StoreError, VolumeKind, VolumeMeta,
@@ -57,18 +60,6 @@ fn read_all(store: &Store, snap: &str, id: VolumeId) -> Vec<u8> {
 fn block_of(data: &[u8], b: u64) -> &[u8] {
     let s = (b * G.block_size) as usize;
     &data[s..(s + G.block_size as usize).min(data.len())]
-}
-
-fn fill(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -142,7 +133,7 @@ fn apply(vols: &mut [Vec<u8>], op: &Op) {
             let data = if seed == 0 {
                 vec![0; end - offset as usize]
             } else {
-                fill(seed, end - offset as usize)
+                Noise::new(seed).bytes(end - offset as usize)
             };
             v[offset as usize..end].copy_from_slice(&data);
         }
@@ -483,8 +474,8 @@ fn list_reports_a_damaged_manifest_without_hiding_the_others() {
 fn verify_names_the_volume_and_block_of_a_flipped_byte() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
-    let a: Vec<u8> = fill(1, 100_000);
-    let b: Vec<u8> = fill(2, 50_000);
+    let a: Vec<u8> = Noise::new(1).bytes(100_000);
+    let b: Vec<u8> = Noise::new(2).bytes(50_000);
     let w = store.begin("base", "g", G, None).unwrap();
     for (i, data) in [&a, &b].into_iter().enumerate() {
         let h = w.add_volume(meta(i, data.len() as u64)).unwrap();
@@ -575,7 +566,7 @@ fn poke(path: &Path, offset: u64, byte: u8) {
 fn blocks_are_hashed_once_until_their_pack_changes() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
-    let data = fill(9, 20 * G.block_size as usize);
+    let data = Noise::new(9).bytes(20 * G.block_size as usize);
     let nblocks = G.blocks(data.len() as u64);
     let w = store.begin("s", "g", G, None).unwrap();
     let h = w.add_volume(meta(0, data.len() as u64)).unwrap();
@@ -668,7 +659,7 @@ fn holes_cost_nothing() {
 fn a_depth_eight_reader_resolves_once_and_keeps_its_packs() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
-    let mut data = fill(9, 300_000);
+    let mut data = Noise::new(9).bytes(300_000);
     simple_snapshot(&store, "d1", None, &data);
     for k in 2..=8u64 {
         let w = store
@@ -683,7 +674,7 @@ fn a_depth_eight_reader_resolves_once_and_keeps_its_packs() {
         for p in 0..G.partitions(data.len() as u64) {
             let b = p * G.blocks_per_partition() + k;
             let s = (b * G.block_size) as usize;
-            data[s..s + 4096].copy_from_slice(&fill(k * 1000 + p, 4096));
+            data[s..s + 4096].copy_from_slice(&Noise::new(k * 1000 + p).bytes(4096));
             w.put_block(h, b, block_of(&data, b)).unwrap();
         }
         let m = w.commit().unwrap();
@@ -716,8 +707,8 @@ fn a_depth_eight_reader_resolves_once_and_keeps_its_packs() {
 fn delete_refuses_a_parent_and_removes_a_leaf_durably() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
-    simple_snapshot(&store, "p", None, &fill(3, 20_000));
-    simple_snapshot(&store, "c", Some("p"), &fill(4, 20_000));
+    simple_snapshot(&store, "p", None, &Noise::new(3).bytes(20_000));
+    simple_snapshot(&store, "c", Some("p"), &Noise::new(4).bytes(20_000));
     match store.delete("p") {
         Err(StoreError::HasDependents { dependents, .. }) => assert_eq!(dependents, ["c"]),
         other => panic!("{other:?}"),
@@ -737,10 +728,10 @@ fn a_volume_that_shrank_and_grew_reads_zeros_where_it_was_cut() {
     // through in c: a shorter snapshot on the chain cuts the data there.
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
-    let parent = fill(5, 5 * 4096);
+    let parent = Noise::new(5).bytes(5 * 4096);
     simple_snapshot(&store, "p", None, &parent);
     let mut mid = parent[..4096].to_vec();
-    mid.extend(fill(6, 10));
+    mid.extend(Noise::new(6).bytes(10));
     let w = store.begin("m", "g", G, Some("p")).unwrap();
     let h = w.add_volume(meta(0, mid.len() as u64)).unwrap();
     w.set_partition(h, 0, PartitionKind::Incremental, "delta")

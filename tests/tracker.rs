@@ -3,19 +3,23 @@
 //! rename, hard links and unlink; concurrent writers; clean restarts; simulated crashes (the
 //! write-intent record); files changed behind the overlay's back; geometry changes; ticks.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
+use std::ops::Deref;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Overlay, ROOT};
 use grainfs::fs::inode::ROOT_INO;
-use grainfs::fs::{Caller, OverlayFs, OverlayOptions, SetAttr};
+use grainfs::fs::SetAttr;
 use grainfs::ids::{Geometry, VolumeId};
 use grainfs::track::counters::AccessPattern;
-use grainfs::track::{ChangeMap, Recovery, Tracker, Volume};
+use grainfs::track::{ChangeMap, Recovery, Volume};
 
 const BS: u64 = 4096;
 const PS: u64 = 65536;
@@ -26,42 +30,19 @@ const G: Geometry = Geometry {
     partition_size: PS,
 };
 const INTERVAL: Duration = Duration::from_secs(10);
-const ROOT: Caller = Caller {
-    uid: 0,
-    gid: 0,
-    pid: 0,
-};
-const STORE: &str = ".grainfs";
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
-/// A backing dir with its store inside, a tracker and the overlay on it.
-struct Fx {
-    tmp: tempfile::TempDir,
-    backing: PathBuf,
-    store: PathBuf,
-    tracker: Arc<Tracker>,
-    fs: OverlayFs,
-    recovery: Recovery,
-}
+/// The FUSE-free overlay with its tracker (the common fixture), with the tracking tests' calls.
+struct Fx(Overlay);
 
-fn open_parts(
-    backing: &Path,
-    store: &Path,
-    geometry: Geometry,
-) -> (Arc<Tracker>, OverlayFs, Recovery) {
-    let (t, rec) = Tracker::open(backing, store, geometry, INTERVAL).expect("Tracker::open");
-    let tracker = Arc::new(t);
-    let fs = OverlayFs::new(
-        backing,
-        OverlayOptions {
-            store: Some(store.to_path_buf()),
-            tracker: Some(tracker.clone()),
-        },
-    )
-    .expect("OverlayFs::new");
-    (tracker, fs, rec)
+impl Deref for Fx {
+    type Target = Overlay;
+
+    fn deref(&self) -> &Overlay {
+        &self.0
+    }
 }
 
 impl Fx {
@@ -70,48 +51,21 @@ impl Fx {
     }
 
     fn with_setup(setup: impl FnOnce(&Path)) -> Fx {
-        let tmp = tempfile::Builder::new()
-            .prefix("grainfs-tracker-")
-            .tempdir()
-            .expect("tempdir");
-        let backing = tmp.path().canonicalize().unwrap().join("backing");
-        std::fs::create_dir(&backing).unwrap();
-        let store = backing.join(STORE);
-        setup(&backing);
-        let (tracker, fs, recovery) = open_parts(&backing, &store, G);
-        assert_eq!(recovery, Recovery::default(), "fresh store");
-        Fx {
-            tmp,
-            backing,
-            store,
-            tracker,
-            fs,
-            recovery,
-        }
+        let fx = Fx(Overlay::tracked(G, INTERVAL, setup));
+        assert_eq!(fx.recovery, Recovery::default(), "fresh store");
+        fx
     }
 
     /// Drop the overlay and the tracker as they are (no shutdown unless the caller did it) and
     /// open both again on the same dirs with `geometry`.
     fn reopen_with(self, geometry: Geometry) -> Fx {
-        let Fx {
-            tmp,
-            backing,
-            store,
-            tracker,
-            fs,
-            ..
-        } = self;
-        drop(fs);
-        drop(tracker);
-        let (tracker, fs, recovery) = open_parts(&backing, &store, geometry);
-        Fx {
-            tmp,
-            backing,
-            store,
-            tracker,
-            fs,
-            recovery,
-        }
+        Fx(self.0.reopen_with(geometry, |_| {}))
+    }
+
+    /// Drop the overlay and the tracker as they are, let `unmounted` change the backing dir (what
+    /// happens while nothing is mounted), and open both again with the same geometry.
+    fn reopen_after(self, unmounted: impl FnOnce(&Path)) -> Fx {
+        Fx(self.0.reopen_with(G, unmounted))
     }
 
     fn reopen(self) -> Fx {
@@ -120,7 +74,7 @@ impl Fx {
 
     /// A clean unmount, then a new start.
     fn restart(self) -> Fx {
-        self.tracker.shutdown().expect("shutdown");
+        self.tracker().shutdown().expect("shutdown");
         self.reopen()
     }
 
@@ -158,7 +112,7 @@ impl Fx {
     }
 
     fn volume(&self, name: &str) -> Arc<Volume> {
-        self.tracker
+        self.tracker()
             .get(self.id(name))
             .unwrap_or_else(|| panic!("{name} is not tracked"))
     }
@@ -170,7 +124,7 @@ impl Fx {
     }
 
     fn maps(&self) -> Vec<ChangeMap> {
-        self.tracker.change_maps_with_paths()
+        self.tracker().change_maps_with_paths()
     }
 
     fn maybe_map(&self, name: &str) -> Option<ChangeMap> {
@@ -532,7 +486,7 @@ fn tracking_follows_the_inode_through_rename_link_and_unlink() {
     fx.fs
         .unlink(ROOT_INO, OsStr::new("c.img"))
         .expect("unlink last");
-    assert!(fx.tracker.get(id).is_none());
+    assert!(fx.tracker().get(id).is_none());
     assert!(
         fx.maps().iter().all(|m| m.volume_id != id),
         "{:?}",
@@ -555,7 +509,7 @@ fn tracking_follows_the_inode_through_rename_link_and_unlink() {
             0,
         )
         .expect("rename over");
-    assert!(fx.tracker.get(yid).is_none());
+    assert!(fx.tracker().get(yid).is_none());
     assert_eq!(fx.map("y.img").volume_id, xid);
 }
 
@@ -570,7 +524,7 @@ fn concurrent_writers_give_exact_counts() {
         // Ticks race the writers: epochs turn over, writers are drained, state is saved.
         s.spawn(|| {
             while !done.load(Ordering::Relaxed) {
-                fx.tracker.tick().expect("tick");
+                fx.tracker().tick().expect("tick");
                 std::thread::sleep(Duration::from_millis(1));
             }
         });
@@ -614,9 +568,9 @@ fn concurrent_writers_give_exact_counts() {
     }
     // After two ticks (intents of partitions written during a tick are kept one more, the
     // md-style lazy clearing), the saved state agrees and no intent is left.
-    fx.tracker.tick().unwrap();
-    fx.tracker.tick().unwrap();
-    assert!(fx.tracker.pending_intents().is_empty());
+    fx.tracker().tick().unwrap();
+    fx.tracker().tick().unwrap();
+    assert!(fx.tracker().pending_intents().is_empty());
     let fx = fx.crash();
     let m = fx.map("c.img");
     assert_eq!((m.dirty_blocks, m.writes), (n, 2 * n));
@@ -635,7 +589,7 @@ fn clean_restart_restores_the_same_change_maps() {
     }
     fx.write(a, 0, 10);
     fx.write(a, 4 * PS + 3, 5000);
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
     fx.write(b, 7, 9);
     fx.fs
         .setattr(
@@ -693,8 +647,8 @@ fn state_files_are_private() {
         let p = e.unwrap().path();
         assert_eq!(mode(&p), 0o600, "{p:?}");
     }
-    fx.tracker.tick().unwrap();
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
+    fx.tracker().tick().unwrap();
     assert!(
         !fx.intent_file().exists(),
         "the tick after an idle one clears the intent it saved"
@@ -710,7 +664,7 @@ fn intent_is_durable_before_the_write_and_cleared_by_the_tick() {
     fx.write(fh, 0, 1);
     fx.write(fh, 2 * PS, 2 * PS);
     let want: BTreeSet<(VolumeId, u64)> = [(id, 0), (id, 2), (id, 3)].into();
-    assert_eq!(fx.tracker.pending_intents(), want);
+    assert_eq!(fx.tracker().pending_intents(), want);
     // What is on disk names the same partitions (a crash now would find them).
     let text = std::fs::read_to_string(fx.intent_file()).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -722,13 +676,13 @@ fn intent_is_durable_before_the_write_and_cleared_by_the_tick() {
         .collect();
     assert_eq!(on_disk, [0, 2, 3].into());
     // Written during this tick: kept one more (lazy clearing), then cleared when idle.
-    fx.tracker.tick().unwrap();
-    assert_eq!(fx.tracker.pending_intents(), want);
-    fx.tracker.tick().unwrap();
-    assert!(fx.tracker.pending_intents().is_empty());
+    fx.tracker().tick().unwrap();
+    assert_eq!(fx.tracker().pending_intents(), want);
+    fx.tracker().tick().unwrap();
+    assert!(fx.tracker().pending_intents().is_empty());
     // The next write after that records its intent again.
     fx.write(fh, 0, 1);
-    assert_eq!(fx.tracker.pending_intents(), [(id, 0)].into());
+    assert_eq!(fx.tracker().pending_intents(), [(id, 0)].into());
 }
 
 #[test]
@@ -743,8 +697,8 @@ fn crash_after_a_tick_marks_only_the_partitions_written_since_unknown() {
     fx.write(b, 0, BS);
     // Two ticks: the first keeps the records of what it saved one more tick (lazy clearing),
     // the second, with those partitions idle, clears them.
-    fx.tracker.tick().unwrap();
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
+    fx.tracker().tick().unwrap();
     // After the ticks: partitions 0 and 3 of a.
     fx.write(a, 0, BS);
     fx.write(a, 3 * PS + 5 * BS, 10);
@@ -786,8 +740,8 @@ fn unknowns_from_a_crash_survive_a_clean_restart_and_nothing_more() {
     let fx = Fx::new();
     let (_, a) = fx.create("a.img");
     fx.write(a, PS, BS);
-    fx.tracker.tick().unwrap();
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
+    fx.tracker().tick().unwrap();
     fx.write(a, 0, BS);
     fx.write(a, 3 * PS, 10);
     let fx = fx.crash();
@@ -807,7 +761,7 @@ fn crash_that_grew_the_file_covers_the_new_partitions() {
     let fx = Fx::new();
     let (_, a) = fx.create("a.img");
     fx.write(a, 0, BS);
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
     // After the tick the file grows into partition 4.
     fx.write(a, 4 * PS + BS, BS);
     let fx = fx.crash();
@@ -848,31 +802,22 @@ fn a_file_changed_behind_our_back_while_unmounted_is_unknown() {
         let (_, fh) = fx.create(name);
         fx.write(fh, 0, 3 * PS);
     }
-    fx.tracker.shutdown().unwrap();
+    fx.tracker().shutdown().unwrap();
     let dirty_u = fx.map("u.img").dirty_blocks;
-    drop(fx.fs);
-    drop(fx.tracker);
-    let backing = fx.backing.clone();
-    // One byte written in place (same size).
-    std::thread::sleep(Duration::from_millis(20));
-    write_backing(&backing.join("a.img"), PS + 5, b"x");
-    // Only the mtime changed.
-    std::fs::File::options()
-        .write(true)
-        .open(backing.join("t.img"))
-        .unwrap()
-        .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
-        .unwrap();
-    // Grown.
-    write_backing(&backing.join("g.img"), 10 * PS, b"y");
-
-    let (tracker, fs, recovery) = open_parts(&backing, &fx.store, G);
-    let fx = Fx {
-        tracker,
-        fs,
-        recovery,
-        ..fx
-    };
+    let fx = fx.reopen_after(|backing| {
+        // One byte written in place (same size).
+        std::thread::sleep(Duration::from_millis(20));
+        write_backing(&backing.join("a.img"), PS + 5, b"x");
+        // Only the mtime changed.
+        std::fs::File::options()
+            .write(true)
+            .open(backing.join("t.img"))
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
+            .unwrap();
+        // Grown.
+        write_backing(&backing.join("g.img"), 10 * PS, b"y");
+    });
     assert!(!fx.recovery.unclean);
     let behind: BTreeSet<&str> = fx
         .recovery
@@ -898,12 +843,12 @@ fn a_file_changed_behind_our_back_while_mounted_is_unknown_at_the_next_tick() {
     let (_, b) = fx.create("b.img");
     fx.write(a, 0, BS);
     fx.write(b, 0, BS);
-    fx.tracker.tick().unwrap();
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
+    fx.tracker().tick().unwrap();
     assert!(!fx.map("a.img").unknown_all, "quiet ticks change nothing");
     std::thread::sleep(Duration::from_millis(20));
     write_backing(&fx.backing.join("a.img"), 5 * BS, b"behind");
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
     assert!(fx.map("a.img").unknown_all);
     assert!(!fx.map("b.img").unknown_all);
 }
@@ -913,20 +858,13 @@ fn a_replaced_file_is_not_the_old_volume() {
     let fx = Fx::new();
     let (_, a) = fx.create("a.img");
     fx.write(a, 0, BS);
-    fx.tracker.shutdown().unwrap();
-    drop(fx.fs);
-    drop(fx.tracker);
-    // Replaced by a new inode under the same name while unmounted.
+    fx.tracker().shutdown().unwrap();
     let p = fx.backing.join("a.img");
-    std::fs::write(fx.backing.join("new"), b"other").unwrap();
-    std::fs::rename(fx.backing.join("new"), &p).unwrap();
-    let (tracker, fs, recovery) = open_parts(&fx.backing, &fx.store, G);
-    let fx = Fx {
-        tracker,
-        fs,
-        recovery,
-        ..fx
-    };
+    let fx = fx.reopen_after(|backing| {
+        // Replaced by a new inode under the same name while unmounted.
+        std::fs::write(backing.join("new"), b"other").unwrap();
+        std::fs::rename(backing.join("new"), &p).unwrap();
+    });
     assert_eq!(fx.recovery.gone, 1, "{:?}", fx.recovery);
     // Never reported clean with the old inode's bits.
     assert!(fx
@@ -941,7 +879,7 @@ fn a_geometry_change_makes_every_volume_unknown() {
         let (_, fh) = fx.create(name);
         fx.write(fh, 0, 2 * PS);
     }
-    fx.tracker.shutdown().unwrap();
+    fx.tracker().shutdown().unwrap();
     let fx = fx.reopen_with(Geometry {
         block_size: 2 * BS,
         partition_size: PS,
@@ -953,7 +891,7 @@ fn a_geometry_change_makes_every_volume_unknown() {
         assert_eq!(m.block_size, 2 * BS);
     }
     // And back to the first geometry: still unknown (nothing rescanned them).
-    fx.tracker.shutdown().unwrap();
+    fx.tracker().shutdown().unwrap();
     let fx = fx.reopen();
     assert!(fx.maps().iter().all(|m| m.unknown_all));
 }
@@ -963,15 +901,15 @@ fn a_geometry_change_makes_every_volume_unknown() {
 #[test]
 fn tick_publishes_change_maps_and_rates() {
     let fx = Fx::new();
-    assert!(fx.tracker.published().is_empty());
+    assert!(fx.tracker().published().is_empty());
     let (_, a) = fx.create("a.img");
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
     for i in 0..50 {
         fx.write(a, i * BS, BS);
     }
     std::thread::sleep(Duration::from_millis(50));
-    fx.tracker.tick().unwrap();
-    let p = fx.tracker.published();
+    fx.tracker().tick().unwrap();
+    let p = fx.tracker().published();
     assert_eq!(p.len(), 1);
     let m = &p[0];
     assert_eq!(m.volume_id, fx.id("a.img"));
@@ -984,9 +922,9 @@ fn tick_publishes_change_maps_and_rates() {
     assert!(m.published_ns > 0);
     // The published map is a snapshot: later writes do not show until the next tick.
     fx.write(a, 100 * BS, BS);
-    assert_eq!(fx.tracker.published()[0].dirty_blocks, 50);
-    fx.tracker.tick().unwrap();
-    assert_eq!(fx.tracker.published()[0].dirty_blocks, 51);
+    assert_eq!(fx.tracker().published()[0].dirty_blocks, 50);
+    fx.tracker().tick().unwrap();
+    assert_eq!(fx.tracker().published()[0].dirty_blocks, 51);
 }
 
 #[test]
@@ -1027,7 +965,7 @@ fn a_restored_volume_changed_behind_our_back_while_mounted_is_caught_at_the_next
     // A clean restart: the volume comes back from the saved state and is never opened again.
     let fx = fx.restart();
     assert!(!fx.map("a.img").unknown_all);
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
     // Someone writes to the backing file directly while the overlay is up.
     std::thread::sleep(std::time::Duration::from_millis(20));
     {
@@ -1038,7 +976,7 @@ fn a_restored_volume_changed_behind_our_back_while_mounted_is_caught_at_the_next
             .unwrap();
         f.write_at(b"behind", 5 * BS).unwrap();
     }
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
     assert!(fx.map("a.img").unknown_all, "{:?}", fx.map("a.img"));
 }
 
@@ -1049,11 +987,11 @@ fn a_file_deleted_behind_our_back_is_dropped_at_the_next_tick() {
     fx.write(a, 0, BS);
     fx.fs.release(a).unwrap();
     std::fs::remove_file(fx.backing.join("gone.img")).unwrap();
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
     assert!(
-        fx.tracker.change_maps_with_paths().is_empty(),
+        fx.tracker().change_maps_with_paths().is_empty(),
         "{:?}",
-        fx.tracker.change_maps_with_paths()
+        fx.tracker().change_maps_with_paths()
     );
 }
 
@@ -1071,7 +1009,7 @@ fn barrier_takes_every_write_before_it_and_none_after() {
     fx.write(b, 5 * BS, BS);
     let ids = [fx.id("a.img"), fx.id("b.img")];
     let (_, taken) = fx
-        .tracker
+        .tracker()
         .barrier(&ids, |_, _| ())
         .map_err(|(_, e)| e)
         .unwrap();
@@ -1116,7 +1054,7 @@ fn barrier_under_concurrent_writers_loses_no_write() {
             .filter(|b| fx.volume("c.img").is_dirty(*b))
             .collect();
         let (_, taken) = fx
-            .tracker
+            .tracker()
             .barrier(&[id], |_, _| ())
             .map_err(|(_, e)| e)
             .unwrap();
@@ -1161,12 +1099,12 @@ fn abort_gives_the_taken_bits_back() {
     fx.write(a, 2 * BS, BS);
     let id = fx.id("a.img");
     let (_, taken) = fx
-        .tracker
+        .tracker()
         .barrier(&[id], |_, _| ())
         .map_err(|(_, e)| e)
         .unwrap();
     fx.write(a, 7 * BS, 1);
-    fx.tracker.abort(&taken).unwrap();
+    fx.tracker().abort(&taken).unwrap();
     assert_eq!(fx.dirty("a.img", 16), vec![2, 7]);
     // The counters count both again, as the policy's dirty fraction needs.
     assert_eq!(fx.map("a.img").partitions[0].dirty_blocks, 2);
@@ -1179,7 +1117,7 @@ fn a_crash_before_the_commit_gives_the_taken_bits_back_and_a_commit_keeps_them_t
     fx.write(a, 2 * BS, BS);
     let id = fx.id("a.img");
     let (_, _taken) = fx
-        .tracker
+        .tracker()
         .barrier(&[id], |_, _| ())
         .map_err(|(_, e)| e)
         .unwrap();
@@ -1189,11 +1127,11 @@ fn a_crash_before_the_commit_gives_the_taken_bits_back_and_a_commit_keeps_them_t
     assert!(fx.volume("a.img").is_dirty(2), "{:?}", fx.map("a.img"));
     // This time the snapshot commits, then a clean restart: block 2 stays taken.
     let (_, taken) = fx
-        .tracker
+        .tracker()
         .barrier(&[id], |_, _| ())
         .map_err(|(_, e)| e)
         .unwrap();
-    fx.tracker.commit(&taken, ("s1", 1)).unwrap();
+    fx.tracker().commit(&taken, ("s1", 1)).unwrap();
     let fx = fx.restart();
     assert!(!fx.volume("a.img").is_dirty(2), "{:?}", fx.map("a.img"));
     assert_eq!(fx.volume("a.img").base(), Some(("s1".to_string(), 1)));
@@ -1207,7 +1145,7 @@ fn a_crash_before_the_commit_gives_back_the_unknowns_a_barrier_took() {
     let id = fx.id("a.img");
     fx.volume("a.img").mark_unknown(1);
     let (_, taken) = fx
-        .tracker
+        .tracker()
         .barrier(&[id], |_, _| ())
         .map_err(|(_, e)| e)
         .unwrap();
@@ -1232,8 +1170,8 @@ fn a_steady_writer_keeps_its_intent_record_across_ticks() {
     let id = fx.id("a.img");
     fx.write(a, 0, BS);
     for _ in 0..3 {
-        fx.tracker.tick().unwrap();
-        assert_eq!(fx.tracker.pending_intents(), [(id, 0)].into());
+        fx.tracker().tick().unwrap();
+        assert_eq!(fx.tracker().pending_intents(), [(id, 0)].into());
         fx.write(a, BS, BS);
     }
     let fx = fx.crash();
@@ -1259,8 +1197,8 @@ fn no_change_through_the_overlay_looks_like_one_behind_its_back() {
     let (ino, fh) = fx.create("a.img");
     fx.write(fh, 0, 8 * BS);
     let (_, src) = fx.open("src.img", libc::O_RDONLY);
-    fx.tracker.tick().unwrap();
-    fx.tracker.tick().unwrap();
+    fx.tracker().tick().unwrap();
+    fx.tracker().tick().unwrap();
     let path = fx.backing.join("a.img");
     let falloc = |offset: u64, len: u64, mode: i32| {
         move |fx: &Fx| fx.fs.fallocate(fh, offset, len, mode).map(drop)
@@ -1368,8 +1306,8 @@ fn no_change_through_the_overlay_looks_like_one_behind_its_back() {
         std::thread::sleep(Duration::from_millis(20));
         op(&fx).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_ne!(ctime_ns(&path), before, "{what} did not move the ctime");
-        fx.tracker.tick().unwrap();
-        fx.tracker.tick().unwrap();
+        fx.tracker().tick().unwrap();
+        fx.tracker().tick().unwrap();
         let m = fx.map("a.img");
         assert!(
             !m.unknown_all && m.unknown_partitions.is_empty(),

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Mount;
+use common::{open_rw, Mount};
 use grainfs::control::StatusReport;
 use grainfs::track::counters::AccessPattern;
 use grainfs::track::ChangeMap;
@@ -78,16 +78,6 @@ fn dirty_by_partition(m: &ChangeMap) -> BTreeMap<u64, u64> {
         .filter(|p| p.dirty_blocks > 0)
         .map(|p| (p.index, p.dirty_blocks))
         .collect()
-}
-
-fn open_rw(p: &Path) -> std::fs::File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)
-        .unwrap_or_else(|e| panic!("open {p:?}: {e}"))
 }
 
 fn fill(byte: u8, len: u64) -> Vec<u8> {
