@@ -11,7 +11,8 @@
 #   A=/path/grainfs-old B=target/release/grainfs ROUNDS=5 SIZE=512M benches/snapread/ab.sh
 set -euo pipefail
 A=${A:?set A to the baseline grainfs binary}
-B=${B:-target/release/grainfs}
+B=$(realpath "${B:-target/release/grainfs}")
+A=$(realpath "$A")
 ROUNDS=${ROUNDS:-5}
 SIZE=${SIZE:-512M}
 W=${WORKDIR:-/var/tmp/grainfs-snapread}
