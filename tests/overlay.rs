@@ -13,8 +13,12 @@ use grainfs::fs::{
     Attr, Caller, DirEntry, Entry, FileKind, FsError, OverlayFs, OverlayOptions, SetAttr, SetTime,
     Validity, Xattr,
 };
-use grainfs::ids::{Geometry, VolumeId};
+use grainfs::ids::{Geometry, SnapshotName, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
+
+fn sn(name: &str) -> SnapshotName {
+    SnapshotName::parse(name).unwrap()
+}
 
 const ROOT: Caller = Caller {
     uid: 0,
@@ -904,7 +908,7 @@ fn snap_fixture(visible: bool) -> Fixture {
             block_size: 4096,
             partition_size: 1 << 20,
         };
-        let w = store.begin("s1", "all", geometry, None).unwrap();
+        let w = store.begin(&sn("s1"), "all", geometry, None).unwrap();
         let h = w
             .add_volume(VolumeMeta {
                 id: VolumeId { dev: 1, ino: 2 },

@@ -19,8 +19,12 @@ use std::path::Path;
 use std::process::Command;
 
 use common::Mount;
-use grainfs::ids::{Geometry, VolumeId};
+use grainfs::ids::{Geometry, SnapshotName, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
+
+fn sn(name: &str) -> SnapshotName {
+    SnapshotName::parse(name).unwrap()
+}
 
 const BS: u64 = 4096;
 /// Four blocks per partition, so a volume of a few blocks has several partitions.
@@ -108,7 +112,7 @@ fn commit(
 ) {
     let st = Store::open(store).expect("open store");
     let w = st
-        .begin(name, "all", GEOMETRY, parent.map(|p| p.0))
+        .begin(&sn(name), "all", GEOMETRY, parent.map(|p| sn(p.0)).as_ref())
         .expect("begin");
     for v in vols {
         let size = v.content.len() as u64;
@@ -549,7 +553,7 @@ fn snapshots_committed_or_deleted_while_mounted_show_at_once() {
     let ino_before = fs::metadata(snaps.join("s2/only.img")).expect("stat").ino();
     Store::open(&store)
         .expect("store")
-        .delete("s2")
+        .delete(&sn("s2"))
         .expect("delete");
     assert_eq!(names(&snaps), ["s1"]);
     assert_eq!(
@@ -687,7 +691,7 @@ fn a_damaged_block_reads_as_eio_and_is_named_in_the_log() {
                 &[],
             );
             let st = Store::open(&store).expect("open store");
-            let man = st.manifest("s1").expect("manifest");
+            let man = st.manifest(&sn("s1")).expect("manifest");
             let dir = st.snapshots_dir().join("s1");
             let v = man.volume(VolumeId { dev: 1, ino: 10 }).expect("volume");
             let table = grainfs::store::format::load_table(&dir, v.table.as_ref().expect("table"))
