@@ -142,3 +142,89 @@ pub trait PackRead: Send + Sync {
     /// `verified`).
     fn stamp(&self) -> std::io::Result<(PackKey, Stamp)>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalDir;
+    use crate::store::memory::MemoryStore;
+    use crate::store::StoreError;
+
+    fn n(s: &str) -> SnapshotName {
+        SnapshotName::parse(s).unwrap()
+    }
+
+    /// The contract every medium keeps, run on each.
+    fn contract(b: &dyn Backend) {
+        let s = b.stage(&n("a"), StageMode::New).unwrap();
+        assert!(matches!(
+            b.stage(&n("a"), StageMode::New),
+            Err(StoreError::NameTaken(_))
+        ));
+        let p = s.create_pack("pack-000000").unwrap();
+        p.write_at(0, b"header..").unwrap();
+        let src = tempfile::tempfile().unwrap();
+        src.write_all_at(&[7u8; 8192], 0).unwrap();
+        p.write_from(
+            4096,
+            BlockSource {
+                file: &src,
+                offset: 0,
+                len: 4096,
+                bytes: None,
+            },
+        )
+        .unwrap();
+        p.sync().unwrap();
+        s.write_file("vol-000000.tbl", b"table").unwrap();
+        // Nothing is visible before the commit.
+        assert!(b.names().unwrap().is_empty());
+        assert!(!b.exists(&n("a")).unwrap());
+        s.commit(b"manifest one").unwrap();
+        assert_eq!(b.names().unwrap(), vec!["a".to_string()]);
+        assert_eq!(b.read(&n("a"), "manifest.json").unwrap(), b"manifest one");
+        assert_eq!(b.len(&n("a"), "pack-000000").unwrap(), 8192);
+        let r = b.open_pack(&n("a"), "pack-000000").unwrap();
+        let mut buf = [0u8; 4];
+        r.read_exact_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [7; 4]);
+
+        // Replace: a new version that takes the old one's pack in without copying it.
+        let s = b.stage(&n("a"), StageMode::Replace).unwrap();
+        s.adopt(&n("a"), "pack-000000", "pack-000001").unwrap();
+        s.commit(b"manifest two").unwrap();
+        assert_eq!(b.names().unwrap(), vec!["a".to_string()]);
+        assert_eq!(b.read(&n("a"), "manifest.json").unwrap(), b"manifest two");
+        assert_eq!(b.len(&n("a"), "pack-000001").unwrap(), 8192);
+        // The reader opened before keeps reading.
+        r.read_exact_at(&mut buf, 4100).unwrap();
+        assert_eq!(buf, [7; 4]);
+
+        // An aborted or dropped build leaves nothing and frees its name.
+        let s = b.stage(&n("b"), StageMode::New).unwrap();
+        s.create_pack("pack-000000").unwrap();
+        s.abort().unwrap();
+        drop(b.stage(&n("b"), StageMode::New).unwrap());
+        b.stage(&n("b"), StageMode::New).unwrap().abort().unwrap();
+        assert_eq!(b.names().unwrap(), vec!["a".to_string()]);
+
+        b.remove(&n("a")).unwrap();
+        assert!(b.names().unwrap().is_empty());
+        assert!(matches!(b.remove(&n("a")), Err(StoreError::NotFound(_))));
+        r.read_exact_at(&mut buf, 4096).unwrap();
+    }
+
+    #[test]
+    fn the_local_directory_keeps_the_contract() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = LocalDir::open(tmp.path()).unwrap();
+        contract(&b);
+        // No temp dir left behind.
+        assert_eq!(std::fs::read_dir(b.location()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_memory_store_keeps_the_contract() {
+        contract(&MemoryStore::default());
+    }
+}

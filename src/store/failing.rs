@@ -95,7 +95,7 @@ impl Failing {
 
     /// Fail the `n`th call from now (0: the next one) with `fault`, once.
     pub fn fail_at(&self, n: u64, fault: Fault) {
-        let at = self.plan.calls.load(Ordering::SeqCst) + n;
+        let at = self.plan.calls.load(Ordering::SeqCst).saturating_add(n);
         *self.plan.armed.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, fault));
         *self.plan.fired.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
