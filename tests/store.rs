@@ -3,8 +3,10 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use grainfs::ids::{Geometry, SnapshotName, VolumeId};
+use grainfs::store::memory::MemoryStore;
 use grainfs::store::{
     format, PartitionKind, SnapshotWriter, Store, StoreError, VolumeKind, VolumeMeta,
 };
@@ -244,7 +246,10 @@ fn build(
 
 fn run_oracle(born: [usize; 3], steps: Vec<Step>) -> u32 {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(tmp.path()).unwrap();
+    run_oracle_on(&Store::open(tmp.path()).unwrap(), born, steps)
+}
+
+fn run_oracle_on(store: &Store, born: [usize; 3], steps: Vec<Step>) -> u32 {
     let mut live: Vec<Vec<u8>> = vec![Vec::new(); 3];
     let mut history: Vec<(String, Vec<Option<Vec<u8>>>)> = Vec::new();
     let mut depths: Vec<Vec<u32>> = vec![Vec::new(); 3];
@@ -271,7 +276,7 @@ fn run_oracle(born: [usize; 3], steps: Vec<Step>) -> u32 {
         }
         let name = format!("s{k:02}");
         let parent = history.last().map(|(n, v)| (n.as_str(), v.as_slice()));
-        build(&store, &name, parent, &vols, &written, step, &mut depths);
+        build(store, &name, parent, &vols, &written, step, &mut depths);
         max_depth = max_depth.max(depths.iter().flatten().copied().max().unwrap_or(0));
         history.push((name, vols));
         // Every snapshot so far reads back exactly as the model had it at its instant.
@@ -284,7 +289,7 @@ fn run_oracle(born: [usize; 3], steps: Vec<Step>) -> u32 {
                     ));
                     continue;
                 };
-                let got = read_all(&store, name, vid(i));
+                let got = read_all(store, name, vid(i));
                 assert_eq!(got.len(), want.len(), "{name} v{i}");
                 assert!(
                     blake3::hash(&got) == blake3::hash(want),
@@ -311,6 +316,36 @@ proptest! {
     ) {
         run_oracle(born, steps);
     }
+
+    /// The same oracle on the in-memory store: the store's logic does not depend on the medium.
+    #[test]
+    fn every_snapshot_in_memory_reads_back_as_the_model_had_it(
+        born in [0..1usize, 0..3usize, 0..6usize],
+        steps in prop::collection::vec(step(), 1..13),
+    ) {
+        run_oracle_on(&Store::in_memory(), born, steps);
+    }
+}
+
+/// A damaged block in the in-memory store is found by verify and read as an error, as on disk.
+#[test]
+fn a_damaged_block_in_memory_fails_verify_and_reads_as_an_error() {
+    let mem = Arc::new(MemoryStore::default());
+    let store = Store::on(mem.clone());
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8 + 1).collect();
+    simple_snapshot(&store, "s", None, &data);
+    assert!(store.verify(&sn("s")).unwrap().ok());
+    assert_eq!(read_all(&store, "s", vid(0)), data);
+    let m = store.manifest(&sn("s")).unwrap();
+    mem.flip_byte(&sn("s"), &m.packs[0].file, 100).unwrap();
+    let r = store.verify(&sn("s")).unwrap();
+    assert_eq!(r.problems.len(), 1, "{r:?}");
+    let v = store.open_volume(&sn("s"), vid(0)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        v.read_at(&mut buf, 0),
+        Err(StoreError::Damaged { .. })
+    ));
 }
 
 /// Ten incremental snapshots in a row (no FULL coin): chains reach the bound exactly and the

@@ -18,6 +18,8 @@ use crate::ids::SnapshotName;
 struct MemFile {
     key: PackKey,
     data: RwLock<Vec<u8>>,
+    /// Writes so far: any change moves the stamp, so proofs of the old bytes are dropped.
+    writes: AtomicU64,
 }
 
 impl MemFile {
@@ -25,6 +27,7 @@ impl MemFile {
         MemFile {
             key,
             data: RwLock::new(data),
+            writes: AtomicU64::new(0),
         }
     }
 
@@ -99,6 +102,7 @@ impl MemoryStore {
         if let Some(b) = d.get_mut(at) {
             *b ^= 1;
         }
+        f.writes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -174,7 +178,11 @@ impl PackRead for MemFile {
     }
 
     fn stamp(&self) -> io::Result<(PackKey, Stamp)> {
-        Ok((self.key, Stamp::fixed(self.bytes().len() as u64)))
+        let d = self.bytes();
+        Ok((
+            self.key,
+            Stamp::of_memory(d.len() as u64, self.writes.load(Ordering::SeqCst)),
+        ))
     }
 }
 
@@ -186,6 +194,7 @@ impl PackWrite for MemFile {
             d.resize(end, 0);
         }
         d[offset as usize..end].copy_from_slice(data);
+        self.writes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 

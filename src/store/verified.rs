@@ -32,10 +32,11 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    /// The stamp of a pack that cannot change once committed (in memory): its length only.
-    pub fn fixed(len: u64) -> Stamp {
+    /// The stamp of a pack in memory: its length and a count of the writes to it (which
+    /// stands for the mtime).
+    pub fn of_memory(len: u64, writes: u64) -> Stamp {
         Stamp {
-            mtime_ns: 0,
+            mtime_ns: writes as i128,
             ctime_ns: 0,
             len,
         }
