@@ -48,6 +48,25 @@ impl Geometry {
     }
 }
 
+/// The index of a block in a volume (byte offset / block size): never a byte offset. Used
+/// where the two meet (a block stored from an offset of the volume's fd).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BlockIdx(pub u64);
+
+impl std::fmt::Display for BlockIdx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Geometry {
+    /// The byte offset where block `b` starts (saturating: a block past any volume's end).
+    pub fn block_start(&self, b: BlockIdx) -> u64 {
+        b.0.saturating_mul(self.block_size)
+    }
+}
+
 /// Longest snapshot name.
 pub const MAX_SNAPSHOT_NAME: usize = 128;
 

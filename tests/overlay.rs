@@ -13,7 +13,7 @@ use grainfs::fs::{
     Attr, Caller, DirEntry, Entry, FileKind, FsError, OverlayFs, OverlayOptions, SetAttr, SetTime,
     Validity, Xattr,
 };
-use grainfs::ids::{Geometry, SnapshotName, VolumeId};
+use grainfs::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
 
 fn sn(name: &str) -> SnapshotName {
@@ -921,7 +921,7 @@ fn snap_fixture(visible: bool) -> Fixture {
             })
             .unwrap();
         w.set_partition(h, 0, PartitionKind::Full, "test").unwrap();
-        w.put_block(h, 0, SNAP_CONTENT).unwrap();
+        w.put_block(h, BlockIdx(0), SNAP_CONTENT).unwrap();
         w.add_namespace_entry(NamespaceEntry {
             path: "vms/cur".into(),
             kind: EntryKind::Symlink,

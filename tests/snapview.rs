@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::Mount;
-use grainfs::ids::{Geometry, SnapshotName, VolumeId};
+use grainfs::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
 
 fn sn(name: &str) -> SnapshotName {
@@ -143,7 +143,8 @@ fn commit(
             if old.is_some_and(|o| o.content[r.clone()] == v.content[r.clone()]) {
                 continue;
             }
-            w.put_block(h, b, &v.content[r]).expect("put_block");
+            w.put_block(h, BlockIdx(b), &v.content[r])
+                .expect("put_block");
         }
     }
     for e in namespace {

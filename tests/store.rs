@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use grainfs::ids::{Geometry, SnapshotName, VolumeId};
+use grainfs::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
 use grainfs::store::memory::MemoryStore;
 use grainfs::store::{
     format, PartitionKind, SnapshotWriter, Store, StoreError, VolumeKind, VolumeMeta,
@@ -222,7 +222,7 @@ fn build(
                     || written[i].contains(&b)
                     || prev.is_some_and(|pv| parent_block(pv, b, cur.len()) != cur);
                 if put {
-                    w.put_block(h, b, cur).unwrap();
+                    w.put_block(h, BlockIdx(b), cur).unwrap();
                 }
             }
         }
@@ -381,7 +381,7 @@ fn simple_snapshot(store: &Store, name: &str, parent: Option<&str>, data: &[u8])
         w.set_partition(h, p, kind, "test").unwrap();
     }
     for b in 0..G.blocks(data.len() as u64) {
-        w.put_block(h, b, block_of(data, b)).unwrap();
+        w.put_block(h, BlockIdx(b), block_of(data, b)).unwrap();
     }
     w.commit().unwrap();
 }
@@ -400,7 +400,7 @@ fn a_dropped_writer_leaves_nothing_and_open_sweeps_crashed_builds() {
     {
         let w = store.begin(&sn("dropped"), "g", G, None).unwrap();
         let h = w.add_volume(meta(0, 8192)).unwrap();
-        w.put_block(h, 0, &[5u8; 4096]).unwrap();
+        w.put_block(h, BlockIdx(0), &[5u8; 4096]).unwrap();
     }
     assert!(store.names().unwrap().is_empty());
     assert!(matches!(
@@ -418,7 +418,7 @@ fn a_dropped_writer_leaves_nothing_and_open_sweeps_crashed_builds() {
     let h = live.add_volume(meta(0, 4096)).unwrap();
     live.set_partition(h, 0, PartitionKind::Full, "new")
         .unwrap();
-    live.put_block(h, 0, &[3u8; 4096]).unwrap();
+    live.put_block(h, BlockIdx(0), &[3u8; 4096]).unwrap();
     let store2 = Store::open(tmp.path()).unwrap();
     assert!(!crashed.exists() && !deleting.exists());
     assert!(store2.snapshots_dir().join(".tmp-live").exists());
@@ -447,10 +447,10 @@ fn a_failed_commit_shows_nothing() {
     // Blocks of the wrong length or past the end, stored twice.
     let w = store.begin(&sn("a"), "g", G, None).unwrap();
     let h = w.add_volume(meta(0, 5000)).unwrap();
-    assert!(w.put_block(h, 1, &[1u8; 4096]).is_err());
-    assert!(w.put_block(h, 2, &[1u8; 904]).is_err());
-    w.put_block(h, 1, &[1u8; 904]).unwrap();
-    w.put_block(h, 1, &[2u8; 904]).unwrap();
+    assert!(w.put_block(h, BlockIdx(1), &[1u8; 4096]).is_err());
+    assert!(w.put_block(h, BlockIdx(2), &[1u8; 904]).is_err());
+    w.put_block(h, BlockIdx(1), &[1u8; 904]).unwrap();
+    w.put_block(h, BlockIdx(1), &[2u8; 904]).unwrap();
     w.set_partition(h, 0, PartitionKind::Full, "x").unwrap();
     assert!(w.commit().unwrap_err().to_string().contains("twice"));
     assert!(store.names().unwrap().is_empty());
@@ -535,7 +535,7 @@ fn verify_names_the_volume_and_block_of_a_flipped_byte() {
             w.set_partition(h, p, PartitionKind::Full, "new").unwrap();
         }
         for blk in 0..G.blocks(data.len() as u64) {
-            w.put_block(h, blk, block_of(data, blk)).unwrap();
+            w.put_block(h, BlockIdx(blk), block_of(data, blk)).unwrap();
         }
     }
     let m = w.commit().unwrap();
@@ -550,7 +550,7 @@ fn verify_names_the_volume_and_block_of_a_flipped_byte() {
                 .unwrap();
         }
         if i == 0 {
-            w.put_block(h, 0, &[0xaa; 4096]).unwrap();
+            w.put_block(h, BlockIdx(0), &[0xaa; 4096]).unwrap();
         }
     }
     w.commit().unwrap();
@@ -628,7 +628,7 @@ fn blocks_are_hashed_once_until_their_pack_changes() {
         w.set_partition(h, p, PartitionKind::Full, "new").unwrap();
     }
     for blk in 0..nblocks {
-        w.put_block(h, blk, block_of(&data, blk)).unwrap();
+        w.put_block(h, BlockIdx(blk), block_of(&data, blk)).unwrap();
     }
     let m = w.commit().unwrap();
     let dir = store.snapshots_dir().join("s");
@@ -694,7 +694,7 @@ fn holes_cost_nothing() {
     w.set_partition(h, 0, PartitionKind::Full, "new").unwrap();
     let zero = vec![0u8; g.block_size as usize];
     for b in 0..g.blocks(size) {
-        w.put_block(h, b, &zero).unwrap();
+        w.put_block(h, BlockIdx(b), &zero).unwrap();
     }
     let m = w.commit().unwrap();
     assert_eq!(m.volume(vid(0)).unwrap().stored_bytes, 0);
@@ -734,7 +734,7 @@ fn a_depth_eight_reader_resolves_once_and_keeps_its_packs() {
             let b = p * G.blocks_per_partition() + k;
             let s = (b * G.block_size) as usize;
             data[s..s + 4096].copy_from_slice(&fill(k * 1000 + p, 4096));
-            w.put_block(h, b, block_of(&data, b)).unwrap();
+            w.put_block(h, BlockIdx(b), block_of(&data, b)).unwrap();
         }
         let m = w.commit().unwrap();
         assert_eq!(m.depth(vid(0), 0), Some(k as u32));
@@ -798,7 +798,7 @@ fn a_volume_that_shrank_and_grew_reads_zeros_where_it_was_cut() {
     let h = w.add_volume(meta(0, mid.len() as u64)).unwrap();
     w.set_partition(h, 0, PartitionKind::Incremental, "delta")
         .unwrap();
-    w.put_block(h, 1, block_of(&mid, 1)).unwrap();
+    w.put_block(h, BlockIdx(1), block_of(&mid, 1)).unwrap();
     w.commit().unwrap();
     assert!(read_all(&store, "m", vid(0)) == mid);
     let mut child = mid.clone();

@@ -18,7 +18,7 @@ use super::format::{
     encode_table, pack_header, FileRef, Manifest, NamespaceEntry, PackRef, PartitionEntry,
     PartitionKind, Record, VolumeEntry, FORMAT, PACK_HEADER_LEN, ZERO_PACK,
 };
-use crate::ids::{Geometry, SnapshotName, VolumeId};
+use crate::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
 use crate::sys::now_ns;
 
 /// A pack file is closed and the next one started once it would exceed this size.
@@ -178,7 +178,7 @@ impl SnapshotWriter {
     /// Store block `block` of `vol` (its exact content: the block size, or less for the last
     /// block of the volume). An all-zero block costs no data: a FULL partition omits it, an
     /// INCREMENTAL one records it as zeros. Safe to call from several threads.
-    pub fn put_block(&self, vol: VolumeHandle, block: u64, data: &[u8]) -> Result<()> {
+    pub fn put_block(&self, vol: VolumeHandle, block: BlockIdx, data: &[u8]) -> Result<()> {
         self.put(vol, block, data, None)
     }
 
@@ -189,7 +189,7 @@ impl SnapshotWriter {
     pub fn put_block_from(
         &self,
         vol: VolumeHandle,
-        block: u64,
+        block: BlockIdx,
         data: &[u8],
         source: &File,
         offset: u64,
@@ -200,10 +200,12 @@ impl SnapshotWriter {
     fn put(
         &self,
         vol: VolumeHandle,
-        block: u64,
+        block: BlockIdx,
         data: &[u8],
         source: Option<(&File, u64)>,
     ) -> Result<()> {
+        let start = self.geometry.block_start(block);
+        let block = block.0;
         let bs = self.geometry.block_size;
         let zero = is_zero(data);
         // Hash outside the lock: it is the costly part.
@@ -222,7 +224,6 @@ impl SnapshotWriter {
             Some(v) => v.meta.size,
             None => return Err(StoreError::Misuse(format!("no volume handle {}", vol.0))),
         };
-        let start = block.saturating_mul(bs);
         if start >= size {
             return Err(StoreError::Misuse(format!(
                 "block {block} is past the end of a volume of {size} bytes"
