@@ -291,7 +291,7 @@ fn run(ops: &[Op]) -> (u64, u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     /// No fault at any store call of a snapshot or a deletion leaves a snapshot that fails
     /// `verify` or reads back wrong, loses a committed one, or changes live data; a failed
