@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::SnapshotName;
 use crate::snapshot::{CreateReport, CreateRequest};
 use crate::track::ChangeMap;
 
@@ -35,8 +36,9 @@ pub enum Request {
     },
     /// Take a snapshot (or plan one, with `dry_run`).
     SnapshotCreate(CreateRequest),
-    /// Delete a snapshot (serialised with snapshot creation).
-    SnapshotDelete { name: String },
+    /// Delete a snapshot (serialised with snapshot creation). The name is checked as the
+    /// request is read: a bad one is refused at the socket.
+    SnapshotDelete { name: SnapshotName },
 }
 
 /// What `status` reports (also built offline from the saved state).
@@ -60,7 +62,7 @@ pub enum Response {
     Pong,
     Status(StatusReport),
     Snapshot(CreateReport),
-    Deleted { name: String },
+    Deleted { name: SnapshotName },
     Error { message: String },
 }
 

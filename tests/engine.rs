@@ -18,10 +18,14 @@ use common::{Noise, Overlay, ROOT};
 use grainfs::config::{GroupConfig, KeepConfig, PolicyConfig};
 use grainfs::fs::inode::ROOT_INO;
 use grainfs::fs::SetAttr;
-use grainfs::ids::{Geometry, VolumeId};
+use grainfs::ids::{Geometry, SnapshotName, VolumeId};
 use grainfs::snapshot::{CreateReport, CreateRequest, Engine, EngineOptions, SnapshotError};
 use grainfs::store::Store;
 use proptest::prelude::*;
+
+fn sn(name: &str) -> SnapshotName {
+    SnapshotName::parse(name).unwrap()
+}
 
 const BS: u64 = 4096;
 const PS: u64 = 16 * BS;
@@ -141,7 +145,7 @@ impl Fx {
     fn snapshot(&self, name: &str) -> CreateReport {
         self.engine
             .create(&CreateRequest {
-                name: Some(name.into()),
+                name: Some(sn(name)),
                 ..Default::default()
             })
             .unwrap()
@@ -162,7 +166,7 @@ impl Fx {
 
     /// blake3 of a volume read back from snapshot `snap`.
     fn snap_hash(&self, snap: &str, id: VolumeId) -> (u64, blake3::Hash) {
-        let r = self.store().open_volume(snap, id).unwrap();
+        let r = self.store().open_volume(&sn(snap), id).unwrap();
         let mut data = vec![0u8; r.size() as usize];
         assert_eq!(r.read_at(&mut data, 0).unwrap(), data.len());
         (r.size(), blake3::hash(&data))
@@ -204,7 +208,7 @@ fn first_snapshot_is_full_and_the_next_stores_only_changed_blocks() {
     // The parent is unchanged.
     let (size1, _) = fx.snap_hash("s1", id);
     assert_eq!(size1, 100 * BS + 3);
-    assert!(fx.store().verify("s2").unwrap().ok());
+    assert!(fx.store().verify(&sn("s2")).unwrap().ok());
 }
 
 #[test]
@@ -228,7 +232,7 @@ fn the_manifest_records_each_partitions_kind_and_reason_and_hybrid_volumes() {
     assert_eq!(v.partitions[1].kind, "INCREMENTAL");
     assert!(v.partitions[1].reason.contains("nothing is stored"));
     assert_eq!(v.partitions[2].kind, "INCREMENTAL");
-    let m = fx.store().manifest("s2").unwrap();
+    let m = fx.store().manifest(&sn("s2")).unwrap();
     assert_eq!(m.volumes[0].partitions[0].reason, v.partitions[0].reason);
     assert_eq!(fx.snap_hash("s2", fx.id("a.img")), fx.live_hash("a.img"));
 }
@@ -280,15 +284,16 @@ fn names_groups_and_globs_are_checked() {
     let d = fx.create("b.db");
     fx.fs.write(d, 0, b"b").unwrap();
     let bad = |req: CreateRequest| fx.engine.create(&req).unwrap_err().to_string();
-    let e = bad(CreateRequest {
-        name: Some("a/b".into()),
-        ..Default::default()
-    });
+    // A bad name is refused where the request is read (the control socket's JSON), before the
+    // engine sees it.
+    let refused = |name: &str| {
+        serde_json::from_value::<CreateRequest>(serde_json::json!({ "name": name }))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused("a/b");
     assert!(e.contains("invalid snapshot name"), "{e}");
-    let e = bad(CreateRequest {
-        name: Some("x".repeat(129)),
-        ..Default::default()
-    });
+    let e = refused(&"x".repeat(129));
     assert!(e.contains("128"), "{e}");
     let e = bad(CreateRequest {
         group: Some("nope".into()),
@@ -311,7 +316,7 @@ fn names_groups_and_globs_are_checked() {
     assert_eq!(r.volumes.len(), 1);
     assert_eq!(r.volumes[0].path, "a.img");
     let e = bad(CreateRequest {
-        name: Some(r.name.clone()),
+        name: Some(sn(&r.name)),
         ..Default::default()
     });
     assert!(e.contains("already exists"), "{e}");
@@ -337,7 +342,7 @@ fn deleting_the_newest_snapshot_makes_the_next_one_rescan_against_its_parent() {
     fx.snapshot("s1");
     fx.fs.write(a, 3 * BS, &Noise::new(2).bytes(10)).unwrap();
     fx.snapshot("s2");
-    fx.engine.delete("s2").unwrap();
+    fx.engine.delete(&sn("s2")).unwrap();
     // The change that only s2 held must reach s3, though the live dirty map lost it.
     fx.fs.write(a, 20 * BS, &Noise::new(3).bytes(10)).unwrap();
     let r = fx.snapshot("s3");
@@ -351,7 +356,7 @@ fn deleting_the_newest_snapshot_makes_the_next_one_rescan_against_its_parent() {
     assert_eq!(r.blocks_unchanged, 30);
     assert_eq!(fx.snap_hash("s3", fx.id("a.img")), fx.live_hash("a.img"));
     // Deleting a snapshot that another depends on is refused.
-    let e = fx.engine.delete("s1").unwrap_err().to_string();
+    let e = fx.engine.delete(&sn("s1")).unwrap_err().to_string();
     assert!(e.contains("parent of"), "{e}");
 }
 
@@ -402,14 +407,14 @@ fn the_chain_is_bounded_by_max_chain() {
         fx.snapshot(&format!("s{i}"));
     }
     let depths: Vec<u32> = (1..=6)
-        .map(|i| fx.store().manifest(&format!("s{i}")).unwrap().volumes[0].partitions[0].depth)
+        .map(|i| fx.store().manifest(&sn(&format!("s{i}"))).unwrap().volumes[0].partitions[0].depth)
         .collect();
     // max_chain 4: depth 4 is followed by a FULL copy.
     assert_eq!(depths, vec![1, 2, 3, 4, 1, 2]);
-    let m = fx.store().manifest("s5").unwrap();
+    let m = fx.store().manifest(&sn("s5")).unwrap();
     assert!(m.volumes[0].partitions[0].reason.contains("max_chain"));
     for i in 1..=6 {
-        assert!(fx.store().verify(&format!("s{i}")).unwrap().ok());
+        assert!(fx.store().verify(&sn(&format!("s{i}"))).unwrap().ok());
     }
     assert_eq!(fx.snap_hash("s6", fx.id("a.img")), fx.live_hash("a.img"));
 }
@@ -434,7 +439,7 @@ fn shrink_grow_and_unlink_between_snapshots() {
     let r = fx.snapshot("s2");
     assert_eq!(r.volumes.len(), 1, "b.img is gone");
     assert_eq!(fx.snap_hash("s2", fx.id("a.img")), fx.live_hash("a.img"));
-    assert!(fx.store().verify("s2").unwrap().ok());
+    assert!(fx.store().verify(&sn("s2")).unwrap().ok());
 }
 
 /// The copy-before-write test: a writer overwrites blocks (from the end backwards, against the
@@ -485,7 +490,7 @@ fn prefix_under_a_concurrent_writer(defer: bool) {
             stop.store(true, Ordering::Relaxed);
             r
         });
-        let reader = fx.store().open_volume(&name, fx.id("a.img")).unwrap();
+        let reader = fx.store().open_volume(&sn(&name), fx.id("a.img")).unwrap();
         let mut snap = vec![0u8; (blocks * BS) as usize];
         reader.read_at(&mut snap, 0).unwrap();
         // Block written i-th: blocks-1-i. Prefix: every block from the end down to some k is
@@ -581,7 +586,7 @@ fn two_volumes_are_consistent_at_one_instant() {
     });
     let store = fx.store();
     let counter = |snap: &str, id| {
-        let r = store.open_volume(snap, id).unwrap();
+        let r = store.open_volume(&sn(snap), id).unwrap();
         let mut x = [0u8; 8];
         r.read_at(&mut x, 0).unwrap();
         u64::from_le_bytes(x)
@@ -677,7 +682,7 @@ proptest! {
                 }
                 Op::DeleteNewest => {
                     if let Some((name, _)) = taken.pop() {
-                        fx.engine.delete(&name).unwrap();
+                        fx.engine.delete(&sn(&name)).unwrap();
                     }
                 }
             }
@@ -686,7 +691,7 @@ proptest! {
             for (id, want) in state {
                 prop_assert_eq!(&fx.snap_hash(name, *id), want, "snapshot {} volume {}", name, id);
             }
-            prop_assert!(fx.store().verify(name).unwrap().ok());
+            prop_assert!(fx.store().verify(&sn(name)).unwrap().ok());
         }
     }
 }
@@ -706,7 +711,7 @@ fn an_error_in_the_store_aborts_the_snapshot_and_gives_the_changes_back() {
     let e = fx
         .engine
         .create(&CreateRequest {
-            name: Some("s2".into()),
+            name: Some(sn("s2")),
             ..Default::default()
         })
         .unwrap_err();
@@ -788,7 +793,7 @@ fn reads_and_changes_during_captures_see_every_parked_write() {
     let store = fx.store();
     for name in store.names().unwrap() {
         assert!(
-            store.verify(&name).unwrap().ok(),
+            store.verify(&sn(&name)).unwrap().ok(),
             "snapshot {name} is damaged"
         );
     }

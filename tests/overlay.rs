@@ -15,8 +15,12 @@ use grainfs::fs::snapview::SNAPDIR_INO;
 use grainfs::fs::{
     Attr, Caller, DirEntry, Entry, FileKind, FsError, SetAttr, SetTime, Validity, Xattr,
 };
-use grainfs::ids::{Geometry, VolumeId};
+use grainfs::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
+
+fn sn(name: &str) -> SnapshotName {
+    SnapshotName::parse(name).unwrap()
+}
 
 /// The overlay without a tracker, on a backing dir whose store already holds a file (`secret`)
 /// that must stay out of sight.
@@ -879,7 +883,7 @@ fn snap_fixture(visible: bool) -> Fixture {
             block_size: 4096,
             partition_size: 1 << 20,
         };
-        let w = store.begin("s1", "all", geometry, None).unwrap();
+        let w = store.begin(&sn("s1"), "all", geometry, None).unwrap();
         let h = w
             .add_volume(VolumeMeta {
                 id: VolumeId { dev: 1, ino: 2 },
@@ -892,7 +896,7 @@ fn snap_fixture(visible: bool) -> Fixture {
             })
             .unwrap();
         w.set_partition(h, 0, PartitionKind::Full, "test").unwrap();
-        w.put_block(h, 0, SNAP_CONTENT).unwrap();
+        w.put_block(h, BlockIdx(0), SNAP_CONTENT).unwrap();
         w.add_namespace_entry(NamespaceEntry {
             path: "vms/cur".into(),
             kind: EntryKind::Symlink,

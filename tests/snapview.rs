@@ -18,8 +18,12 @@ use std::process::Command;
 
 use common::posix::{cpath, cvt};
 use common::{Mount, Noise};
-use grainfs::ids::{Geometry, VolumeId};
+use grainfs::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
+
+fn sn(name: &str) -> SnapshotName {
+    SnapshotName::parse(name).unwrap()
+}
 
 const BS: u64 = 4096;
 /// Four blocks per partition, so a volume of a few blocks has several partitions.
@@ -97,7 +101,7 @@ fn commit(
 ) {
     let st = Store::open(store).expect("open store");
     let w = st
-        .begin(name, "all", GEOMETRY, parent.map(|p| p.0))
+        .begin(&sn(name), "all", GEOMETRY, parent.map(|p| sn(p.0)).as_ref())
         .expect("begin");
     for v in vols {
         let size = v.content.len() as u64;
@@ -128,7 +132,8 @@ fn commit(
             if old.is_some_and(|o| o.content[r.clone()] == v.content[r.clone()]) {
                 continue;
             }
-            w.put_block(h, b, &v.content[r]).expect("put_block");
+            w.put_block(h, BlockIdx(b), &v.content[r])
+                .expect("put_block");
         }
     }
     for e in namespace {
@@ -528,7 +533,7 @@ fn snapshots_committed_or_deleted_while_mounted_show_at_once() {
     let ino_before = fs::metadata(snaps.join("s2/only.img")).expect("stat").ino();
     Store::open(&store)
         .expect("store")
-        .delete("s2")
+        .delete(&sn("s2"))
         .expect("delete");
     assert_eq!(names(&snaps), ["s1"]);
     assert_eq!(
@@ -666,7 +671,7 @@ fn a_damaged_block_reads_as_eio_and_is_named_in_the_log() {
                 &[],
             );
             let st = Store::open(&store).expect("open store");
-            let man = st.manifest("s1").expect("manifest");
+            let man = st.manifest(&sn("s1")).expect("manifest");
             let dir = st.snapshots_dir().join("s1");
             let v = man.volume(VolumeId { dev: 1, ino: 10 }).expect("volume");
             let table = grainfs::store::format::load_table(&dir, v.table.as_ref().expect("table"))

@@ -5,13 +5,19 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use common::Noise;
-use grainfs::ids::{Geometry, VolumeId};
+use grainfs::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
+use grainfs::store::memory::MemoryStore;
 use grainfs::store::{
     format, PartitionKind, SnapshotWriter, Store, StoreError, VolumeKind, VolumeMeta,
 };
 use proptest::prelude::*;
+
+fn sn(name: &str) -> SnapshotName {
+    SnapshotName::parse(name).unwrap()
+}
 
 const G: Geometry = Geometry {
     block_size: 4096,
@@ -41,7 +47,7 @@ fn meta(i: usize, size: u64) -> VolumeMeta {
 
 /// Every byte of a volume as the store reads it, in odd-sized unaligned pieces.
 fn read_all(store: &Store, snap: &str, id: VolumeId) -> Vec<u8> {
-    let r = store.open_volume(snap, id).unwrap();
+    let r = store.open_volume(&sn(snap), id).unwrap();
     let mut out = vec![0u8; r.size() as usize];
     let mut pos = 0usize;
     let mut piece = 5000usize;
@@ -165,8 +171,10 @@ fn build(
     step: &Step,
     depths: &mut [Vec<u32>],
 ) {
-    let w: SnapshotWriter = store.begin(name, "g", G, parent.map(|(p, _)| p)).unwrap();
-    let parent_manifest = parent.map(|(p, _)| store.manifest(p).unwrap());
+    let w: SnapshotWriter = store
+        .begin(&sn(name), "g", G, parent.map(|(p, _)| sn(p)).as_ref())
+        .unwrap();
+    let parent_manifest = parent.map(|(p, _)| store.manifest(&sn(p)).unwrap());
     for (i, v) in vols.iter().enumerate() {
         let Some(data) = v else { continue };
         let h = w.add_volume(meta(i, data.len() as u64)).unwrap();
@@ -205,7 +213,7 @@ fn build(
                     || written[i].contains(&b)
                     || prev.is_some_and(|pv| parent_block(pv, b, cur.len()) != cur);
                 if put {
-                    w.put_block(h, b, cur).unwrap();
+                    w.put_block(h, BlockIdx(b), cur).unwrap();
                 }
             }
         }
@@ -229,7 +237,10 @@ fn build(
 
 fn run_oracle(born: [usize; 3], steps: Vec<Step>) -> u32 {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(tmp.path()).unwrap();
+    run_oracle_on(&Store::open(tmp.path()).unwrap(), born, steps)
+}
+
+fn run_oracle_on(store: &Store, born: [usize; 3], steps: Vec<Step>) -> u32 {
     let mut live: Vec<Vec<u8>> = vec![Vec::new(); 3];
     let mut history: Vec<(String, Vec<Option<Vec<u8>>>)> = Vec::new();
     let mut depths: Vec<Vec<u32>> = vec![Vec::new(); 3];
@@ -256,7 +267,7 @@ fn run_oracle(born: [usize; 3], steps: Vec<Step>) -> u32 {
         }
         let name = format!("s{k:02}");
         let parent = history.last().map(|(n, v)| (n.as_str(), v.as_slice()));
-        build(&store, &name, parent, &vols, &written, step, &mut depths);
+        build(store, &name, parent, &vols, &written, step, &mut depths);
         max_depth = max_depth.max(depths.iter().flatten().copied().max().unwrap_or(0));
         history.push((name, vols));
         // Every snapshot so far reads back exactly as the model had it at its instant.
@@ -264,12 +275,12 @@ fn run_oracle(born: [usize; 3], steps: Vec<Step>) -> u32 {
             for (i, v) in vols.iter().enumerate() {
                 let Some(want) = v else {
                     assert!(matches!(
-                        store.open_volume(name, vid(i)),
+                        store.open_volume(&sn(name), vid(i)),
                         Err(StoreError::NoVolume { .. })
                     ));
                     continue;
                 };
-                let got = read_all(&store, name, vid(i));
+                let got = read_all(store, name, vid(i));
                 assert_eq!(got.len(), want.len(), "{name} v{i}");
                 assert!(
                     blake3::hash(&got) == blake3::hash(want),
@@ -280,7 +291,7 @@ fn run_oracle(born: [usize; 3], steps: Vec<Step>) -> u32 {
         }
     }
     let (last, _) = history.last().unwrap();
-    let report = store.verify(last).unwrap();
+    let report = store.verify(&sn(last)).unwrap();
     assert!(report.ok(), "{report:?}");
     assert!(max_depth <= MAX_CHAIN);
     max_depth
@@ -296,6 +307,36 @@ proptest! {
     ) {
         run_oracle(born, steps);
     }
+
+    /// The same oracle on the in-memory store: the store's logic does not depend on the medium.
+    #[test]
+    fn every_snapshot_in_memory_reads_back_as_the_model_had_it(
+        born in [0..1usize, 0..3usize, 0..6usize],
+        steps in prop::collection::vec(step(), 1..13),
+    ) {
+        run_oracle_on(&Store::in_memory(), born, steps);
+    }
+}
+
+/// A damaged block in the in-memory store is found by verify and read as an error, as on disk.
+#[test]
+fn a_damaged_block_in_memory_fails_verify_and_reads_as_an_error() {
+    let mem = Arc::new(MemoryStore::default());
+    let store = Store::on(mem.clone());
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8 + 1).collect();
+    simple_snapshot(&store, "s", None, &data);
+    assert!(store.verify(&sn("s")).unwrap().ok());
+    assert_eq!(read_all(&store, "s", vid(0)), data);
+    let m = store.manifest(&sn("s")).unwrap();
+    mem.flip_byte(&sn("s"), &m.packs[0].file, 100).unwrap();
+    let r = store.verify(&sn("s")).unwrap();
+    assert_eq!(r.problems.len(), 1, "{r:?}");
+    let v = store.open_volume(&sn("s"), vid(0)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        v.read_at(&mut buf, 0),
+        Err(StoreError::Damaged { .. })
+    ));
 }
 
 /// Ten incremental snapshots in a row (no FULL coin): chains reach the bound exactly and the
@@ -318,7 +359,9 @@ fn chains_reach_depth_eight_and_stay_bounded() {
 }
 
 fn simple_snapshot(store: &Store, name: &str, parent: Option<&str>, data: &[u8]) {
-    let w = store.begin(name, "g", G, parent).unwrap();
+    let w = store
+        .begin(&sn(name), "g", G, parent.map(sn).as_ref())
+        .unwrap();
     let h = w.add_volume(meta(0, data.len() as u64)).unwrap();
     let kind = if parent.is_some() {
         PartitionKind::Incremental
@@ -329,7 +372,7 @@ fn simple_snapshot(store: &Store, name: &str, parent: Option<&str>, data: &[u8])
         w.set_partition(h, p, kind, "test").unwrap();
     }
     for b in 0..G.blocks(data.len() as u64) {
-        w.put_block(h, b, block_of(data, b)).unwrap();
+        w.put_block(h, BlockIdx(b), block_of(data, b)).unwrap();
     }
     w.commit().unwrap();
 }
@@ -346,13 +389,13 @@ fn a_dropped_writer_leaves_nothing_and_open_sweeps_crashed_builds() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
     {
-        let w = store.begin("dropped", "g", G, None).unwrap();
+        let w = store.begin(&sn("dropped"), "g", G, None).unwrap();
         let h = w.add_volume(meta(0, 8192)).unwrap();
-        w.put_block(h, 0, &[5u8; 4096]).unwrap();
+        w.put_block(h, BlockIdx(0), &[5u8; 4096]).unwrap();
     }
     assert!(store.names().unwrap().is_empty());
     assert!(matches!(
-        store.open_volume("dropped", vid(0)),
+        store.open_volume(&sn("dropped"), vid(0)),
         Err(StoreError::NotFound(_))
     ));
     // What a killed process leaves behind: a temp dir with a pack, no lock held.
@@ -362,11 +405,11 @@ fn a_dropped_writer_leaves_nothing_and_open_sweeps_crashed_builds() {
     let deleting = store.snapshots_dir().join(".del-old");
     std::fs::create_dir(&deleting).unwrap();
     // A build in progress in another handle must survive the sweep.
-    let live = store.begin("live", "g", G, None).unwrap();
+    let live = store.begin(&sn("live"), "g", G, None).unwrap();
     let h = live.add_volume(meta(0, 4096)).unwrap();
     live.set_partition(h, 0, PartitionKind::Full, "new")
         .unwrap();
-    live.put_block(h, 0, &[3u8; 4096]).unwrap();
+    live.put_block(h, BlockIdx(0), &[3u8; 4096]).unwrap();
     let store2 = Store::open(tmp.path()).unwrap();
     assert!(!crashed.exists() && !deleting.exists());
     assert!(store2.snapshots_dir().join(".tmp-live").exists());
@@ -381,24 +424,24 @@ fn a_failed_commit_shows_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
     // INCREMENTAL with no parent.
-    let w = store.begin("a", "g", G, None).unwrap();
+    let w = store.begin(&sn("a"), "g", G, None).unwrap();
     let h = w.add_volume(meta(0, 4096)).unwrap();
     w.set_partition(h, 0, PartitionKind::Incremental, "x")
         .unwrap();
     assert!(matches!(w.commit(), Err(StoreError::Chain { .. })));
     // A partition without a kind.
-    let w = store.begin("a", "g", G, None).unwrap();
+    let w = store.begin(&sn("a"), "g", G, None).unwrap();
     let h = w.add_volume(meta(0, 70_000)).unwrap();
     w.set_partition(h, 0, PartitionKind::Full, "x").unwrap();
     let e = w.commit().unwrap_err();
     assert!(e.to_string().contains("partition 1"), "{e}");
     // Blocks of the wrong length or past the end, stored twice.
-    let w = store.begin("a", "g", G, None).unwrap();
+    let w = store.begin(&sn("a"), "g", G, None).unwrap();
     let h = w.add_volume(meta(0, 5000)).unwrap();
-    assert!(w.put_block(h, 1, &[1u8; 4096]).is_err());
-    assert!(w.put_block(h, 2, &[1u8; 904]).is_err());
-    w.put_block(h, 1, &[1u8; 904]).unwrap();
-    w.put_block(h, 1, &[2u8; 904]).unwrap();
+    assert!(w.put_block(h, BlockIdx(1), &[1u8; 4096]).is_err());
+    assert!(w.put_block(h, BlockIdx(2), &[1u8; 904]).is_err());
+    w.put_block(h, BlockIdx(1), &[1u8; 904]).unwrap();
+    w.put_block(h, BlockIdx(1), &[2u8; 904]).unwrap();
     w.set_partition(h, 0, PartitionKind::Full, "x").unwrap();
     assert!(w.commit().unwrap_err().to_string().contains("twice"));
     assert!(store.names().unwrap().is_empty());
@@ -413,7 +456,7 @@ fn names_are_checked_and_unique() {
     for bad in ["", ".tmp-x", "a/b", "sp ace", &"x".repeat(129)] {
         assert!(
             matches!(
-                store.begin(bad, "g", G, None),
+                SnapshotName::parse(bad).map_err(StoreError::from),
                 Err(StoreError::BadName { .. })
             ),
             "{bad:?}"
@@ -421,16 +464,16 @@ fn names_are_checked_and_unique() {
     }
     simple_snapshot(&store, "one", None, &[1u8; 5000]);
     assert!(matches!(
-        store.begin("one", "g", G, None),
+        store.begin(&sn("one"), "g", G, None),
         Err(StoreError::NameTaken(_))
     ));
-    let _building = store.begin("two", "g", G, None).unwrap();
+    let _building = store.begin(&sn("two"), "g", G, None).unwrap();
     assert!(matches!(
-        store.begin("two", "g", G, None),
+        store.begin(&sn("two"), "g", G, None),
         Err(StoreError::NameTaken(_))
     ));
     assert!(matches!(
-        store.begin("three", "g", G, Some("nope")),
+        store.begin(&sn("three"), "g", G, Some(&sn("nope"))),
         Err(StoreError::NotFound(_))
     ));
 }
@@ -465,7 +508,7 @@ fn list_reports_a_damaged_manifest_without_hiding_the_others() {
     ));
     // A snapshot whose manifest is unreadable might depend on "a": refuse to delete it.
     assert!(matches!(
-        store.delete("a"),
+        store.delete(&sn("a")),
         Err(StoreError::HasDependents { .. })
     ));
 }
@@ -476,19 +519,21 @@ fn verify_names_the_volume_and_block_of_a_flipped_byte() {
     let store = Store::open(tmp.path()).unwrap();
     let a: Vec<u8> = Noise::new(1).bytes(100_000);
     let b: Vec<u8> = Noise::new(2).bytes(50_000);
-    let w = store.begin("base", "g", G, None).unwrap();
+    let w = store.begin(&sn("base"), "g", G, None).unwrap();
     for (i, data) in [&a, &b].into_iter().enumerate() {
         let h = w.add_volume(meta(i, data.len() as u64)).unwrap();
         for p in 0..G.partitions(data.len() as u64) {
             w.set_partition(h, p, PartitionKind::Full, "new").unwrap();
         }
         for blk in 0..G.blocks(data.len() as u64) {
-            w.put_block(h, blk, block_of(data, blk)).unwrap();
+            w.put_block(h, BlockIdx(blk), block_of(data, blk)).unwrap();
         }
     }
     let m = w.commit().unwrap();
     // A child that changes volume 0 only, block 0.
-    let w = store.begin("child", "g", G, Some("base")).unwrap();
+    let w = store
+        .begin(&sn("child"), "g", G, Some(&sn("base")))
+        .unwrap();
     for (i, data) in [&a, &b].into_iter().enumerate() {
         let h = w.add_volume(meta(i, data.len() as u64)).unwrap();
         for p in 0..G.partitions(data.len() as u64) {
@@ -496,12 +541,12 @@ fn verify_names_the_volume_and_block_of_a_flipped_byte() {
                 .unwrap();
         }
         if i == 0 {
-            w.put_block(h, 0, &[0xaa; 4096]).unwrap();
+            w.put_block(h, BlockIdx(0), &[0xaa; 4096]).unwrap();
         }
     }
     w.commit().unwrap();
-    assert!(store.verify("base").unwrap().ok());
-    let good = store.verify("child").unwrap();
+    assert!(store.verify(&sn("base")).unwrap().ok());
+    let good = store.verify(&sn("child")).unwrap();
     assert!(good.ok(), "{good:?}");
     assert_eq!(good.blocks, G.blocks(100_000) + G.blocks(50_000));
 
@@ -515,7 +560,7 @@ fn verify_names_the_volume_and_block_of_a_flipped_byte() {
     std::fs::write(&pack, bytes).unwrap();
 
     for snap in ["base", "child"] {
-        let r = store.verify(snap).unwrap();
+        let r = store.verify(&sn(snap)).unwrap();
         assert_eq!(r.problems.len(), 1, "{snap}: {r:?}");
         let p = &r.problems[0];
         assert_eq!(p.volume.as_deref(), Some("vols/v1.img"));
@@ -525,7 +570,7 @@ fn verify_names_the_volume_and_block_of_a_flipped_byte() {
 
     // Reading it: every block before and after the damaged one reads as stored; the damaged
     // one is an error naming the snapshot read, the volume, the block and where it is stored.
-    let r = store.open_volume("child", vid(1)).unwrap();
+    let r = store.open_volume(&sn("child"), vid(1)).unwrap();
     let bs = G.block_size as usize;
     let mut before = vec![0u8; 5 * bs];
     assert_eq!(r.read_at(&mut before, 0).unwrap(), 5 * bs);
@@ -568,13 +613,13 @@ fn blocks_are_hashed_once_until_their_pack_changes() {
     let store = Store::open(tmp.path()).unwrap();
     let data = Noise::new(9).bytes(20 * G.block_size as usize);
     let nblocks = G.blocks(data.len() as u64);
-    let w = store.begin("s", "g", G, None).unwrap();
+    let w = store.begin(&sn("s"), "g", G, None).unwrap();
     let h = w.add_volume(meta(0, data.len() as u64)).unwrap();
     for p in 0..G.partitions(data.len() as u64) {
         w.set_partition(h, p, PartitionKind::Full, "new").unwrap();
     }
     for blk in 0..nblocks {
-        w.put_block(h, blk, block_of(&data, blk)).unwrap();
+        w.put_block(h, BlockIdx(blk), block_of(&data, blk)).unwrap();
     }
     let m = w.commit().unwrap();
     let dir = store.snapshots_dir().join("s");
@@ -583,13 +628,13 @@ fn blocks_are_hashed_once_until_their_pack_changes() {
     let rec = table.iter().find(|r| r.block == 7).unwrap();
     let pack = dir.join(&m.packs[rec.pack as usize].file);
 
-    let first = store.open_volume("s", vid(0)).unwrap();
+    let first = store.open_volume(&sn("s"), vid(0)).unwrap();
     assert_eq!(read_all(&store, "s", vid(0)), data);
     let mut all = vec![0u8; data.len()];
     first.read_at(&mut all, 0).unwrap();
     // Each block was hashed by one of the two readers, and only once in all: the other
     // found it proven already.
-    let again = store.open_volume("s", vid(0)).unwrap();
+    let again = store.open_volume(&sn("s"), vid(0)).unwrap();
     again.read_at(&mut all, 0).unwrap();
     assert_eq!(all, data);
     assert_eq!(again.stats().hashed, 0, "{:?}", again.stats());
@@ -602,7 +647,7 @@ fn blocks_are_hashed_once_until_their_pack_changes() {
     // hold, block 7 is an error, the others are hashed again and read as stored.
     std::thread::sleep(std::time::Duration::from_millis(20));
     poke(&pack, rec.offset + 3, data[7 * 4096 + 3] ^ 0x01);
-    let changed = store.open_volume("s", vid(0)).unwrap();
+    let changed = store.open_volume(&sn("s"), vid(0)).unwrap();
     let mut block = vec![0u8; 4096];
     match changed.read_at(&mut block, 7 * 4096) {
         Err(StoreError::Damaged { block: 7, .. }) => {}
@@ -620,7 +665,7 @@ fn blocks_are_hashed_once_until_their_pack_changes() {
     // Repaired: block 7 reads again, and is hashed again (the pack changed once more).
     std::thread::sleep(std::time::Duration::from_millis(20));
     poke(&pack, rec.offset + 3, data[7 * 4096 + 3]);
-    let repaired = store.open_volume("s", vid(0)).unwrap();
+    let repaired = store.open_volume(&sn("s"), vid(0)).unwrap();
     repaired.read_at(&mut block, 7 * 4096).unwrap();
     assert_eq!(block, block_of(&data, 7));
     assert_eq!(repaired.stats().hashed, 1);
@@ -635,19 +680,19 @@ fn holes_cost_nothing() {
         partition_size: 64 << 20,
     };
     let size = 64u64 << 20;
-    let w = store.begin("zeros", "g", g, None).unwrap();
+    let w = store.begin(&sn("zeros"), "g", g, None).unwrap();
     let h = w.add_volume(meta(0, size)).unwrap();
     w.set_partition(h, 0, PartitionKind::Full, "new").unwrap();
     let zero = vec![0u8; g.block_size as usize];
     for b in 0..g.blocks(size) {
-        w.put_block(h, b, &zero).unwrap();
+        w.put_block(h, BlockIdx(b), &zero).unwrap();
     }
     let m = w.commit().unwrap();
     assert_eq!(m.volume(vid(0)).unwrap().stored_bytes, 0);
     assert!(m.packs.is_empty());
     let on_disk = dir_bytes(&store.snapshots_dir().join("zeros"));
     assert!(on_disk < 16 << 10, "{on_disk} bytes on disk");
-    let r = store.open_volume("zeros", vid(0)).unwrap();
+    let r = store.open_volume(&sn("zeros"), vid(0)).unwrap();
     assert_eq!(r.size(), size);
     let mut buf = vec![1u8; 1 << 20];
     assert_eq!(r.read_at(&mut buf, size - (1 << 20)).unwrap(), 1 << 20);
@@ -663,7 +708,12 @@ fn a_depth_eight_reader_resolves_once_and_keeps_its_packs() {
     simple_snapshot(&store, "d1", None, &data);
     for k in 2..=8u64 {
         let w = store
-            .begin(&format!("d{k}"), "g", G, Some(&format!("d{}", k - 1)))
+            .begin(
+                &sn(&format!("d{k}")),
+                "g",
+                G,
+                Some(&sn(&format!("d{}", k - 1))),
+            )
             .unwrap();
         let h = w.add_volume(meta(0, data.len() as u64)).unwrap();
         for p in 0..G.partitions(data.len() as u64) {
@@ -675,12 +725,12 @@ fn a_depth_eight_reader_resolves_once_and_keeps_its_packs() {
             let b = p * G.blocks_per_partition() + k;
             let s = (b * G.block_size) as usize;
             data[s..s + 4096].copy_from_slice(&Noise::new(k * 1000 + p).bytes(4096));
-            w.put_block(h, b, block_of(&data, b)).unwrap();
+            w.put_block(h, BlockIdx(b), block_of(&data, b)).unwrap();
         }
         let m = w.commit().unwrap();
         assert_eq!(m.depth(vid(0), 0), Some(k as u32));
     }
-    let r = store.open_volume("d8", vid(0)).unwrap();
+    let r = store.open_volume(&sn("d8"), vid(0)).unwrap();
     assert_eq!(r.depth(), 8);
     // The chain is resolved: reads need neither the manifests nor the directories of the
     // ancestors any more (their packs stay open).
@@ -698,7 +748,7 @@ fn a_depth_eight_reader_resolves_once_and_keeps_its_packs() {
     assert_eq!(r.stats().preads, first.preads);
     assert_eq!(r.stats().cache_hits, first.cache_hits + 2);
     // A fresh open now finds the chain broken, and says where.
-    let e = store.open_volume("d8", vid(0)).unwrap_err();
+    let e = store.open_volume(&sn("d8"), vid(0)).unwrap_err();
     assert!(matches!(e, StoreError::Chain { .. }), "{e}");
     assert!(e.to_string().contains("d7"), "{e}");
 }
@@ -709,13 +759,16 @@ fn delete_refuses_a_parent_and_removes_a_leaf_durably() {
     let store = Store::open(tmp.path()).unwrap();
     simple_snapshot(&store, "p", None, &Noise::new(3).bytes(20_000));
     simple_snapshot(&store, "c", Some("p"), &Noise::new(4).bytes(20_000));
-    match store.delete("p") {
+    match store.delete(&sn("p")) {
         Err(StoreError::HasDependents { dependents, .. }) => assert_eq!(dependents, ["c"]),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(store.delete("zz"), Err(StoreError::NotFound(_))));
-    store.delete("c").unwrap();
-    store.delete("p").unwrap();
+    assert!(matches!(
+        store.delete(&sn("zz")),
+        Err(StoreError::NotFound(_))
+    ));
+    store.delete(&sn("c")).unwrap();
+    store.delete(&sn("p")).unwrap();
     assert!(store.names().unwrap().is_empty());
     let left: Vec<_> = std::fs::read_dir(store.snapshots_dir()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
@@ -732,20 +785,20 @@ fn a_volume_that_shrank_and_grew_reads_zeros_where_it_was_cut() {
     simple_snapshot(&store, "p", None, &parent);
     let mut mid = parent[..4096].to_vec();
     mid.extend(Noise::new(6).bytes(10));
-    let w = store.begin("m", "g", G, Some("p")).unwrap();
+    let w = store.begin(&sn("m"), "g", G, Some(&sn("p"))).unwrap();
     let h = w.add_volume(meta(0, mid.len() as u64)).unwrap();
     w.set_partition(h, 0, PartitionKind::Incremental, "delta")
         .unwrap();
-    w.put_block(h, 1, block_of(&mid, 1)).unwrap();
+    w.put_block(h, BlockIdx(1), block_of(&mid, 1)).unwrap();
     w.commit().unwrap();
     assert!(read_all(&store, "m", vid(0)) == mid);
     let mut child = mid.clone();
     child.resize(5 * 4096, 0);
-    let w = store.begin("c", "g", G, Some("m")).unwrap();
+    let w = store.begin(&sn("c"), "g", G, Some(&sn("m"))).unwrap();
     let h = w.add_volume(meta(0, child.len() as u64)).unwrap();
     w.set_partition(h, 0, PartitionKind::Incremental, "delta")
         .unwrap();
     w.commit().unwrap();
     assert!(read_all(&store, "c", vid(0)) == child);
-    assert!(store.verify("c").unwrap().ok());
+    assert!(store.verify(&sn("c")).unwrap().ok());
 }

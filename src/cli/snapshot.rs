@@ -12,6 +12,7 @@ use super::status::{find_target, human};
 use super::CliError;
 use crate::config::Config;
 use crate::control::{self, Request, Response};
+use crate::ids::SnapshotName;
 use crate::snapshot::{utc_stamp, CreateReport, CreateRequest};
 use crate::store::{Store, VerifyReport};
 
@@ -134,7 +135,7 @@ pub(super) fn run(args: &SnapshotArgs) -> Result<(), CliError> {
             let req = Request::SnapshotCreate(CreateRequest {
                 group: group.clone(),
                 paths: paths.clone(),
-                name: name.clone(),
+                name: name.as_deref().map(parse_name).transpose()?,
                 dry_run: *dry_run,
             });
             let report = match control::request_within(&store, &req, None) {
@@ -227,6 +228,10 @@ pub(super) fn run(args: &SnapshotArgs) -> Result<(), CliError> {
             } else {
                 names.clone()
             };
+            let names = names
+                .iter()
+                .map(|n| parse_name(n))
+                .collect::<Result<Vec<_>, _>>()?;
             let reports = verify(&store, &names)?;
             let bad: Vec<&VerifyReport> = reports.iter().filter(|r| !r.ok()).collect();
             if *json {
@@ -268,6 +273,7 @@ pub(super) fn run(args: &SnapshotArgs) -> Result<(), CliError> {
         }
         SnapshotCommand::Delete { name, at } => {
             let (_, _, store_dir) = locate(at)?;
+            let name = &parse_name(name)?;
             match control::request_within(
                 &store_dir,
                 &Request::SnapshotDelete { name: name.clone() },
@@ -303,8 +309,13 @@ pub(super) fn run(args: &SnapshotArgs) -> Result<(), CliError> {
     }
 }
 
+/// A snapshot name from the command line (a bad one is a usage error, exit status 1).
+fn parse_name(name: &str) -> Result<SnapshotName, CliError> {
+    SnapshotName::parse(name).map_err(|e| CliError::Usage(e.to_string()))
+}
+
 /// Verify `names`, with a progress bar (one step per volume) when stderr is a terminal.
-fn verify(store: &Store, names: &[String]) -> Result<Vec<VerifyReport>, CliError> {
+fn verify(store: &Store, names: &[SnapshotName]) -> Result<Vec<VerifyReport>, CliError> {
     let total: u64 = names
         .iter()
         .map(|n| store.manifest(n).map_or(0, |m| m.volumes.len() as u64))
@@ -321,7 +332,7 @@ fn verify(store: &Store, names: &[String]) -> Result<Vec<VerifyReport>, CliError
     };
     let mut out = Vec::new();
     for n in names {
-        bar.set_message(n.clone());
+        bar.set_message(n.to_string());
         let r = store
             .verify_with(n, &mut |_| bar.inc(1))
             .map_err(|e| CliError::Usage(e.to_string()))?;

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::deferred::{Deferred, Parked};
-use crate::ids::Geometry;
+use crate::ids::{BlockIdx, Geometry};
 use crate::store::{SnapshotWriter, VolumeHandle};
 use crate::track::{BeforeChange, Volume};
 
@@ -316,9 +316,9 @@ impl Capture {
             // still pending, under its stripe lock.
             let res = if done == len {
                 self.writer
-                    .put_block_from(self.handle, b, &buf, &self.source, start)
+                    .put_block_from(self.handle, BlockIdx(b), &buf, &self.source, start)
             } else {
-                self.writer.put_block(self.handle, b, &buf)
+                self.writer.put_block(self.handle, BlockIdx(b), &buf)
             };
             res.map_err(|e| format!("storing {} block {b}: {e}", self.path))
         })

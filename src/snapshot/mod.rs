@@ -27,11 +27,9 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{GroupConfig, PolicyConfig};
-use crate::ids::{Geometry, VolumeId};
+use crate::ids::{Geometry, SnapshotName, VolumeId};
 use crate::policy::{self, Decision, Kind, PartitionState};
-use crate::store::{
-    check_name, Manifest, PartitionKind, SnapshotWriter, Store, StoreError, VolumeMeta,
-};
+use crate::store::{Manifest, PartitionKind, SnapshotWriter, Store, StoreError, VolumeMeta};
 use crate::sys;
 use crate::sys::now_ns;
 use crate::track::bitmap::{count_words_range, for_words};
@@ -51,7 +49,7 @@ pub struct CreateRequest {
     /// Path globs relative to the backing dir, instead of a group.
     #[serde(default)]
     pub paths: Vec<String>,
-    pub name: Option<String>,
+    pub name: Option<SnapshotName>,
     #[serde(default)]
     pub dry_run: bool,
 }
@@ -186,8 +184,15 @@ struct AtInstant {
 }
 
 impl Engine {
-    /// Set up the engine; opens (and sweeps) the store.
+    /// Set up the engine; opens (and sweeps) the store in `o.store_dir`.
     pub fn new(o: EngineOptions) -> Result<Engine> {
+        let store = Store::open(&o.store_dir)?;
+        Engine::with_store(o, store)
+    }
+
+    /// Set up the engine writing snapshots to `store` (`o.store_dir` still holds the parked
+    /// writes' journal, and is never part of a group).
+    pub fn with_store(o: EngineOptions, store: Store) -> Result<Engine> {
         let c = std::ffi::CString::new(o.backing.as_os_str().as_encoded_bytes())
             .map_err(|_| SnapshotError::Request("backing path has a NUL byte".into()))?;
         let root = sys::openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(
@@ -213,7 +218,7 @@ impl Engine {
         Ok(Engine {
             root,
             store_key,
-            store: Store::open(&o.store_dir)?,
+            store,
             tracker: o.tracker,
             policy: o.policy,
             groups: o.groups,
@@ -295,23 +300,20 @@ impl Engine {
     }
 
     /// The name of the new snapshot: the one asked for, or `<group>-<UTC time>`.
-    fn pick_name(&self, group: &str, asked: Option<&str>) -> Result<String> {
-        let taken = |n: &str| self.store.snapshots_dir().join(n).exists();
+    fn pick_name(&self, group: &str, asked: Option<&SnapshotName>) -> Result<SnapshotName> {
         if let Some(n) = asked {
-            check_name(n)?;
-            if taken(n) {
+            if self.store.exists(n)? {
                 return Err(StoreError::NameTaken(n.to_string()).into());
             }
-            return Ok(n.to_string());
+            return Ok(n.clone());
         }
         let base = format!("{group}-{}", utc_stamp(now_ns() / 1_000_000_000));
-        let mut name = base.clone();
+        let mut name = SnapshotName::parse(&base).map_err(StoreError::from)?;
         let mut i = 2;
-        while taken(&name) {
-            name = format!("{base}-{i}");
+        while self.store.exists(&name)? {
+            name = SnapshotName::parse(&format!("{base}-{i}")).map_err(StoreError::from)?;
             i += 1;
         }
-        check_name(&name)?;
         Ok(name)
     }
 
@@ -323,7 +325,8 @@ impl Engine {
             if info.group != group {
                 continue;
             }
-            let m = self.store.manifest(&l.name)?;
+            let name = SnapshotName::parse(&l.name).map_err(StoreError::from)?;
+            let m = self.store.manifest(&name)?;
             if m.geometry != self.tracker.geometry() {
                 continue;
             }
@@ -341,7 +344,7 @@ impl Engine {
             return Err(SnapshotError::Request("the daemon is stopping".into()));
         }
         let (group, sel) = self.resolve(req)?;
-        let name = self.pick_name(&group, req.name.as_deref())?;
+        let name = self.pick_name(&group, req.name.as_ref())?;
         let parent = self.parent_of(&group)?;
         if req.dry_run {
             return self.dry_run(name, group, &sel, parent.as_ref());
@@ -434,7 +437,7 @@ impl Engine {
                     || !map.unknown_partitions.is_empty()
                     || !self.base_is(&volume, parent));
             let parent_hashes = match (needs_hashes, parent) {
-                (true, Some(p)) => Some(self.store.block_hashes(&p.name, *id)?),
+                (true, Some(p)) => Some(self.store.block_hashes(&p.checked_name()?, *id)?),
                 _ => None,
             };
             let deferred = match (&self.deferred_dir, target) {
@@ -469,7 +472,7 @@ impl Engine {
     /// tried again.
     fn attempt(
         &self,
-        name: &str,
+        name: &SnapshotName,
         group: &str,
         sel: &Selection,
         parent: Option<&Manifest>,
@@ -480,11 +483,11 @@ impl Engine {
             return Ok(None);
         }
         let geometry = self.tracker.geometry();
-        let writer =
-            Arc::new(
-                self.store
-                    .begin(name, group, geometry, parent.map(|p| p.name.as_str()))?,
-            );
+        let parent_name = parent.map(|p| p.checked_name()).transpose()?;
+        let writer = Arc::new(
+            self.store
+                .begin(name, group, geometry, parent_name.as_ref())?,
+        );
         let failure = Arc::new(Failure::default());
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.clone());
         if self.stopping.load(Ordering::Acquire) {
@@ -664,7 +667,10 @@ impl Engine {
                 // Tracking was lost between the walk and the barrier (rare): read the
                 // parent's hashes now.
                 if let Some(p) = parent {
-                    match self.store.block_hashes(&p.name, v.id) {
+                    match p
+                        .checked_name()
+                        .and_then(|n| self.store.block_hashes(&n, v.id))
+                    {
                         Ok(h) => prep.parent_hashes = Some(h),
                         Err(e) => {
                             r.error = Some(e.into());
@@ -777,7 +783,7 @@ impl Engine {
     /// The plan from the live change maps, without a barrier.
     fn dry_run(
         &self,
-        name: String,
+        name: SnapshotName,
         group: String,
         sel: &Selection,
         parent: Option<&Manifest>,
@@ -811,7 +817,7 @@ impl Engine {
         }
         volumes.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(CreateReport {
-            name,
+            name: name.to_string(),
             group,
             parent: parent.map(|p| p.name.clone()),
             dry_run: true,
@@ -822,7 +828,7 @@ impl Engine {
     }
 
     /// Delete snapshot `name` (one no other depends on), in turn with snapshot creation.
-    pub fn delete(&self, name: &str) -> Result<()> {
+    pub fn delete(&self, name: &SnapshotName) -> Result<()> {
         let _busy = self.lock_busy(true)?;
         self.store.delete(name)?;
         info!("snapshot {name} deleted");

@@ -5,13 +5,13 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::ids::VolumeId;
+use crate::ids::{NameError, VolumeId};
 
 /// A failure of the snapshot store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid snapshot name {name:?}: {why} (use 1 to 128 of A-Z a-z 0-9 . _ -, not starting with '.')")]
-    BadName { name: String, why: &'static str },
+    #[error(transparent)]
+    BadName(#[from] NameError),
     #[error("a snapshot named {0:?} already exists or is being built: choose another name")]
     NameTaken(String),
     #[error("no snapshot named {0:?} in the store")]

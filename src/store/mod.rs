@@ -38,34 +38,34 @@
 //! Crash safety: data, tables and manifest are fsync'ed inside the temp dir, which is then
 //! renamed (no replace) into place and `snapshots/` fsync'ed. A crash before the rename leaves
 //! only a temp dir, swept by the next `Store::open`; after it, the snapshot is complete.
+//!
+//! The files sit behind `backend::Backend` (the directory above is `local::LocalDir`; tests
+//! also use `memory::MemoryStore` and the failure-injecting `failing::Failing`): `Store` and
+//! everything it builds on (writer, reader, verify, delete) speak only to that trait.
 
+pub mod backend;
 pub mod error;
+pub mod failing;
 pub mod format;
+pub mod local;
+pub mod memory;
 pub mod reader;
 mod verified;
 pub mod writer;
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use log::{info, warn};
 use serde::Serialize;
 
-use error::IoContext;
+pub use backend::Backend;
 pub use error::{Result, StoreError};
-pub use format::{
-    check_name, EntryKind, Manifest, NamespaceEntry, PartitionKind, VolumeEntry, FORMAT,
-};
+pub use format::{EntryKind, Manifest, NamespaceEntry, PartitionKind, VolumeEntry, FORMAT};
 pub use reader::{ReaderStats, VolumeReader};
 use verified::VerifiedExtents;
 pub use writer::{SnapshotWriter, VolumeHandle, VolumeMeta};
 
-use crate::ids::{Geometry, VolumeId};
-
-use crate::sys::fsync_dir;
+use crate::ids::{Geometry, SnapshotName, VolumeId};
 
 /// How a volume is stored in a snapshot, from its partitions' kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -190,94 +190,63 @@ impl VerifyReport {
     }
 }
 
-/// The snapshot store in a store directory.
-#[derive(Debug)]
+/// The snapshot store: snapshots on a medium (a directory, memory, ...).
+#[derive(Debug, Clone)]
 pub struct Store {
-    snapshots: PathBuf,
+    backend: Arc<dyn Backend>,
     /// Extents proven by the readers of this store, so each is hashed once.
     verified: Arc<VerifiedExtents>,
-}
-
-/// Try to take the exclusive flock of a directory (None if held or not openable).
-fn lock_dir(dir: &Path) -> Option<File> {
-    let f = File::open(dir).ok()?;
-    // SAFETY: flock on an fd we own.
-    (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(f)
 }
 
 impl Store {
     /// Open (creating if needed) the store's snapshots in `store_dir`, sweeping what crashed
     /// builds and deletions left behind.
     pub fn open(store_dir: &Path) -> Result<Store> {
-        let snapshots = store_dir.join("snapshots");
-        // Explicit mode: the daemon runs with umask 0, and snapshots are nobody else's business.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&snapshots)
-            .at(&snapshots)?;
-        let store = Store {
-            snapshots,
+        Ok(Store::on(Arc::new(local::LocalDir::open(store_dir)?)))
+    }
+
+    /// The store on `backend`.
+    pub fn on(backend: Arc<dyn Backend>) -> Store {
+        Store {
+            backend,
             verified: Arc::default(),
-        };
-        store.sweep()?;
-        Ok(store)
+        }
     }
 
-    fn sweep(&self) -> Result<()> {
-        let mut swept = false;
-        for e in std::fs::read_dir(&self.snapshots).at(&self.snapshots)? {
-            let e = e.at(&self.snapshots)?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !(name.starts_with(".tmp-") || name.starts_with(".del-")) {
-                continue;
-            }
-            let path = e.path();
-            // A live build or deletion holds the lock: leave it alone.
-            let Some(_lock) = lock_dir(&path) else {
-                continue;
-            };
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => {
-                    info!("store: swept {}", path.display());
-                    swept = true;
-                }
-                Err(e) => warn!("store: cannot sweep {}: {e}", path.display()),
-            }
-        }
-        if swept {
-            fsync_dir(&self.snapshots).at(&self.snapshots)?;
-        }
-        Ok(())
+    /// A new, empty store in memory (for tests).
+    pub fn in_memory() -> Store {
+        Store::on(Arc::new(memory::MemoryStore::default()))
     }
 
-    /// `<store>/snapshots`.
+    /// The medium.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// `<store>/snapshots` (for another medium, the name of where it is).
     pub fn snapshots_dir(&self) -> &Path {
-        &self.snapshots
+        self.backend.location()
     }
 
-    /// Names of the committed snapshots, sorted.
+    /// Names of the committed snapshots, sorted (raw: a stray entry that is no valid name is
+    /// there too).
     pub fn names(&self) -> Result<Vec<String>> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(&self.snapshots).at(&self.snapshots)? {
-            let e = e.at(&self.snapshots)?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with('.') && e.file_type().at(e.path())?.is_dir() {
-                out.push(name);
-            }
-        }
+        let mut out = self.backend.names()?;
         out.sort();
         Ok(out)
     }
 
+    /// Whether committed snapshot `name` is there.
+    pub fn exists(&self, name: &SnapshotName) -> Result<bool> {
+        self.backend.exists(name)
+    }
+
     /// The manifest of snapshot `name`.
-    pub fn manifest(&self, name: &str) -> Result<Manifest> {
-        check_name(name)?;
-        let dir = self.snapshots.join(name);
-        if !dir.is_dir() {
+    pub fn manifest(&self, name: &SnapshotName) -> Result<Manifest> {
+        if !self.backend.exists(name)? {
             return Err(StoreError::NotFound(name.to_string()));
         }
-        format::load_manifest(&dir, name)
+        format::load_manifest_from(&*self.backend, name)
     }
 
     /// Every snapshot, oldest first; one whose manifest cannot be read is listed with its
@@ -287,7 +256,10 @@ impl Store {
             .names()?
             .into_iter()
             .map(|name| Listed {
-                info: self.manifest(&name).map(|m| SnapshotInfo::of(&m)),
+                info: SnapshotName::parse(&name)
+                    .map_err(StoreError::from)
+                    .and_then(|n| self.manifest(&n))
+                    .map(|m| SnapshotInfo::of(&m)),
                 name,
             })
             .collect();
@@ -303,24 +275,24 @@ impl Store {
     /// Start building snapshot `name` of `group`; INCREMENTAL partitions build on `parent`.
     pub fn begin(
         &self,
-        name: &str,
+        name: &SnapshotName,
         group: &str,
         geometry: Geometry,
-        parent: Option<&str>,
+        parent: Option<&SnapshotName>,
     ) -> Result<SnapshotWriter> {
-        check_name(name)?;
         let parent = parent.map(|p| self.manifest(p)).transpose()?;
-        SnapshotWriter::begin(&self.snapshots, name, group, geometry, parent)
+        SnapshotWriter::begin(&*self.backend, name, group, geometry, parent)
     }
 
     /// Open volume `id` of snapshot `name` for reading (resolves its chain once).
-    pub fn open_volume(&self, name: &str, id: VolumeId) -> Result<VolumeReader> {
+    pub fn open_volume(&self, name: &SnapshotName, id: VolumeId) -> Result<VolumeReader> {
         self.read_volume(self.manifest(name)?, id)
     }
 
     /// Open volume `id` of the snapshot whose manifest `m` the caller already loaded.
     pub fn read_volume(&self, m: Manifest, id: VolumeId) -> Result<VolumeReader> {
-        VolumeReader::open(&self.snapshots, m, id, self.verified.clone())
+        let name = m.checked_name()?;
+        VolumeReader::open(&*self.backend, &name, m, id, self.verified.clone())
     }
 
     /// The blake3 of every block with data that volume `id` of snapshot `name` reads, through
@@ -329,11 +301,11 @@ impl Store {
     /// rescan compares with.
     pub fn block_hashes(
         &self,
-        name: &str,
+        name: &SnapshotName,
         id: VolumeId,
     ) -> Result<std::collections::HashMap<u64, Option<[u8; 32]>>> {
         let m = self.manifest(name)?;
-        let res = reader::resolve(&self.snapshots, m, id)?;
+        let res = reader::resolve(&*self.backend, name, m, id)?;
         Ok(res
             .blocks
             .iter()
@@ -343,27 +315,30 @@ impl Store {
 
     /// Re-hash every block snapshot `name` reads, through its whole chain. Err only when the
     /// snapshot itself cannot be read; everything else is a problem in the report.
-    pub fn verify(&self, name: &str) -> Result<VerifyReport> {
+    pub fn verify(&self, name: &SnapshotName) -> Result<VerifyReport> {
         self.verify_with(name, &mut |_| {})
     }
 
     /// `verify`, calling `done(path)` after each volume (for a progress bar).
-    pub fn verify_with(&self, name: &str, done: &mut dyn FnMut(&str)) -> Result<VerifyReport> {
+    pub fn verify_with(
+        &self,
+        name: &SnapshotName,
+        done: &mut dyn FnMut(&str),
+    ) -> Result<VerifyReport> {
         let m = self.manifest(name)?;
-        let dir = self.snapshots.join(name);
         let mut report = VerifyReport {
             snapshot: name.to_string(),
             volumes: m.volumes.len() as u64,
             ..VerifyReport::default()
         };
         for p in &m.packs {
-            let path = dir.join(&p.file);
-            let problem = match std::fs::metadata(&path) {
-                Err(e) => Some(format!("{}: {e}", path.display())),
-                Ok(md) if md.len() != p.len => Some(format!(
+            let path = self.backend.path_of(name, &p.file);
+            let problem = match self.backend.len(name, &p.file) {
+                Err(e) => Some(e.to_string()),
+                Ok(len) if len != p.len => Some(format!(
                     "{}: {} bytes, the manifest says {}",
                     path.display(),
-                    md.len(),
+                    len,
                     p.len
                 )),
                 Ok(_) => None,
@@ -384,14 +359,14 @@ impl Store {
                 stored_in: stored_in.to_string(),
                 what,
             };
-            let res = match reader::resolve(&self.snapshots, m.clone(), v.id) {
+            let res = match reader::resolve(&*self.backend, name, m.clone(), v.id) {
                 Ok(r) => r,
                 Err(e) => {
                     report.problems.push(problem(None, name, e.to_string()));
                     continue;
                 }
             };
-            let (packs, which) = match reader::open_packs(&res) {
+            let (packs, which) = match reader::open_packs(&*self.backend, &res) {
                 Ok(x) => x,
                 Err(e) => {
                     report.problems.push(problem(None, name, e.to_string()));
@@ -402,7 +377,7 @@ impl Store {
             for (b, &w) in res.blocks.iter().zip(&which) {
                 let at = &res.levels[b.level].name;
                 buf.resize(b.rec.len as usize, 0);
-                if let Err(e) = packs[w as usize].read_exact_at(&mut buf, b.rec.offset) {
+                if let Err(e) = packs[w as usize].0.read_exact_at(&mut buf, b.rec.offset) {
                     report
                         .problems
                         .push(problem(Some(b.block), at, format!("cannot read: {e}")));
@@ -424,14 +399,17 @@ impl Store {
     }
 
     /// Snapshots whose parent is `name` (an unreadable manifest counts: it might be one).
-    pub fn dependents(&self, name: &str) -> Result<Vec<String>> {
+    pub fn dependents(&self, name: &SnapshotName) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for other in self.names()? {
-            if other == name {
+            if other == name.as_str() {
                 continue;
             }
-            match self.manifest(&other) {
-                Ok(m) if m.parent.as_deref() == Some(name) => out.push(other),
+            match SnapshotName::parse(&other)
+                .map_err(StoreError::from)
+                .and_then(|n| self.manifest(&n))
+            {
+                Ok(m) if m.parent.as_deref() == Some(name.as_str()) => out.push(other),
                 Ok(_) => {}
                 Err(_) => out.push(format!("{other} (unreadable manifest)")),
             }
@@ -440,10 +418,8 @@ impl Store {
     }
 
     /// Delete snapshot `name`, which no other snapshot may depend on; durable on return.
-    pub fn delete(&self, name: &str) -> Result<()> {
-        check_name(name)?;
-        let dir = self.snapshots.join(name);
-        if !dir.is_dir() {
+    pub fn delete(&self, name: &SnapshotName) -> Result<()> {
+        if !self.backend.exists(name)? {
             return Err(StoreError::NotFound(name.to_string()));
         }
         let dependents = self.dependents(name)?;
@@ -453,20 +429,6 @@ impl Store {
                 dependents,
             });
         }
-        // Hide it in one rename, then remove at leisure: a crash in between leaves a `.del-`
-        // dir that the next open sweeps, never a half-deleted snapshot.
-        let Some(_lock) = lock_dir(&dir) else {
-            return Err(StoreError::Misuse(format!(
-                "snapshot {name:?} is locked by another process (being deleted?)"
-            )));
-        };
-        let doomed = self.snapshots.join(format!(".del-{name}"));
-        if doomed.exists() {
-            std::fs::remove_dir_all(&doomed).at(&doomed)?;
-        }
-        writer::rename_noreplace(&dir, &doomed).at(&dir)?;
-        fsync_dir(&self.snapshots).at(&self.snapshots)?;
-        std::fs::remove_dir_all(&doomed).at(&doomed)?;
-        fsync_dir(&self.snapshots).at(&self.snapshots)
+        self.backend.remove(name)
     }
 }

@@ -6,22 +6,22 @@
 //! walks to prove every byte. Nothing here writes to the store.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::num::NonZeroUsize;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::error;
 use lru::LruCache;
 
+use super::backend::{Backend, PackRead};
 use super::error::{IoContext, Result, StoreError};
 use super::format::{
-    check_pack_header, load_manifest, load_table, Manifest, PartitionKind, Record, PACK_HEADER_LEN,
+    check_pack_header, decode_table, load_manifest_from, Manifest, PartitionKind, Record, MANIFEST,
+    PACK_HEADER_LEN,
 };
 use super::verified::{PackKey, Stamp, VerifiedExtents};
-use crate::ids::VolumeId;
+use crate::ids::{SnapshotName, VolumeId};
 
 /// Longest chain followed before calling it a cycle (policy.max_chain is far below).
 const MAX_LEVELS: usize = 4096;
@@ -30,8 +30,7 @@ const CACHE_BYTES: u64 = 16 << 20;
 
 /// One snapshot visited by a resolution (level 0 is the one being read).
 pub(crate) struct Level {
-    pub name: String,
-    pub dir: PathBuf,
+    pub name: SnapshotName,
     pub manifest: Manifest,
 }
 
@@ -56,15 +55,20 @@ pub(crate) struct Resolution {
     pub blocks: Vec<Resolved>,
 }
 
-/// Resolve volume `id` of snapshot `m0` (already loaded from `snapshots/<m0.name>`).
-pub(crate) fn resolve(snapshots: &Path, m0: Manifest, id: VolumeId) -> Result<Resolution> {
-    let name0 = m0.name.clone();
+/// Resolve volume `id` of snapshot `m0` (already loaded from the store as `name0`).
+pub(crate) fn resolve(
+    store: &dyn Backend,
+    name0: &SnapshotName,
+    m0: Manifest,
+    id: VolumeId,
+) -> Result<Resolution> {
+    let name0 = name0.clone();
     let chain_err = |why: String| StoreError::Chain {
-        snapshot: name0.clone(),
+        snapshot: name0.to_string(),
         why,
     };
     let v0 = m0.volume(id).ok_or_else(|| StoreError::NoVolume {
-        snapshot: name0.clone(),
+        snapshot: name0.to_string(),
         volume: id,
     })?;
     let g = m0.geometry;
@@ -74,7 +78,6 @@ pub(crate) fn resolve(snapshots: &Path, m0: Manifest, id: VolumeId) -> Result<Re
     let (path, size) = (v0.path.clone(), v0.size);
     let mut levels = vec![Level {
         name: name0.clone(),
-        dir: snapshots.join(&name0),
         manifest: m0,
     }];
     let mut continuing: Vec<bool> = vec![true; nparts];
@@ -104,7 +107,7 @@ pub(crate) fn resolve(snapshots: &Path, m0: Manifest, id: VolumeId) -> Result<Re
                 .any(|(i, p)| p.index != i as u64)
         {
             return Err(StoreError::Corrupt {
-                path: level.dir.join(super::format::MANIFEST),
+                path: store.path_of(&level.name, MANIFEST),
                 why: format!("{}: partition list does not cover the volume", v.path),
             });
         }
@@ -116,14 +119,15 @@ pub(crate) fn resolve(snapshots: &Path, m0: Manifest, id: VolumeId) -> Result<Re
             }
         }
         if let Some(t) = &v.table {
-            let records = load_table(&level.dir, t)?;
+            let path = store.path_of(&level.name, &t.file);
+            let records = decode_table(&store.read(&level.name, &t.file)?, &path, t)?;
             for r in records {
                 if r.block >= nblocks || !continuing[(r.block / bpp) as usize] {
                     continue;
                 }
                 if !r.is_zero() && (r.pack as usize >= m.packs.len() || r.len as u64 > bs) {
                     return Err(StoreError::Corrupt {
-                        path: level.dir.join(&t.file),
+                        path: store.path_of(&level.name, &t.file),
                         why: format!("block {} points outside the snapshot's packs", r.block),
                     });
                 }
@@ -161,17 +165,16 @@ pub(crate) fn resolve(snapshots: &Path, m0: Manifest, id: VolumeId) -> Result<Re
         if levels.len() >= MAX_LEVELS || levels.iter().any(|l| l.name == parent) {
             return Err(chain_err(format!("the chain loops at {parent:?}")));
         }
-        let dir = snapshots.join(&parent);
-        if !dir.is_dir() {
+        let parent = SnapshotName::parse(&parent).map_err(|e| chain_err(e.to_string()))?;
+        if !store.exists(&parent)? {
             return Err(chain_err(format!(
                 "ancestor {parent:?} of {:?} is missing",
                 level.name
             )));
         }
-        let manifest = load_manifest(&dir, &parent)?;
+        let manifest = load_manifest_from(store, &parent)?;
         levels.push(Level {
             name: parent,
-            dir,
             manifest,
         });
     }
@@ -185,9 +188,12 @@ pub(crate) fn resolve(snapshots: &Path, m0: Manifest, id: VolumeId) -> Result<Re
     })
 }
 
-/// Open every pack `res` uses, checking headers; returns the files and, per resolved block,
-/// the index of its file.
-pub(crate) fn open_packs(res: &Resolution) -> Result<(Vec<File>, Vec<u32>)> {
+/// An open pack and its name in messages.
+pub(crate) type Opened = (Arc<dyn PackRead>, PathBuf);
+
+/// Open every pack `res` uses, checking headers; returns the packs and, per resolved block,
+/// the index of its pack.
+pub(crate) fn open_packs(store: &dyn Backend, res: &Resolution) -> Result<(Vec<Opened>, Vec<u32>)> {
     let mut ids: HashMap<(usize, u32), u32> = HashMap::new();
     let mut files = Vec::new();
     let mut which = Vec::with_capacity(res.blocks.len());
@@ -197,14 +203,13 @@ pub(crate) fn open_packs(res: &Resolution) -> Result<(Vec<File>, Vec<u32>)> {
             Some(i) => *i,
             None => {
                 let level = &res.levels[b.level];
-                let path = level
-                    .dir
-                    .join(&level.manifest.packs[b.rec.pack as usize].file);
-                let f = File::open(&path).at(&path)?;
+                let file = &level.manifest.packs[b.rec.pack as usize].file;
+                let path = store.path_of(&level.name, file);
+                let f = store.open_pack(&level.name, file)?;
                 let mut h = [0u8; PACK_HEADER_LEN as usize];
                 f.read_exact_at(&mut h, 0).at(&path)?;
                 check_pack_header(&path, &h)?;
-                files.push(f);
+                files.push((f, path));
                 let i = files.len() as u32 - 1;
                 ids.insert(key, i);
                 i
@@ -232,7 +237,7 @@ struct Loc {
 
 /// A pack file open for reading, with its identity for `VerifiedExtents`.
 struct OpenPack {
-    file: File,
+    file: Arc<dyn PackRead>,
     path: PathBuf,
     key: PackKey,
     /// The stamp the last read saw (at first, the one at open).
@@ -258,7 +263,7 @@ pub struct VolumeReader {
     size: u64,
     block_size: u64,
     /// Names of the snapshots of the chain, level 0 the one read.
-    levels: Vec<String>,
+    levels: Vec<SnapshotName>,
     index: Vec<Loc>,
     packs: Vec<OpenPack>,
     verified: Arc<VerifiedExtents>,
@@ -283,39 +288,32 @@ impl std::fmt::Debug for VolumeReader {
 
 impl VolumeReader {
     pub(crate) fn open(
-        snapshots: &Path,
+        store: &dyn Backend,
+        name: &SnapshotName,
         m: Manifest,
         id: VolumeId,
         verified: Arc<VerifiedExtents>,
     ) -> Result<VolumeReader> {
-        let res = resolve(snapshots, m, id)?;
-        let (files, which) = open_packs(&res)?;
-        let mut paths = vec![PathBuf::new(); files.len()];
+        let res = resolve(store, name, m, id)?;
+        let (files, which) = open_packs(store, &res)?;
         let index = res
             .blocks
             .iter()
             .zip(&which)
-            .map(|(b, &w)| {
-                let level = &res.levels[b.level];
-                paths[w as usize] = level
-                    .dir
-                    .join(&level.manifest.packs[b.rec.pack as usize].file);
-                Loc {
-                    block: b.block,
-                    offset: b.rec.offset,
-                    pack: w,
-                    len: b.len,
-                    stored_len: b.rec.len,
-                    level: b.level as u32,
-                    hash: b.rec.hash,
-                }
+            .map(|(b, &w)| Loc {
+                block: b.block,
+                offset: b.rec.offset,
+                pack: w,
+                len: b.len,
+                stored_len: b.rec.len,
+                level: b.level as u32,
+                hash: b.rec.hash,
             })
             .collect();
         let packs = files
             .into_iter()
-            .zip(paths)
             .map(|(file, path)| {
-                let (key, stamp) = Stamp::of(&file).at(&path)?;
+                let (key, stamp) = file.stamp().at(&path)?;
                 Ok(OpenPack {
                     file,
                     path,
@@ -422,7 +420,7 @@ impl VolumeReader {
             .read_exact_at(&mut data, loc.offset)
             .at(&pack.path)?;
         self.preads.fetch_add(1, Ordering::Relaxed);
-        let after = Stamp::of(&pack.file).at(&pack.path)?.1;
+        let after = pack.file.stamp().at(&pack.path)?.1;
         *pack.seen.lock().unwrap_or_else(|p| p.into_inner()) = after;
         let trusted = match proven {
             Some(stamp) if stamp == after => true,
@@ -453,10 +451,10 @@ impl VolumeReader {
     /// The error for a block that failed its blake3, logged the first time.
     fn damaged(&self, loc: &Loc) -> StoreError {
         let err = StoreError::Damaged {
-            snapshot: self.levels[0].clone(),
+            snapshot: self.levels[0].to_string(),
             volume: self.path.clone(),
             block: loc.block,
-            stored_in: self.levels[loc.level as usize].clone(),
+            stored_in: self.levels[loc.level as usize].to_string(),
             path: self.packs[loc.pack as usize].path.clone(),
         };
         if self

@@ -19,21 +19,31 @@ use std::sync::{Mutex, MutexGuard};
 const MAX_EXTENTS: usize = 1 << 20;
 
 /// A pack file's identity: (st_dev, st_ino).
-pub(crate) type PackKey = (u64, u64);
+pub type PackKey = (u64, u64);
 
 /// What must not change for a pack's proofs to hold: mtime and ctime, in nanoseconds, and the
 /// length (packs of committed snapshots never change; any write moves mtime, and a
 /// metadata change that could stand for a replaced content, ctime).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Stamp {
+pub struct Stamp {
     mtime_ns: i128,
     ctime_ns: i128,
     len: u64,
 }
 
 impl Stamp {
+    /// The stamp of a pack in memory: its length and a count of the writes to it (which
+    /// stands for the mtime).
+    pub fn of_memory(len: u64, writes: u64) -> Stamp {
+        Stamp {
+            mtime_ns: writes as i128,
+            ctime_ns: 0,
+            len,
+        }
+    }
+
     /// The stamp of an open pack, and its key.
-    pub(crate) fn of(f: &File) -> io::Result<(PackKey, Stamp)> {
+    pub fn of(f: &File) -> io::Result<(PackKey, Stamp)> {
         let m = f.metadata()?;
         let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
         Ok((

@@ -1,28 +1,25 @@
 //! Building one snapshot: `SnapshotWriter` takes the volumes, their blocks and the namespace
 //! of a snapshot being captured, and commits them as a new immutable snapshot, or drops them.
 //!
-//! Everything goes to `snapshots/.tmp-<name>/` (flock'ed by the writer, so a concurrent
-//! `Store::open` never sweeps a live build). Commit order (DESIGN.md "Snapshot protocol" step
-//! 4): packs and tables fsync'ed, then the manifest written durably, then the directory renamed
-//! to `<name>` (no replace) and `snapshots/` fsync'ed; the rename is the instant the snapshot
-//! appears. It never modifies a committed snapshot and never reads live volumes: the caller
-//! hands it bytes.
+//! Everything goes to the medium's staging (`Backend::stage`: for the local store
+//! `snapshots/.tmp-<name>/`, flock'ed by the writer, so a concurrent `Store::open` never sweeps
+//! a live build). Commit order (DESIGN.md "Snapshot protocol" step 4): packs and tables
+//! synced, then the manifest written durably and the snapshot made visible in one step
+//! (`Staging::commit`: a rename, no replace, and `snapshots/` fsync'ed). It never modifies a
+//! committed snapshot and never reads live volumes: the caller hands it bytes (and, for a
+//! reflink, the volume's fd and offset).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::warn;
-
-use super::error::{IoContext, Result, StoreError};
+use super::backend::{Backend, BlockSource, PackWrite, StageMode, Staging};
+use super::error::{Result, StoreError};
 use super::format::{
     encode_table, pack_header, FileRef, Manifest, NamespaceEntry, PackRef, PartitionEntry,
-    PartitionKind, Record, VolumeEntry, FORMAT, MANIFEST, PACK_HEADER_LEN, ZERO_PACK,
+    PartitionKind, Record, VolumeEntry, FORMAT, PACK_HEADER_LEN, ZERO_PACK,
 };
-use crate::ids::{Geometry, VolumeId};
-use crate::sys::{fsync_dir, now_ns, write_durably};
+use crate::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
+use crate::sys::now_ns;
 
 /// A pack file is closed and the next one started once it would exceed this size.
 pub const PACK_LIMIT: u64 = 1 << 30;
@@ -53,7 +50,7 @@ struct VolumeBuild {
 }
 
 struct PackOut {
-    file: Arc<File>,
+    sink: Arc<dyn PackWrite>,
     name: String,
     len: u64,
     /// Writeback started up to here (see `pace`).
@@ -73,23 +70,20 @@ struct BuildState {
 
 /// A snapshot being built; committed by `commit`, dropped (temp data removed) otherwise.
 pub struct SnapshotWriter {
-    snapshots: PathBuf,
-    tmp: PathBuf,
-    name: String,
+    /// Where the build goes; taken by `commit` and `abort` (dropping it drops the build).
+    staging: Option<Box<dyn Staging>>,
+    name: SnapshotName,
     group: String,
     geometry: Geometry,
     created_ns: u64,
     parent: Option<Manifest>,
-    /// The temp dir, flock'ed while the build lives.
-    _lock: File,
     state: Mutex<BuildState>,
-    finished: bool,
 }
 
 impl SnapshotWriter {
     pub(crate) fn begin(
-        snapshots: &Path,
-        name: &str,
+        backend: &dyn Backend,
+        name: &SnapshotName,
         group: &str,
         geometry: Geometry,
         parent: Option<Manifest>,
@@ -113,37 +107,15 @@ impl SnapshotWriter {
                 });
             }
         }
-        if snapshots.join(name).exists() {
-            return Err(StoreError::NameTaken(name.to_string()));
-        }
-        let tmp = snapshots.join(format!(".tmp-{name}"));
-        // Explicit mode (the daemon's umask is 0); the rename that commits keeps it.
-        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&tmp) {
-            return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
-                StoreError::NameTaken(name.to_string())
-            } else {
-                StoreError::Io {
-                    path: tmp,
-                    source: e,
-                }
-            });
-        }
-        let lock = File::open(&tmp).at(&tmp)?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == -1 {
-            return Err(StoreError::NameTaken(name.to_string()));
-        }
+        let staging = backend.stage(name, StageMode::New)?;
         Ok(SnapshotWriter {
-            snapshots: snapshots.to_path_buf(),
-            tmp,
-            name: name.to_string(),
+            staging: Some(staging),
+            name: name.clone(),
             group: group.to_string(),
             geometry,
             created_ns: now_ns(),
             parent,
-            _lock: lock,
             state: Mutex::new(BuildState::default()),
-            finished: false,
         })
     }
 
@@ -152,7 +124,7 @@ impl SnapshotWriter {
     }
 
     /// The snapshot's name.
-    pub fn name(&self) -> &str {
+    pub fn name(&self) -> &SnapshotName {
         &self.name
     }
 
@@ -206,7 +178,7 @@ impl SnapshotWriter {
     /// Store block `block` of `vol` (its exact content: the block size, or less for the last
     /// block of the volume). An all-zero block costs no data: a FULL partition omits it, an
     /// INCREMENTAL one records it as zeros. Safe to call from several threads.
-    pub fn put_block(&self, vol: VolumeHandle, block: u64, data: &[u8]) -> Result<()> {
+    pub fn put_block(&self, vol: VolumeHandle, block: BlockIdx, data: &[u8]) -> Result<()> {
         self.put(vol, block, data, None)
     }
 
@@ -217,7 +189,7 @@ impl SnapshotWriter {
     pub fn put_block_from(
         &self,
         vol: VolumeHandle,
-        block: u64,
+        block: BlockIdx,
         data: &[u8],
         source: &File,
         offset: u64,
@@ -228,10 +200,12 @@ impl SnapshotWriter {
     fn put(
         &self,
         vol: VolumeHandle,
-        block: u64,
+        block: BlockIdx,
         data: &[u8],
         source: Option<(&File, u64)>,
     ) -> Result<()> {
+        let start = self.geometry.block_start(block);
+        let block = block.0;
         let bs = self.geometry.block_size;
         let zero = is_zero(data);
         // Hash outside the lock: it is the costly part.
@@ -250,7 +224,6 @@ impl SnapshotWriter {
             Some(v) => v.meta.size,
             None => return Err(StoreError::Misuse(format!("no volume handle {}", vol.0))),
         };
-        let start = block.saturating_mul(bs);
         if start >= size {
             return Err(StoreError::Misuse(format!(
                 "block {block} is past the end of a volume of {size} bytes"
@@ -275,7 +248,7 @@ impl SnapshotWriter {
         }
         // Reserve the place under the lock, write outside it: a writer's copy-before-write must
         // not queue behind a worker's write that the kernel is throttling.
-        let (pack, offset, file, path) = match self.reserve(&mut st, data.len() as u64, source) {
+        let (pack, offset, sink) = match self.reserve(&mut st, data.len() as u64, source) {
             Ok(x) => x,
             Err(e) => {
                 st.failed = Some(e.to_string());
@@ -283,16 +256,17 @@ impl SnapshotWriter {
             }
         };
         drop(st);
-        let copied = match source {
-            Some((src, at)) if (data.len() as u64).is_multiple_of(ALIGN) => {
-                copy_range(src, at, &file, offset, data.len() as u64)
-            }
-            _ => false,
-        };
-        let written = if copied {
-            Ok(())
-        } else {
-            file.write_all_at(data, offset).at(&path)
+        let written = match source {
+            Some((file, at)) if (data.len() as u64).is_multiple_of(ALIGN) => sink.write_from(
+                offset,
+                BlockSource {
+                    file,
+                    offset: at,
+                    len: data.len() as u64,
+                    bytes: Some(data),
+                },
+            ),
+            _ => sink.write_at(offset, data),
         };
         let mut st = self.state();
         if let Err(e) = written {
@@ -310,30 +284,23 @@ impl SnapshotWriter {
     }
 
     /// Reserve `len` bytes in the current pack (starting a new one when it is full): the pack's
-    /// index, the offset, its file and path.
+    /// index, the offset and the pack.
     fn reserve(
         &self,
         st: &mut BuildState,
         len: u64,
         source: Option<(&File, u64)>,
-    ) -> Result<(u32, u64, Arc<File>, PathBuf)> {
+    ) -> Result<(u32, u64, Arc<dyn PackWrite>)> {
         let need_new = st
             .packs
             .last()
             .is_none_or(|p| align(p.len) + len > PACK_LIMIT);
         if need_new {
             let name = format!("pack-{:06}", st.packs.len());
-            let path = self.tmp.join(&name);
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .at(&path)?;
-            file.write_all_at(&pack_header(), 0).at(&path)?;
+            let sink = self.staging()?.create_pack(&name)?;
+            sink.write_at(0, &pack_header())?;
             st.packs.push(PackOut {
-                file: Arc::new(file),
+                sink,
                 name,
                 len: PACK_HEADER_LEN,
                 flushing: 0,
@@ -350,7 +317,13 @@ impl SnapshotWriter {
             _ => p.len,
         };
         p.len = offset + len;
-        Ok((idx as u32, offset, p.file.clone(), self.tmp.join(&p.name)))
+        Ok((idx as u32, offset, p.sink.clone()))
+    }
+
+    fn staging(&self) -> Result<&dyn Staging> {
+        self.staging
+            .as_deref()
+            .ok_or_else(|| StoreError::Misuse("the build is over".into()))
     }
 
     /// Keep the build's dirty page cache small: once `PACE_CHUNK` bytes were appended since the
@@ -360,7 +333,7 @@ impl SnapshotWriter {
     /// drains (stalls of a second were measured). Call it from capture workers, never from a
     /// user's write: it waits for the disk. The waiting happens outside the state lock.
     pub fn pace(&self) {
-        let (file, start, wait) = {
+        let (sink, start, wait) = {
             let mut st = self.state();
             let Some(p) = st.packs.last_mut() else {
                 return;
@@ -368,32 +341,17 @@ impl SnapshotWriter {
             if p.len - p.flushing < PACE_CHUNK {
                 return;
             }
-            let file = p.file.clone();
+            let sink = p.sink.clone();
             let start = (p.flushing, p.len);
             let wait = (p.flushed, p.flushing);
             p.flushed = p.flushing;
             p.flushing = p.len;
-            (file, start, wait)
+            (sink, start, wait)
         };
-        // Best effort: an error here shows again at the commit's fsync, which decides.
-        // SAFETY: sync_file_range on an fd we own.
-        unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                start.0 as i64,
-                (start.1 - start.0) as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-            if wait.1 > wait.0 {
-                libc::sync_file_range(
-                    file.as_raw_fd(),
-                    wait.0 as i64,
-                    (wait.1 - wait.0) as i64,
-                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                        | libc::SYNC_FILE_RANGE_WRITE
-                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                );
-            }
+        // Hints: an error shows again at the commit's sync, which decides.
+        sink.start_writeback(start.0, start.1);
+        if wait.1 > wait.0 {
+            sink.wait_writeback(wait.0, wait.1);
         }
     }
 
@@ -419,7 +377,7 @@ impl SnapshotWriter {
                     PartitionKind::Incremental => {
                         let Some(pv) = parent_vol else {
                             return Err(StoreError::Chain {
-                                snapshot: self.name.clone(),
+                                snapshot: self.name.to_string(),
                                 why: format!(
                                     "{}: partition {p} is INCREMENTAL but {} has no such volume",
                                     v.meta.path,
@@ -459,8 +417,7 @@ impl SnapshotWriter {
             } else {
                 let file = format!("vol-{i:06}.tbl");
                 let bytes = encode_table(&v.records);
-                let path = self.tmp.join(&file);
-                write_synced(&path, &bytes)?;
+                self.staging()?.write_file(&file, &bytes)?;
                 Some(FileRef {
                     file,
                     len: bytes.len() as u64,
@@ -484,7 +441,7 @@ impl SnapshotWriter {
         }
         let mut packs = Vec::with_capacity(st.packs.len());
         for p in &st.packs {
-            p.file.sync_all().at(self.tmp.join(&p.name))?;
+            p.sink.sync()?;
             packs.push(PackRef {
                 file: p.name.clone(),
                 len: p.len,
@@ -492,7 +449,7 @@ impl SnapshotWriter {
         }
         Ok(Manifest {
             format: FORMAT,
-            name: self.name.clone(),
+            name: self.name.to_string(),
             group: self.group.clone(),
             created_ns: self.created_ns,
             parent: self.parent.as_ref().map(|p| p.name.clone()),
@@ -521,44 +478,19 @@ impl SnapshotWriter {
         };
         let bytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| StoreError::Misuse(format!("manifest does not serialize: {e}")))?;
-        // write_durably also fsyncs the temp dir, making the packs' and tables' names durable.
-        write_durably(&self.tmp.join(MANIFEST), &bytes).at(self.tmp.join(MANIFEST))?;
-        let dest = self.snapshots.join(&self.name);
-        rename_noreplace(&self.tmp, &dest).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                StoreError::NameTaken(self.name.clone())
-            } else {
-                StoreError::Io {
-                    path: dest.clone(),
-                    source: e,
-                }
-            }
-        })?;
-        // Visible from here on: even if the fsync below fails, there is no temp dir to drop.
-        self.finished = true;
-        fsync_dir(&self.snapshots).at(&self.snapshots)?;
+        let staging = self
+            .staging
+            .take()
+            .ok_or_else(|| StoreError::Misuse("the build is over".into()))?;
+        staging.commit(&bytes)?;
         Ok(manifest)
     }
 
     /// Drop everything written so far.
     pub fn abort(mut self) -> Result<()> {
-        self.finished = true;
-        std::fs::remove_dir_all(&self.tmp).at(&self.tmp)?;
-        fsync_dir(&self.snapshots).at(&self.snapshots)
-    }
-}
-
-impl Drop for SnapshotWriter {
-    fn drop(&mut self) {
-        if !self.finished {
-            // Best effort: whatever is left is swept at the next Store::open.
-            if let Err(e) = std::fs::remove_dir_all(&self.tmp) {
-                warn!(
-                    "snapshot {:?} not committed; removing {}: {e}",
-                    self.name,
-                    self.tmp.display()
-                );
-            }
+        match self.staging.take() {
+            Some(s) => s.abort(),
+            None => Ok(()),
         }
     }
 }
@@ -570,56 +502,11 @@ fn align(x: u64) -> u64 {
     x.div_ceil(ALIGN) * ALIGN
 }
 
-/// Copy `len` bytes with copy_file_range; false if the kernel or filesystem cannot (the caller
-/// writes the bytes itself then, over whatever part was copied).
-fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> bool {
-    let mut done = 0;
-    while done < len {
-        match crate::sys::copy_file_range(
-            src.as_raw_fd(),
-            src_off + done,
-            dst.as_raw_fd(),
-            dst_off + done,
-            len - done,
-        ) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => done += n,
-        }
-    }
-    true
-}
-
 /// Whether every byte is zero (word at a time).
 fn is_zero(data: &[u8]) -> bool {
     // SAFETY: u64 has no invalid bit patterns; align_to splits at valid boundaries.
     let (head, mid, tail) = unsafe { data.align_to::<u64>() };
     head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .at(path)?;
-    f.write_all_at(bytes, 0).at(path)?;
-    f.sync_all().at(path)
-}
-
-pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    };
-    crate::sys::renameat2(
-        libc::AT_FDCWD,
-        &c(from)?,
-        libc::AT_FDCWD,
-        &c(to)?,
-        libc::RENAME_NOREPLACE,
-    )
 }
 
 #[cfg(test)]

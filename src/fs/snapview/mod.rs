@@ -42,8 +42,8 @@ use super::{
     permits, sys, system_time, Attr, Caller, DirEntry, Entry, FileKind, FsError, FsResult, Opened,
     Validity, READ_BUF,
 };
-use crate::ids::VolumeId;
-use crate::store::{check_name, EntryKind, Manifest, Store, StoreError, VolumeReader};
+use crate::ids::{SnapshotName, VolumeId};
+use crate::store::{EntryKind, Manifest, Store, StoreError, VolumeReader};
 use plan::Plan;
 
 /// Name of the view's directory in the mount root.
@@ -251,7 +251,7 @@ impl SnapView {
     /// The tree of snapshot `name`, loaded from its manifest unless already loaded for the
     /// snapshot the name means now.
     fn tree(&self, name: &str) -> FsResult<Arc<Tree>> {
-        check_name(name)?;
+        let parsed = SnapshotName::parse(name).map_err(StoreError::from)?;
         let dir = match self.dir_id(name) {
             Ok(d) => d,
             Err(e) => {
@@ -265,7 +265,7 @@ impl SnapView {
                 return Ok(t.clone());
             }
         }
-        let m = self.store.manifest(name)?;
+        let m = self.store.manifest(&parsed)?;
         if let Some((_, t)) = known {
             if t.created_ns == m.created_ns {
                 // The same snapshot in a rewritten directory: its content is the same, and so
@@ -365,7 +365,9 @@ impl SnapView {
         if let Some(r) = lock(&self.readers).get(&key).and_then(Weak::upgrade) {
             return Ok(r);
         }
-        let m = self.store.manifest(&tree.name)?;
+        let m = self
+            .store
+            .manifest(&SnapshotName::parse(&tree.name).map_err(StoreError::from)?)?;
         if m.created_ns != tree.created_ns {
             // The name means a newer snapshot now: this file's snapshot was deleted.
             return Err(StoreError::NotFound(tree.name.clone()).into());
