@@ -13,8 +13,9 @@ use super::CliError;
 use crate::config::Config;
 use crate::control::{self, Request, Response};
 use crate::ids::SnapshotName;
-use crate::snapshot::{utc_stamp, CreateReport, CreateRequest};
+use crate::snapshot::{CreateReport, CreateRequest};
 use crate::store::{Store, VerifyReport};
+use crate::sys::utc_stamp;
 
 /// Arguments of `grainfs snapshot`.
 #[derive(Debug, ClapArgs)]

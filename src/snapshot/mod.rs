@@ -14,7 +14,9 @@
 pub mod capture;
 pub mod deferred;
 pub mod group;
+mod plan;
 pub mod recover;
+mod report;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -24,83 +26,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use serde::{Deserialize, Serialize};
 
 use crate::config::{GroupConfig, PolicyConfig};
-use crate::ids::{Geometry, SnapshotName, VolumeId};
-use crate::policy::{self, Decision, Kind, PartitionState};
+use crate::ids::{SnapshotName, VolumeId};
+use crate::policy::{self, Decision, Kind};
 use crate::store::{Manifest, PartitionKind, SnapshotWriter, Store, StoreError, VolumeMeta};
 use crate::sys;
-use crate::sys::now_ns;
-use crate::track::bitmap::{count_words_range, for_words};
+use crate::sys::{now_ns, utc_stamp};
 use crate::track::{ChangeMap, Taken, Tracker, Volume};
 use capture::{BlockAction, Capture, CaptureSpec, CaptureStats, Failure};
 use group::{GroupTree, Selection, ALL};
+use plan::{pending_blocks, plan, taken_view};
+use report::partition_report;
+pub use report::{CreateReport, CreateRequest, PartitionReport, VolumeReport};
 
 /// How often the engine retries a barrier when the group's files changed between its walk
 /// and the barrier (a file created or renamed in between).
 const BARRIER_ATTEMPTS: usize = 5;
-
-/// `grainfs snapshot create`, as sent to the daemon.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct CreateRequest {
-    /// A group of the config (or `all`); None with no paths means `all`.
-    pub group: Option<String>,
-    /// Path globs relative to the backing dir, instead of a group.
-    #[serde(default)]
-    pub paths: Vec<String>,
-    pub name: Option<SnapshotName>,
-    #[serde(default)]
-    pub dry_run: bool,
-}
-
-/// One partition of a volume in a plan or a snapshot.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PartitionReport {
-    pub index: u64,
-    /// FULL or INCREMENTAL.
-    pub kind: String,
-    pub rescan: bool,
-    pub reason: String,
-}
-
-/// One volume of a plan or a snapshot.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VolumeReport {
-    pub path: String,
-    pub size: u64,
-    /// FULL, INCREMENTAL or HYBRID.
-    pub kind: String,
-    /// Bytes of block data stored (0 in a dry run).
-    pub stored_bytes: u64,
-    pub partitions: Vec<PartitionReport>,
-}
-
-/// What `snapshot create` did (or, with `dry_run`, would do).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct CreateReport {
-    pub name: String,
-    pub group: String,
-    pub parent: Option<String>,
-    pub dry_run: bool,
-    /// The snapshot's instant.
-    pub created_ns: u64,
-    /// How long writers of the group were held at the barrier.
-    pub barrier_us: u64,
-    /// From the barrier to the commit.
-    pub capture_ms: u64,
-    pub volumes: Vec<VolumeReport>,
-    pub stored_bytes: u64,
-    pub logical_bytes: u64,
-    /// Blocks saved by writers (copy-before-write) and by the capture workers.
-    pub blocks_by_writers: u64,
-    pub blocks_by_workers: u64,
-    /// Writes parked until their blocks were saved (their writers did not copy them).
-    #[serde(default)]
-    pub writes_deferred: u64,
-    /// Blocks of rescanned partitions found unchanged.
-    pub blocks_unchanged: u64,
-}
 
 /// Why a snapshot operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -836,102 +778,6 @@ impl Engine {
     }
 }
 
-/// What a barrier would take from `v` now (for a dry run).
-fn taken_view(v: &Volume, map: &ChangeMap) -> Taken {
-    let blocks = map.size.div_ceil(map.block_size);
-    let mut bits = vec![0u64; blocks.div_ceil(64) as usize];
-    for b in 0..blocks {
-        if v.is_dirty(b) {
-            bits[(b / 64) as usize] |= 1 << (b % 64);
-        }
-    }
-    Taken {
-        id: v.id,
-        counts: Vec::new(),
-        bits,
-        unknown_all: map.unknown_all,
-        unknown: map.unknown_partitions.iter().copied().collect(),
-        size: map.size,
-        low_water: map.low_water,
-    }
-}
-
-fn partition_report(d: &Decision) -> PartitionReport {
-    PartitionReport {
-        index: d.partition,
-        kind: match d.kind {
-            Kind::Full => "FULL",
-            Kind::Incremental => "INCREMENTAL",
-        }
-        .to_string(),
-        rescan: d.rescan,
-        reason: d.reason.clone(),
-    }
-}
-
-/// The policy's decision for every partition of a volume of `size` bytes, from what the
-/// barrier took. `base_ok`: the dirty bits are relative to `parent` (otherwise every partition
-/// the parent has is rescanned, unless a FULL rule applies).
-fn plan(
-    t: &Taken,
-    size: u64,
-    g: Geometry,
-    map: &ChangeMap,
-    base_ok: bool,
-    parent: Option<&Manifest>,
-    policy_config: &PolicyConfig,
-) -> Vec<Decision> {
-    let bpp = g.blocks_per_partition();
-    let nblocks = g.blocks(size);
-    let parent_vol = parent.and_then(|m| m.volume(t.id));
-    (0..g.partitions(size))
-        .map(|p| {
-            let first = p * bpp;
-            let end = (first + bpp).min(nblocks);
-            let dirty = count_words_range(&t.bits, first, end);
-            let state = PartitionState {
-                partition: p,
-                blocks: end - first,
-                dirty_blocks: dirty,
-                change_rate: map
-                    .partitions
-                    .get(p as usize)
-                    .map_or(0.0, |m| m.change_rate),
-                unknown: t.unknown_all || t.unknown.contains(&p) || !base_ok,
-                parent_depth: parent_vol
-                    .and_then(|v| v.partitions.get(p as usize))
-                    .map(|e| e.depth),
-            };
-            let mut d = policy::decide(&state, policy_config);
-            if d.rescan && !base_ok && !(t.unknown_all || t.unknown.contains(&p)) {
-                d.reason = format!(
-                    "the change map is not relative to the parent {:?} (a snapshot of another group, or a deleted one, came in between): blocks are hashed and only those that differ are stored",
-                    parent.map_or("", |m| m.name.as_str())
-                );
-            }
-            d
-        })
-        .collect()
-}
-
-/// The blocks a capture must copy: every block of FULL and rescanned partitions, the taken
-/// dirty blocks of INCREMENTAL ones.
-fn pending_blocks(t: &Taken, size: u64, g: Geometry, plan: &[Decision]) -> Vec<u64> {
-    let nblocks = g.blocks(size);
-    let bpp = g.blocks_per_partition();
-    let mut words = vec![0u64; nblocks.div_ceil(64) as usize];
-    for d in plan {
-        let first = d.partition * bpp;
-        let end = (first + bpp).min(nblocks);
-        let all = d.kind == Kind::Full || d.rescan;
-        for_words(first, end, |w, mask| {
-            let taken = t.bits.get(w).copied().unwrap_or(0);
-            words[w] |= if all { mask } else { taken & mask };
-        });
-    }
-    words
-}
-
 /// Detach the captures from their volumes and wait for writers inside the gates to leave, so
 /// that no writer still holds a capture (and with it the store writer).
 fn detach(captures: &[(Arc<Volume>, Arc<Capture>)]) {
@@ -944,39 +790,5 @@ fn detach(captures: &[(Arc<Volume>, Arc<Capture>)]) {
     }
     for (v, _) in captures {
         v.drain();
-    }
-}
-
-/// `YYYYMMDDTHHMMSSZ` for a Unix time (UTC), as snapshot names use it.
-pub fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_stamps_are_civil_dates() {
-        assert_eq!(utc_stamp(0), "19700101T000000Z");
-        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
-        assert_eq!(utc_stamp(1_795_000_000 + 3_723), "20261118T120843Z");
     }
 }

@@ -19,9 +19,8 @@ use log::info;
 use serde::Serialize;
 
 use super::deferred::{Journal, JournalHeader, DIR};
-use super::utc_stamp;
 use crate::ids::VolumeId;
-use crate::sys::{self, FileIdentity};
+use crate::sys::{self, utc_stamp, FileIdentity};
 use crate::sys::{fsync_dir, now_ns, write_durably};
 
 /// Where parked writes that could not be replayed are kept, in the store.
