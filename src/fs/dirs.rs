@@ -7,35 +7,45 @@
 use super::*;
 
 impl OverlayFs {
-    // ---- directories ----
+    // ---- directories: each forwarded to the tree that owns its inode or handle ----
 
     /// Open a directory and read its entries.
     pub fn opendir(&self, ino: u64) -> FsResult<Opened> {
-        if let Some(v) = self.snap(ino) {
-            return v.opendir(ino, self.new_fh() | SNAP_FH);
-        }
-        let inode = self.inodes.get(ino)?;
-        if inode.kind != FileKind::Directory {
-            return Err(FsError::backing("opendir")(
-                std::io::Error::from_raw_os_error(libc::ENOTDIR),
-            ));
-        }
-        let fd = sys::reopen(inode.raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
-            .map_err(FsError::backing("opendir"))?;
-        let file = File::from(fd);
-        let entries = self.read_entries(&inode, &file)?;
-        let fh = self.new_fh();
-        self.dirs.insert(
-            fh,
-            DirHandle {
-                file,
-                listing: DirListing::new(entries),
-            },
-        );
-        Ok(Opened {
-            fh,
-            keep_cache: false,
-        })
+        self.tree(ino).opendir(ino)
+    }
+
+    /// Directory entries from `offset`; `add` returns true when the reply buffer is full.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(DirEntry) -> bool,
+    ) -> FsResult<()> {
+        self.tree(ino).readdir(ino, fh, offset, &mut add)
+    }
+
+    /// Like readdir, but each entry is also looked up (one kernel reference per entry sent).
+    /// `add` gets the entry and its attributes; it returns true when the buffer is full, and
+    /// then the reference of the entry that did not fit is dropped again.
+    pub fn readdirplus(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(DirEntry, Option<&Entry>) -> bool,
+    ) -> FsResult<()> {
+        self.tree(ino).readdirplus(ino, fh, offset, &mut add)
+    }
+
+    /// Close a directory handle.
+    pub fn releasedir(&self, fh: u64) -> FsResult<()> {
+        self.tree_fh(fh).releasedir(fh)
+    }
+
+    /// fsync a directory.
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        self.tree_fh(fh).fsyncdir(fh, datasync)
     }
 
     pub(super) fn read_entries(&self, dir: &Inode, file: &File) -> FsResult<Listing> {
@@ -87,18 +97,41 @@ impl OverlayFs {
         }
         Ok(out)
     }
+}
 
-    /// Directory entries from `offset`; `add` returns true when the reply buffer is full.
-    pub fn readdir(
+impl Dirs for Live<'_> {
+    fn opendir(&self, ino: u64) -> FsResult<Opened> {
+        let inode = self.inodes.get(ino)?;
+        if inode.kind != FileKind::Directory {
+            return Err(FsError::backing("opendir")(
+                std::io::Error::from_raw_os_error(libc::ENOTDIR),
+            ));
+        }
+        let fd = sys::reopen(inode.raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+            .map_err(FsError::backing("opendir"))?;
+        let file = File::from(fd);
+        let entries = self.read_entries(&inode, &file)?;
+        let fh = self.new_fh();
+        self.dirs.insert(
+            fh,
+            DirHandle {
+                file,
+                listing: DirListing::new(entries),
+            },
+        );
+        Ok(Opened {
+            fh,
+            keep_cache: false,
+        })
+    }
+
+    fn readdir(
         &self,
         ino: u64,
         fh: u64,
         offset: u64,
-        mut add: impl FnMut(DirEntry) -> bool,
+        add: &mut dyn FnMut(DirEntry) -> bool,
     ) -> FsResult<()> {
-        if let Some(v) = self.snap(ino) {
-            return v.readdir(ino, fh, offset, false, |d, _| add(d));
-        }
         let dir = self.dirs.get(fh)?;
         let inode = self.inodes.get(ino)?;
         let entries = dir
@@ -119,19 +152,13 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// Like readdir, but each entry is also looked up (one kernel reference per entry sent).
-    /// `add` gets the entry and its attributes; it returns true when the buffer is full, and
-    /// then the reference of the entry that did not fit is dropped again.
-    pub fn readdirplus(
+    fn readdirplus(
         &self,
         ino: u64,
         fh: u64,
         offset: u64,
-        mut add: impl FnMut(DirEntry, Option<&Entry>) -> bool,
+        add: &mut dyn FnMut(DirEntry, Option<&Entry>) -> bool,
     ) -> FsResult<()> {
-        if let Some(v) = self.snap(ino) {
-            return v.readdir(ino, fh, offset, true, add);
-        }
         let dir = self.dirs.get(fh)?;
         let inode = self.inodes.get(ino)?;
         let entries = dir
@@ -165,19 +192,11 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// Close a directory handle.
-    pub fn releasedir(&self, fh: u64) -> FsResult<()> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.releasedir(fh);
-        }
+    fn releasedir(&self, fh: u64) -> FsResult<()> {
         self.dirs.remove(fh)
     }
 
-    /// fsync a directory.
-    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.check_handle(fh);
-        }
+    fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let d = self.dirs.get(fh)?;
         sys::fsync(d.file.as_raw_fd(), datasync).map_err(FsError::backing("fsyncdir"))
     }
