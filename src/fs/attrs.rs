@@ -1,5 +1,7 @@
 //! Attributes of the live tree: getattr, setattr (chmod, chown, truncate, utimens), statfs,
-//! xattrs and access, and the permission check the snapshot view shares (`permits`).
+//! xattrs and access (`Attrs for Live`), after the public operations that forward each call to
+//! the tree owning its inode (`tree.rs`; statfs alone is not routed), and the permission check
+//! the snapshot view shares (`permits`).
 //!
 //! Every change here runs inside the write gate of the volume it touches (`gate.rs`); it must
 //! never follow a symlink (xattrs on one are refused rather than set on its target).

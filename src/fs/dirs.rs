@@ -1,5 +1,6 @@
 //! Directories of the live tree: open, list (readdir and readdirplus, with the store hidden and
-//! `.snapshots` shown in the root), fsync, release.
+//! `.snapshots` shown in the root), fsync, release (`Dirs for Live`), after the public
+//! operations that forward each call to the tree owning its inode or handle (`tree.rs`).
 //!
 //! A listing is read at opendir and at each rewind, never per readdir call; it must never list
 //! the store, nor a backing entry that `.snapshots` shadows.

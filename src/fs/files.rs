@@ -1,6 +1,8 @@
 //! Operations on regular files of the live tree: open, create, read, write, fsync, fallocate,
-//! lseek, copy_file_range, release. Every content change goes through the write gate
-//! (`gate.rs`); a read only waits for writes parked on its range during a capture.
+//! lseek, copy_file_range, release (`Files for Live`), after the public operations that forward
+//! each call to the tree owning its inode or handle (`tree.rs`). Every content change goes
+//! through the write gate (`gate.rs`); a read only waits for writes parked on its range during
+//! a capture.
 //!
 //! It must never write to the backing file outside the gate, and never hand the backing open
 //! a flag that breaks tracking (`STRIPPED_OPEN_FLAGS`).
