@@ -13,7 +13,8 @@ use common::{Overlay, ROOT, STORE};
 use grainfs::fs::inode::{ROOT_INO, SNAPVIEW};
 use grainfs::fs::snapview::SNAPDIR_INO;
 use grainfs::fs::{
-    Attr, Caller, DirEntry, Entry, FileKind, FsError, SetAttr, SetTime, Validity, Xattr,
+    Attr, Caller, Changed, DirEntry, Entry, FileKind, FsError, OverlayFs, SetAttr, SetTime,
+    Validity, WriteBy, Xattr,
 };
 use grainfs::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
 use grainfs::store::{EntryKind, NamespaceEntry, PartitionKind, Store, VolumeMeta};
@@ -1154,4 +1155,224 @@ fn the_snapshot_view_reads_and_refuses_every_change() {
     f.fs.release(lo.fh).unwrap();
     assert_eq!(errno(f.fs.flush(o.fh)), libc::EBADF);
     assert_eq!(errno(f.fs.release(o.fh)), libc::EBADF);
+}
+
+/// A change through the public API naming view inode `v`; `live` is a live regular file and
+/// `live_fh` a writable handle on it, for the changes that name a second inode or handle.
+type InodeChange = fn(&OverlayFs, u64, u64, u64) -> Result<(), FsError>;
+
+/// A change through view handle `fh`, open on view inode `ino`; `live_fh` as above.
+type HandleChange = fn(&OverlayFs, u64, u64, u64) -> Result<(), FsError>;
+
+/// A `Changed` result, which must not tell the kernel to drop a mode it never changed.
+fn unchanged<T>(c: Changed<T>) -> Result<(), FsError> {
+    assert!(!c.mode_stale, "a refused change left the mode stale");
+    c.result.map(drop)
+}
+
+#[test]
+fn every_change_to_a_view_inode_or_handle_is_erofs_whichever_side_it_names() {
+    let f = snap_fixture(true);
+    let s1 = lookup(&f, SNAPDIR_INO, "s1").attr.ino;
+    let vms = lookup(&f, s1, "vms").attr.ino;
+    let a = lookup(&f, vms, "a.img").attr.ino;
+    let cur = lookup(&f, vms, "cur").attr.ino;
+    let live = lookup(&f, ROOT_INO, "live.txt").attr.ino;
+    let live_fh = f.fs.open(live, libc::O_RDWR).unwrap().fh;
+    let n = OsStr::new;
+    let by = WriteBy {
+        caller: ROOT,
+        kill_suidgid: true,
+        open_flags: libc::O_RDWR,
+    };
+
+    let inode_changes: Vec<(&str, InodeChange)> = vec![
+        ("chmod", |fs, v, _, _| {
+            let set = SetAttr {
+                mode: Some(0o777),
+                ..SetAttr::default()
+            };
+            fs.setattr(v, &set).map(drop)
+        }),
+        ("chown", |fs, v, _, _| {
+            let set = SetAttr {
+                uid: Some(1000),
+                gid: Some(1000),
+                ..SetAttr::default()
+            };
+            fs.setattr(v, &set).map(drop)
+        }),
+        ("truncate", |fs, v, _, _| {
+            let set = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            fs.setattr(v, &set).map(drop)
+        }),
+        ("utimens", |fs, v, _, _| {
+            let set = SetAttr {
+                atime: Some(SetTime::Now),
+                mtime: Some(SetTime::At(UNIX_EPOCH)),
+                ..SetAttr::default()
+            };
+            fs.setattr(v, &set).map(drop)
+        }),
+        ("truncate by a caller", |fs, v, _, _| {
+            let set = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            unchanged(fs.setattr_by(ROOT, v, &set))
+        }),
+        ("setxattr", |fs, v, _, _| {
+            fs.setxattr(v, OsStr::new("user.x"), b"1", 0)
+        }),
+        ("removexattr", |fs, v, _, _| {
+            fs.removexattr(v, OsStr::new("user.x"))
+        }),
+        ("access W_OK", |fs, v, _, _| fs.access(ROOT, v, libc::W_OK)),
+        ("open O_WRONLY", |fs, v, _, _| {
+            fs.open(v, libc::O_WRONLY).map(drop)
+        }),
+        ("open O_RDWR", |fs, v, _, _| {
+            fs.open(v, libc::O_RDWR).map(drop)
+        }),
+        ("open O_TRUNC", |fs, v, _, _| {
+            fs.open(v, libc::O_RDONLY | libc::O_TRUNC).map(drop)
+        }),
+        ("open O_TRUNC by a caller", |fs, v, _, _| {
+            let c = fs.open_by(ROOT, v, libc::O_WRONLY | libc::O_TRUNC);
+            c.result.map(drop)
+        }),
+        ("create in", |fs, v, _, _| {
+            fs.create(ROOT, v, OsStr::new("new"), 0o644, 0, libc::O_WRONLY)
+                .map(drop)
+        }),
+        ("mknod in", |fs, v, _, _| {
+            fs.mknod(ROOT, v, OsStr::new("p"), libc::S_IFIFO | 0o644, 0, 0)
+                .map(drop)
+        }),
+        ("mkdir in", |fs, v, _, _| {
+            fs.mkdir(ROOT, v, OsStr::new("d"), 0o755, 0).map(drop)
+        }),
+        ("symlink in", |fs, v, _, _| {
+            fs.symlink(ROOT, v, OsStr::new("l"), Path::new("x"))
+                .map(drop)
+        }),
+        ("unlink in", |fs, v, _, _| fs.unlink(v, OsStr::new("a.img"))),
+        ("rmdir in", |fs, v, _, _| fs.rmdir(v, OsStr::new("vms"))),
+        ("rename inside", |fs, v, _, _| {
+            fs.rename(v, OsStr::new("a.img"), v, OsStr::new("b"), 0)
+        }),
+        ("rename out of", |fs, v, _, _| {
+            fs.rename(v, OsStr::new("a.img"), ROOT_INO, OsStr::new("b"), 0)
+        }),
+        ("rename into", |fs, v, _, _| {
+            fs.rename(ROOT_INO, OsStr::new("live.txt"), v, OsStr::new("b"), 0)
+        }),
+        ("rename exchange with", |fs, v, _, _| {
+            let flags = libc::RENAME_EXCHANGE;
+            fs.rename(
+                ROOT_INO,
+                OsStr::new("live.txt"),
+                v,
+                OsStr::new("a.img"),
+                flags,
+            )
+        }),
+        ("link it out", |fs, v, _, _| {
+            fs.link(v, ROOT_INO, OsStr::new("hl")).map(drop)
+        }),
+        ("link into", |fs, v, live, _| {
+            fs.link(live, v, OsStr::new("hl")).map(drop)
+        }),
+    ];
+    let handle_changes: Vec<(&str, HandleChange)> = vec![
+        ("write", |fs, fh, _, _| fs.write(fh, 0, b"x").map(drop)),
+        ("write whole", |fs, fh, _, _| {
+            fs.write_whole(fh, 0, b"x").map(drop)
+        }),
+        ("write by a caller", |fs, fh, ino, _| {
+            let by = WriteBy {
+                caller: ROOT,
+                kill_suidgid: true,
+                open_flags: libc::O_DIRECT,
+            };
+            unchanged(fs.write_by(by, ino, fh, 0, b"x"))
+        }),
+        ("fallocate", |fs, fh, _, _| fs.fallocate(fh, 0, 10, 0)),
+        ("punch hole", |fs, fh, _, _| {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            fs.fallocate(fh, 0, 4, mode)
+        }),
+        ("fallocate by a caller", |fs, fh, ino, _| {
+            unchanged(fs.fallocate_by(ROOT, ino, fh, 0, 10, 0))
+        }),
+        ("copy into from the live tree", |fs, fh, _, live_fh| {
+            fs.copy_file_range(live_fh, 0, fh, 0, 4).map(drop)
+        }),
+        ("copy into from itself", |fs, fh, _, _| {
+            fs.copy_file_range(fh, 0, fh, 8, 4).map(drop)
+        }),
+        ("copy into by a caller", |fs, fh, ino, live_fh| {
+            unchanged(fs.copy_file_range_by(ROOT, live_fh, 0, ino, fh, 0, 4))
+        }),
+    ];
+
+    let view_inodes = [SNAPDIR_INO, s1, vms, a, cur];
+    let file = f.fs.open(a, libc::O_RDONLY).unwrap().fh;
+    let mut handles = vec![(file, a)];
+    for d in [SNAPDIR_INO, s1, vms] {
+        handles.push((f.fs.opendir(d).unwrap().fh, d));
+    }
+    let attrs_before: Vec<Attr> = view_inodes
+        .iter()
+        .map(|&v| f.fs.getattr(v, None).unwrap())
+        .collect();
+    let backing_before = std::fs::read_dir(&f.backing).unwrap().count();
+    let counted = f.fs.inode_count();
+
+    for (what, change) in &inode_changes {
+        for &v in &view_inodes {
+            let e = errno(change(&f.fs, v, live, live_fh));
+            assert_eq!(e, libc::EROFS, "{what} on view inode {v:#x}");
+        }
+    }
+    for (what, change) in &handle_changes {
+        for &(fh, ino) in &handles {
+            let e = errno(change(&f.fs, fh, ino, live_fh));
+            assert_eq!(e, libc::EROFS, "{what} through view handle {fh:#x}");
+        }
+    }
+    // The live tree answers what it would answer anyway, so the EROFS above is the view's.
+    unchanged(f.fs.write_by(by, live, live_fh, 0, b"L")).unwrap();
+    assert_eq!(std::fs::read(f.backing.join("live.txt")).unwrap(), b"Live");
+    assert_eq!(
+        errno(f.fs.rename(live, n("x"), ROOT_INO, n("y"), 0)),
+        libc::ENOTDIR
+    );
+
+    // Nothing changed, in the view or behind it.
+    let attrs_after: Vec<Attr> = view_inodes
+        .iter()
+        .map(|&v| f.fs.getattr(v, None).unwrap())
+        .collect();
+    assert_eq!(attrs_after, attrs_before);
+    assert_eq!(read_all(&f, file, 0, 4096), SNAP_CONTENT);
+    let names: Vec<String> = list(&f, vms)
+        .iter()
+        .map(|d| d.name.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, [".", "..", "a.img", "cur"]);
+    assert_eq!(
+        std::fs::read_dir(&f.backing).unwrap().count(),
+        backing_before,
+        "no name made or removed in the backing dir"
+    );
+    assert_eq!(f.fs.inode_count(), counted, "no reference taken");
+    for (fh, _) in handles.into_iter().skip(1) {
+        f.fs.releasedir(fh).unwrap();
+    }
+    f.fs.release(file).unwrap();
+    f.fs.release(live_fh).unwrap();
 }

@@ -1,5 +1,7 @@
 //! Attributes of the live tree: getattr, setattr (chmod, chown, truncate, utimens), statfs,
-//! xattrs and access, and the permission check the snapshot view shares (`permits`).
+//! xattrs and access (`Attrs for Live`), after the public operations that forward each call to
+//! the tree owning its inode (`tree.rs`; statfs alone is not routed), and the permission check
+//! the snapshot view shares (`permits`).
 //!
 //! Every change here runs inside the write gate of the volume it touches (`gate.rs`); it must
 //! never follow a symlink (xattrs on one are refused rather than set on its target).
@@ -7,11 +9,77 @@
 use super::*;
 
 impl OverlayFs {
+    // ---- attributes: each forwarded to the tree that owns its inode ----
+
     /// Attributes of an inode, through its open handle when the kernel gives one.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
-        if let Some(v) = self.snap(ino) {
-            return v.getattr(ino);
+        self.tree(ino).getattr(ino, fh)
+    }
+
+    /// chmod, chown, truncate and utimens, in that order; returns the new attributes.
+    pub fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        self.tree(ino).setattr(ino, set)
+    }
+
+    /// getxattr: with size 0, the size of the value.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Xattr> {
+        self.tree(ino).getxattr(ino, name, size)
+    }
+
+    /// listxattr: with size 0, the size of the list.
+    pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<Xattr> {
+        self.tree(ino).listxattr(ino, size)
+    }
+
+    /// setxattr with XATTR_CREATE / XATTR_REPLACE passed through.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        self.tree(ino).setxattr(ino, name, value, flags)
+    }
+
+    /// removexattr.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        self.tree(ino).removexattr(ino, name)
+    }
+
+    /// access(2): checked against the inode's mode for the caller (the kernel normally does
+    /// this itself under `default_permissions`, so this is only reached without it).
+    pub fn access(&self, caller: Caller, ino: u64, mask: i32) -> FsResult<()> {
+        self.tree(ino).access(caller, ino, mask)
+    }
+
+    /// statfs of the backing filesystem. Not routed: the view's inodes (and unknown ones) get
+    /// the backing filesystem's figures too.
+    pub fn statfs(&self, ino: u64) -> FsResult<StatFs> {
+        let inode = self
+            .inodes
+            .get(ino)
+            .or_else(|_| self.inodes.get(ROOT_INO))?;
+        let s = sys::fstatfs(inode.raw_fd()).map_err(FsError::backing("statfs"))?;
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namemax as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    pub(super) fn xattr_target(&self, ino: u64) -> FsResult<Arc<Inode>> {
+        let inode = self.inodes.get(ino)?;
+        // Through /proc/self/fd a symlink would be followed; Linux allows no user xattrs on
+        // symlinks anyway, so refuse rather than touch the target.
+        if inode.kind == FileKind::Symlink {
+            return Err(FsError::NotSupported);
         }
+        Ok(inode)
+    }
+}
+
+impl Attrs for Live<'_> {
+    fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
         if let Some(fh) = fh {
             if let Ok(h) = self.files.get(fh) {
                 let st = sys::fstat(h.file.as_raw_fd()).map_err(FsError::backing("getattr"))?;
@@ -23,9 +91,7 @@ impl OverlayFs {
         Ok(Attr::from_stat(ino, &st))
     }
 
-    /// chmod, chown, truncate and utimens, in that order; returns the new attributes.
-    pub fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
-        Self::refuse_snap(&[ino])?;
+    fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
         let inode = self.inodes.get(ino)?;
         let handle = match set.fh {
             Some(fh) => self.files.get(fh).ok(),
@@ -102,46 +168,7 @@ impl OverlayFs {
         Ok(Attr::from_stat(ino, &st))
     }
 
-    // ---- whole filesystem, xattrs, access ----
-
-    /// statfs of the backing filesystem.
-    pub fn statfs(&self, ino: u64) -> FsResult<StatFs> {
-        // The snapshot view's inodes (and unknown ones) get the backing filesystem's figures.
-        let inode = self
-            .inodes
-            .get(ino)
-            .or_else(|_| self.inodes.get(ROOT_INO))?;
-        let s = sys::fstatfs(inode.raw_fd()).map_err(FsError::backing("statfs"))?;
-        Ok(StatFs {
-            blocks: s.f_blocks,
-            bfree: s.f_bfree,
-            bavail: s.f_bavail,
-            files: s.f_files,
-            ffree: s.f_ffree,
-            bsize: s.f_bsize as u32,
-            namelen: s.f_namemax as u32,
-            frsize: s.f_frsize as u32,
-        })
-    }
-
-    pub(super) fn xattr_target(&self, ino: u64) -> FsResult<Arc<Inode>> {
-        let inode = self.inodes.get(ino)?;
-        // Through /proc/self/fd a symlink would be followed; Linux allows no user xattrs on
-        // symlinks anyway, so refuse rather than touch the target.
-        if inode.kind == FileKind::Symlink {
-            return Err(FsError::NotSupported);
-        }
-        Ok(inode)
-    }
-
-    /// getxattr: with size 0, the size of the value.
-    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Xattr> {
-        if self.snap(ino).is_some() {
-            // Snapshots record no xattrs.
-            return Err(FsError::backing("getxattr")(
-                std::io::Error::from_raw_os_error(libc::ENODATA),
-            ));
-        }
+    fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Xattr> {
         let inode = self.xattr_target(ino)?;
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
         let mut buf = vec![0u8; size as usize];
@@ -154,20 +181,16 @@ impl OverlayFs {
         Ok(Xattr::Data(buf))
     }
 
-    /// listxattr: with size 0, the size of the list.
-    pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<Xattr> {
-        // Symlinks (no user xattrs on Linux) and the snapshot view (none recorded) list none.
-        let inode = match self.snap(ino) {
-            Some(_) => None,
-            None => Some(self.inodes.get(ino)?).filter(|i| i.kind != FileKind::Symlink),
-        };
-        let Some(inode) = inode else {
+    fn listxattr(&self, ino: u64, size: u32) -> FsResult<Xattr> {
+        // Symlinks list none: Linux allows them no user xattrs.
+        let inode = self.inodes.get(ino)?;
+        if inode.kind == FileKind::Symlink {
             return Ok(if size == 0 {
                 Xattr::Size(0)
             } else {
                 Xattr::Data(Vec::new())
             });
-        };
+        }
         let mut buf = vec![0u8; size as usize];
         let n = sys::listxattr(inode.raw_fd(), &mut buf).map_err(FsError::backing("listxattr"))?;
         if size == 0 {
@@ -177,9 +200,7 @@ impl OverlayFs {
         Ok(Xattr::Data(buf))
     }
 
-    /// setxattr with XATTR_CREATE / XATTR_REPLACE passed through.
-    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
-        Self::refuse_snap(&[ino])?;
+    fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let inode = self.xattr_target(ino)?;
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
         if name.as_bytes().starts_with(b"security.") && crate::track::any_capture() {
@@ -193,9 +214,7 @@ impl OverlayFs {
         })
     }
 
-    /// removexattr.
-    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
-        Self::refuse_snap(&[ino])?;
+    fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         let inode = self.xattr_target(ino)?;
         let c = CString::new(name.as_bytes()).map_err(|_| FsError::NotSupported)?;
         self.metadata_change(&[inode.key], || {
@@ -203,12 +222,7 @@ impl OverlayFs {
         })
     }
 
-    /// access(2): checked against the inode's mode for the caller (the kernel normally does
-    /// this itself under `default_permissions`, so this is only reached without it).
-    pub fn access(&self, caller: Caller, ino: u64, mask: i32) -> FsResult<()> {
-        if let Some(v) = self.snap(ino) {
-            return v.access(caller, ino, mask);
-        }
+    fn access(&self, caller: Caller, ino: u64, mask: i32) -> FsResult<()> {
         let inode = self.inodes.get(ino)?;
         let st = self.stat_of(&inode)?;
         permits(caller, inode.kind, st.st_mode, st.st_uid, st.st_gid, mask)

@@ -1,5 +1,6 @@
 //! Directories of the live tree: open, list (readdir and readdirplus, with the store hidden and
-//! `.snapshots` shown in the root), fsync, release.
+//! `.snapshots` shown in the root), fsync, release (`Dirs for Live`), after the public
+//! operations that forward each call to the tree owning its inode or handle (`tree.rs`).
 //!
 //! A listing is read at opendir and at each rewind, never per readdir call; it must never list
 //! the store, nor a backing entry that `.snapshots` shadows.
@@ -7,35 +8,45 @@
 use super::*;
 
 impl OverlayFs {
-    // ---- directories ----
+    // ---- directories: each forwarded to the tree that owns its inode or handle ----
 
     /// Open a directory and read its entries.
     pub fn opendir(&self, ino: u64) -> FsResult<Opened> {
-        if let Some(v) = self.snap(ino) {
-            return v.opendir(ino, self.new_fh() | SNAP_FH);
-        }
-        let inode = self.inodes.get(ino)?;
-        if inode.kind != FileKind::Directory {
-            return Err(FsError::backing("opendir")(
-                std::io::Error::from_raw_os_error(libc::ENOTDIR),
-            ));
-        }
-        let fd = sys::reopen(inode.raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
-            .map_err(FsError::backing("opendir"))?;
-        let file = File::from(fd);
-        let entries = self.read_entries(&inode, &file)?;
-        let fh = self.new_fh();
-        self.dirs.insert(
-            fh,
-            DirHandle {
-                file,
-                listing: DirListing::new(entries),
-            },
-        );
-        Ok(Opened {
-            fh,
-            keep_cache: false,
-        })
+        self.tree(ino).opendir(ino)
+    }
+
+    /// Directory entries from `offset`; `add` returns true when the reply buffer is full.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(DirEntry) -> bool,
+    ) -> FsResult<()> {
+        self.tree(ino).readdir(ino, fh, offset, &mut add)
+    }
+
+    /// Like readdir, but each entry is also looked up (one kernel reference per entry sent).
+    /// `add` gets the entry and its attributes; it returns true when the buffer is full, and
+    /// then the reference of the entry that did not fit is dropped again.
+    pub fn readdirplus(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(DirEntry, Option<&Entry>) -> bool,
+    ) -> FsResult<()> {
+        self.tree(ino).readdirplus(ino, fh, offset, &mut add)
+    }
+
+    /// Close a directory handle.
+    pub fn releasedir(&self, fh: u64) -> FsResult<()> {
+        self.tree_fh(fh).releasedir(fh)
+    }
+
+    /// fsync a directory.
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        self.tree_fh(fh).fsyncdir(fh, datasync)
     }
 
     pub(super) fn read_entries(&self, dir: &Inode, file: &File) -> FsResult<Listing> {
@@ -87,18 +98,41 @@ impl OverlayFs {
         }
         Ok(out)
     }
+}
 
-    /// Directory entries from `offset`; `add` returns true when the reply buffer is full.
-    pub fn readdir(
+impl Dirs for Live<'_> {
+    fn opendir(&self, ino: u64) -> FsResult<Opened> {
+        let inode = self.inodes.get(ino)?;
+        if inode.kind != FileKind::Directory {
+            return Err(FsError::backing("opendir")(
+                std::io::Error::from_raw_os_error(libc::ENOTDIR),
+            ));
+        }
+        let fd = sys::reopen(inode.raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+            .map_err(FsError::backing("opendir"))?;
+        let file = File::from(fd);
+        let entries = self.read_entries(&inode, &file)?;
+        let fh = self.new_fh();
+        self.dirs.insert(
+            fh,
+            DirHandle {
+                file,
+                listing: DirListing::new(entries),
+            },
+        );
+        Ok(Opened {
+            fh,
+            keep_cache: false,
+        })
+    }
+
+    fn readdir(
         &self,
         ino: u64,
         fh: u64,
         offset: u64,
-        mut add: impl FnMut(DirEntry) -> bool,
+        add: &mut dyn FnMut(DirEntry) -> bool,
     ) -> FsResult<()> {
-        if let Some(v) = self.snap(ino) {
-            return v.readdir(ino, fh, offset, false, |d, _| add(d));
-        }
         let dir = self.dirs.get(fh)?;
         let inode = self.inodes.get(ino)?;
         let entries = dir
@@ -119,19 +153,13 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// Like readdir, but each entry is also looked up (one kernel reference per entry sent).
-    /// `add` gets the entry and its attributes; it returns true when the buffer is full, and
-    /// then the reference of the entry that did not fit is dropped again.
-    pub fn readdirplus(
+    fn readdirplus(
         &self,
         ino: u64,
         fh: u64,
         offset: u64,
-        mut add: impl FnMut(DirEntry, Option<&Entry>) -> bool,
+        add: &mut dyn FnMut(DirEntry, Option<&Entry>) -> bool,
     ) -> FsResult<()> {
-        if let Some(v) = self.snap(ino) {
-            return v.readdir(ino, fh, offset, true, add);
-        }
         let dir = self.dirs.get(fh)?;
         let inode = self.inodes.get(ino)?;
         let entries = dir
@@ -165,19 +193,11 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// Close a directory handle.
-    pub fn releasedir(&self, fh: u64) -> FsResult<()> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.releasedir(fh);
-        }
+    fn releasedir(&self, fh: u64) -> FsResult<()> {
         self.dirs.remove(fh)
     }
 
-    /// fsync a directory.
-    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.check_handle(fh);
-        }
+    fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let d = self.dirs.get(fh)?;
         sys::fsync(d.file.as_raw_fd(), datasync).map_err(FsError::backing("fsyncdir"))
     }

@@ -1,6 +1,8 @@
 //! Operations on regular files of the live tree: open, create, read, write, fsync, fallocate,
-//! lseek, copy_file_range, release. Every content change goes through the write gate
-//! (`gate.rs`); a read only waits for writes parked on its range during a capture.
+//! lseek, copy_file_range, release (`Files for Live`), after the public operations that forward
+//! each call to the tree owning its inode or handle (`tree.rs`). Every content change goes
+//! through the write gate (`gate.rs`); a read only waits for writes parked on its range during
+//! a capture.
 //!
 //! It must never write to the backing file outside the gate, and never hand the backing open
 //! a flag that breaks tracking (`STRIPPED_OPEN_FLAGS`).
@@ -26,19 +28,107 @@ const STRIPPED_OPEN_FLAGS: libc::c_int = libc::O_APPEND
     | libc::O_NOCTTY;
 
 impl OverlayFs {
-    // ---- files ----
+    // ---- files: each forwarded to the tree that owns its inode or handle ----
 
     /// Open a regular file.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
-        self.open_as(None, ino, flags)
+        self.tree(ino).open(None, ino, flags)
     }
 
-    /// Open a regular file for `caller`: an `O_TRUNC` open runs as the caller, so the backing
-    /// filesystem clears setuid/setgid as it does for a truncate by a non-owner.
-    pub(super) fn open_as(&self, caller: Option<Caller>, ino: u64, flags: i32) -> FsResult<Opened> {
-        if let Some(v) = self.snap(ino) {
-            return v.open(ino, flags, self.new_fh() | SNAP_FH);
-        }
+    /// Create and open a regular file (O_EXCL and O_TRUNC honoured by the backing open).
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> FsResult<(Entry, Opened)> {
+        self.tree(parent)
+            .create(caller, parent, name, mode, umask, flags)
+    }
+
+    /// Read up to `size` bytes at `offset` and pass them to `with` (short only at end of file).
+    pub fn read<R>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        with: impl FnOnce(&[u8]) -> R,
+    ) -> FsResult<R> {
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let n = self.tree_fh(fh).read(fh, offset, size, &mut buf)?;
+            Ok(with(&buf[..n]))
+        })
+    }
+
+    /// Write all of `data` at `offset`; short only when the backing file took part of it and
+    /// then failed (ENOSPC), as pwrite(2) reports it.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.tree_fh(fh).write(fh, offset, data, false)
+    }
+
+    /// `write` for a caller that cannot take a short count: all of `data`, or the error that
+    /// stopped it (part of it may be written then, as after a failed direct write). The
+    /// kernel's direct I/O path (O_DIRECT opens, with FUSE_ASYNC_DIO) turns a short write
+    /// reply into EIO: an O_DIRECT write that ran out of space part way failed with EIO, and
+    /// nothing was logged, since no operation had failed here (the one path found that fits
+    /// issue 9's unexplained O_DIRECT fsx failure, if its disk was full for a moment).
+    pub fn write_whole(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.tree_fh(fh).write(fh, offset, data, true)
+    }
+
+    /// Called on every close(2) of a descriptor; nothing is buffered here, so nothing to do.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.tree_fh(fh).flush(fh)
+    }
+
+    /// The last close of an open file.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        self.tree_fh(fh).release(fh)
+    }
+
+    /// fsync or fdatasync the backing file.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        self.tree_fh(fh).fsync(fh, datasync)
+    }
+
+    /// fallocate(2), including FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        self.tree_fh(fh).fallocate(fh, offset, length, mode)
+    }
+
+    /// lseek(2) on the backing file: SEEK_DATA and SEEK_HOLE see its real holes.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        self.tree_fh(fh).lseek(fh, offset, whence)
+    }
+
+    /// copy_file_range(2) between two open files (reflinks where the backing fs can); routed
+    /// by the file it changes.
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
+        self.tree_fh(fh_out)
+            .copy_file_range(fh_in, off_in, fh_out, off_out, len)
+    }
+
+    /// The inode number an open file handle refers to (for the tracking layer to come).
+    pub fn handle_ino(&self, fh: u64) -> FsResult<u64> {
+        self.tree_fh(fh).handle_ino(fh)
+    }
+}
+
+impl Files for Live<'_> {
+    /// An `O_TRUNC` open by a `caller` runs as the caller, so the backing filesystem clears
+    /// setuid/setgid as it does for a truncate by a non-owner.
+    fn open(&self, caller: Option<Caller>, ino: u64, flags: i32) -> FsResult<Opened> {
         let inode = self.inodes.get(ino)?;
         if inode.kind != FileKind::Regular {
             // Devices and fifos are handled by the kernel; a symlink is never opened by us.
@@ -83,8 +173,7 @@ impl OverlayFs {
         self.register_file(File::from(fd), inode, volume)
     }
 
-    /// Create and open a regular file (O_EXCL and O_TRUNC honoured by the backing open).
-    pub fn create(
+    fn create(
         &self,
         caller: Caller,
         parent: u64,
@@ -93,7 +182,6 @@ impl OverlayFs {
         umask: u32,
         flags: i32,
     ) -> FsResult<(Entry, Opened)> {
-        Self::refuse_snap(&[parent])?;
         let parent_inode = self.inodes.get(parent)?;
         self.check_not_store(&parent_inode, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("create"))?;
@@ -170,47 +258,17 @@ impl OverlayFs {
         Ok((entry, opened))
     }
 
-    /// Read up to `size` bytes at `offset` and pass them to `with` (short only at end of file).
-    pub fn read<R>(
-        &self,
-        fh: u64,
-        offset: u64,
-        size: u32,
-        with: impl FnOnce(&[u8]) -> R,
-    ) -> FsResult<R> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.read(fh, offset, size, with);
-        }
+    fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
         let h = self.files.get(fh)?;
         if let Some(v) = self.parked_on(&h) {
             v.settle(offset, size as u64);
         }
-        READ_BUF.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            sys::pread_into(h.file.as_raw_fd(), &mut buf, size as usize, offset)
-                .map_err(FsError::backing("read"))?;
-            Ok(with(&buf))
-        })
+        sys::pread_into(h.file.as_raw_fd(), buf, size as usize, offset)
+            .map_err(FsError::backing("read"))?;
+        Ok(buf.len())
     }
 
-    /// Write all of `data` at `offset`; short only when the backing file took part of it and
-    /// then failed (ENOSPC), as pwrite(2) reports it.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.write_as(fh, offset, data, false)
-    }
-
-    /// `write` for a caller that cannot take a short count: all of `data`, or the error that
-    /// stopped it (part of it may be written then, as after a failed direct write). The
-    /// kernel's direct I/O path (O_DIRECT opens, with FUSE_ASYNC_DIO) turns a short write
-    /// reply into EIO: an O_DIRECT write that ran out of space part way failed with EIO, and
-    /// nothing was logged, since no operation had failed here (the one path found that fits
-    /// issue 9's unexplained O_DIRECT fsx failure, if its disk was full for a moment).
-    pub fn write_whole(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.write_as(fh, offset, data, true)
-    }
-
-    pub(super) fn write_as(&self, fh: u64, offset: u64, data: &[u8], whole: bool) -> FsResult<u32> {
-        Self::refuse_snap_fh(fh)?;
+    fn write(&self, fh: u64, offset: u64, data: &[u8], whole: bool) -> FsResult<u32> {
         let h = self.files.get(fh)?;
         let len = data.len() as u64;
         let written = self.tracked_or_deferred(
@@ -255,27 +313,15 @@ impl OverlayFs {
         Ok(written as u32)
     }
 
-    /// Called on every close(2) of a descriptor; nothing is buffered here, so nothing to do.
-    pub fn flush(&self, fh: u64) -> FsResult<()> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.check_handle(fh);
-        }
+    fn flush(&self, fh: u64) -> FsResult<()> {
         self.files.get(fh).map(drop)
     }
 
-    /// The last close of an open file.
-    pub fn release(&self, fh: u64) -> FsResult<()> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.release(fh);
-        }
+    fn release(&self, fh: u64) -> FsResult<()> {
         self.files.remove(fh)
     }
 
-    /// fsync or fdatasync the backing file.
-    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.check_handle(fh);
-        }
+    fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let h = self.files.get(fh)?;
         if let Some(v) = self.parked_on(&h) {
             v.settle(0, 0);
@@ -290,9 +336,7 @@ impl OverlayFs {
         sys::fsync(h.file.as_raw_fd(), datasync).map_err(FsError::backing("fsync"))
     }
 
-    /// fallocate(2), including FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE.
-    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
-        Self::refuse_snap_fh(fh)?;
+    fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         let h = self.files.get(fh)?;
         let old = std::cell::Cell::new(0u64);
         self.tracked(
@@ -331,11 +375,7 @@ impl OverlayFs {
         )
     }
 
-    /// lseek(2) on the backing file: SEEK_DATA and SEEK_HOLE see its real holes.
-    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.lseek(fh, offset, whence);
-        }
+    fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
         let h = self.files.get(fh)?;
         if whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE {
             if let Some(v) = self.parked_on(&h) {
@@ -345,8 +385,7 @@ impl OverlayFs {
         sys::lseek(h.file.as_raw_fd(), offset, whence).map_err(FsError::backing("lseek"))
     }
 
-    /// copy_file_range(2) between two open files (reflinks where the backing fs can).
-    pub fn copy_file_range(
+    fn copy_file_range(
         &self,
         fh_in: u64,
         off_in: u64,
@@ -354,10 +393,10 @@ impl OverlayFs {
         off_out: u64,
         len: u64,
     ) -> FsResult<u64> {
-        Self::refuse_snap_fh(fh_out)?;
-        if Self::is_snap_fh(fh_in) {
-            // Snapshot data is not in a file the kernel could copy from: EXDEV makes it fall
-            // back to reading and writing (ENOSYS would turn copy_file_range off for the mount).
+        // Routed by `fh_out`; the source may still be the view's. Snapshot data is not in a
+        // file the kernel could copy from: EXDEV makes it fall back to reading and writing
+        // (ENOSYS would turn copy_file_range off for the mount).
+        if snapview::owns_fh(fh_in) {
             return Err(FsError::backing("copy_file_range")(
                 std::io::Error::from_raw_os_error(libc::EXDEV),
             ));
@@ -380,11 +419,14 @@ impl OverlayFs {
             },
         )
     }
-    /// The inode number an open file handle refers to (for the tracking layer to come).
-    pub fn handle_ino(&self, fh: u64) -> FsResult<u64> {
-        if let Some(v) = self.snap_fh(fh) {
-            return v.handle_ino(fh);
-        }
+    fn handle_ino(&self, fh: u64) -> FsResult<u64> {
         Ok(self.files.get(fh)?.inode.ino)
+    }
+
+    fn describe_fh(&self, fh: u64) -> String {
+        match self.files.get(fh) {
+            Ok(h) => format!("inode {} ({})", h.inode.ino, fd_path(h.file.as_raw_fd())),
+            Err(_) => format!("file handle {fh} (released)"),
+        }
     }
 }

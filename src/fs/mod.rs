@@ -6,8 +6,10 @@
 //! path under the backing dir, never follow a symlink, and never expose the store.
 //!
 //! With a snapshot view (`with_snapshots`), `.snapshots` in the root is the view's (`snapview`),
-//! whatever the backing dir holds under that name: every operation on one of its inodes or
-//! handles goes there, and every change to it is refused with EROFS here.
+//! whatever the backing dir holds under that name. Every public operation forwards to one of
+//! two trees (`tree.rs`), picked in one place (`tree`, `tree_fh`, `tree_pair` below) from the
+//! number of the inode or handle it names: the live tree, or the view, which refuses every
+//! change with EROFS.
 
 mod attrs;
 mod dirs;
@@ -19,9 +21,10 @@ pub mod inode;
 mod reply;
 mod setid;
 pub mod snapview;
+mod tree;
 use crate::sys;
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -41,7 +44,8 @@ use attrs::permits;
 use gate::volume_id;
 use handles::{DirListing, HandleTable, Listing};
 use reply::system_time;
-use snapview::{SnapView, SNAPDIR_NAME, SNAP_FH};
+use snapview::{SnapView, SNAPDIR_NAME};
+use tree::{Attrs, Dirs, Files, Live, Names, Route, View};
 
 use crate::track::{Tracker, Volume};
 
@@ -151,48 +155,37 @@ impl OverlayFs {
 
     /// How long the kernel may cache `ino`'s entry and attributes.
     pub fn validity(&self, ino: u64) -> Validity {
-        match self.snap(ino) {
-            Some(v) => v.validity(ino),
-            None => Validity::Configured,
+        self.tree(ino).validity(ino)
+    }
+
+    // ---- routing: the only place that tells the live tree from the snapshot view ----
+
+    /// The tree that owns inode `ino`. Without a view, no view number was ever handed out and
+    /// the live tree answers for all of them (it knows none: ESTALE).
+    fn tree(&self, ino: u64) -> Route<'_> {
+        match &self.snapview {
+            Some(view) if is_snapview(ino) => Route::View(View { fs: self, view }),
+            _ => Route::Live(Live(self)),
         }
     }
 
-    // ---- dispatch: the only place that tells the live tree from the snapshot view ----
-
-    /// The snapshot view, if `ino` is one of its inodes.
-    fn snap(&self, ino: u64) -> Option<&SnapView> {
-        self.snapview.as_ref().filter(|_| is_snapview(ino))
-    }
-
-    /// The snapshot view, if `fh` is one of its handles.
-    fn snap_fh(&self, fh: u64) -> Option<&SnapView> {
-        self.snapview.as_ref().filter(|_| snapview::owns_fh(fh))
-    }
-
-    /// Refuse a change that touches any of `inos` in the snapshot view.
-    fn refuse_snap(inos: &[u64]) -> FsResult<()> {
-        if inos.iter().any(|&i| is_snapview(i)) {
-            return Err(FsError::ReadOnly);
+    /// The tree that owns file or directory handle `fh`.
+    fn tree_fh(&self, fh: u64) -> Route<'_> {
+        match &self.snapview {
+            Some(view) if snapview::owns_fh(fh) => Route::View(View { fs: self, view }),
+            _ => Route::Live(Live(self)),
         }
-        Ok(())
     }
 
-    /// Refuse a change through `fh` if it is a handle of the snapshot view.
-    fn refuse_snap_fh(fh: u64) -> FsResult<()> {
-        if snapview::owns_fh(fh) {
-            return Err(FsError::ReadOnly);
+    /// The tree that answers a change naming two inodes (rename, link): the view's when either
+    /// is in it, so that a rename or link into or out of a snapshot is refused as a change to
+    /// the view, whichever side it is.
+    fn tree_pair(&self, a: u64, b: u64) -> Route<'_> {
+        if is_snapview(b) {
+            self.tree(b)
+        } else {
+            self.tree(a)
         }
-        Ok(())
-    }
-
-    /// Whether `fh` is a handle of the snapshot view (whose data no backing fd holds).
-    fn is_snap_fh(fh: u64) -> bool {
-        snapview::owns_fh(fh)
-    }
-
-    /// Whether `ino` is one of the snapshot view's inode numbers.
-    fn is_snap_ino(ino: u64) -> bool {
-        is_snapview(ino)
     }
 
     /// Whether `name` in `dir` is the snapshot view's `.snapshots` (which shadows any backing
@@ -278,51 +271,21 @@ impl OverlayFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    // ---- name operations ----
+    // ---- name operations: each forwarded to the tree that owns its inode ----
 
     /// Look up a directory entry.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
-        if let Some(v) = self.snap(parent) {
-            return v.lookup(parent, name);
-        }
-        let parent = self.inodes.get(parent)?;
-        self.lookup_in(&parent, name)
+        self.tree(parent).lookup(parent, name)
     }
 
     /// Drop `nlookup` kernel references to `ino`.
     pub fn forget(&self, ino: u64, nlookup: u64) {
-        // The view's inodes live as long as the mount: nothing to count.
-        if Self::is_snap_ino(ino) {
-            return;
-        }
-        self.inodes.forget(ino, nlookup);
-    }
-    /// The target of a symlink.
-    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
-        if let Some(v) = self.snap(ino) {
-            return v.readlink(ino);
-        }
-        let inode = self.inodes.get(ino)?;
-        sys::readlink_fd(inode.raw_fd()).map_err(FsError::backing("readlink"))
+        self.tree(ino).forget(ino, nlookup)
     }
 
-    /// Create a node named `name` in `parent` with `make(dir_fd, name)`, as the caller, and
-    /// look it up: the common path of mknod, mkdir and symlink.
-    fn make_node(
-        &self,
-        caller: Caller,
-        parent: u64,
-        name: &OsStr,
-        op: &'static str,
-        make: impl FnOnce(i32, &CString) -> std::io::Result<()>,
-    ) -> FsResult<Entry> {
-        Self::refuse_snap(&[parent])?;
-        let parent = self.inodes.get(parent)?;
-        self.check_not_store(&parent, name)?;
-        let c = sys::name_cstr(name).map_err(FsError::backing(op))?;
-        self.as_caller(caller, || make(parent.raw_fd(), &c))
-            .map_err(FsError::backing(op))?;
-        self.lookup_in(&parent, name)
+    /// The target of a symlink.
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.tree(ino).readlink(ino)
     }
 
     /// Create a fifo, socket or device node (regular files go through `create`).
@@ -335,9 +298,8 @@ impl OverlayFs {
         umask: u32,
         rdev: u32,
     ) -> FsResult<Entry> {
-        self.make_node(caller, parent, name, "mknod", |dir, c| {
-            sys::mknodat(dir, c, mode & !umask, rdev as libc::dev_t)
-        })
+        self.tree(parent)
+            .mknod(caller, parent, name, mode, umask, rdev)
     }
 
     /// Create a directory.
@@ -349,9 +311,7 @@ impl OverlayFs {
         mode: u32,
         umask: u32,
     ) -> FsResult<Entry> {
-        self.make_node(caller, parent, name, "mkdir", |dir, c| {
-            sys::mkdirat(dir, c, (mode & !umask) & 0o7777)
-        })
+        self.tree(parent).mkdir(caller, parent, name, mode, umask)
     }
 
     /// Create a symbolic link.
@@ -365,33 +325,17 @@ impl OverlayFs {
         let t = CString::new(target.as_os_str().as_bytes()).map_err(|_| {
             FsError::backing("symlink")(std::io::Error::from_raw_os_error(libc::EINVAL))
         })?;
-        self.make_node(caller, parent, name, "symlink", |dir, c| {
-            sys::symlinkat(&t, dir, c)
-        })
+        self.tree(parent).symlink(caller, parent, name, &t)
     }
 
     /// Remove a non-directory.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        Self::refuse_snap(&[parent])?;
-        let parent = self.inodes.get(parent)?;
-        self.check_not_store(&parent, name)?;
-        let c = sys::name_cstr(name).map_err(FsError::backing("unlink"))?;
-        let gone = self.last_link(&parent, &c);
-        let keys: Vec<BackingKey> = Self::key_at(&parent, &c).into_iter().collect();
-        self.metadata_change(&keys, || {
-            sys::unlinkat(parent.raw_fd(), &c, 0).map_err(FsError::backing("unlink"))
-        })?;
-        self.drop_volume(gone);
-        Ok(())
+        self.tree(parent).unlink(parent, name)
     }
 
     /// Remove an empty directory.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        Self::refuse_snap(&[parent])?;
-        let parent = self.inodes.get(parent)?;
-        self.check_not_store(&parent, name)?;
-        let c = sys::name_cstr(name).map_err(FsError::backing("rmdir"))?;
-        sys::unlinkat(parent.raw_fd(), &c, libc::AT_REMOVEDIR).map_err(FsError::backing("rmdir"))
+        self.tree(parent).rmdir(parent, name)
     }
 
     /// rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE passed through.
@@ -403,7 +347,134 @@ impl OverlayFs {
         newname: &OsStr,
         flags: u32,
     ) -> FsResult<()> {
-        Self::refuse_snap(&[parent, newparent])?;
+        self.tree_pair(parent, newparent)
+            .rename(parent, name, newparent, newname, flags)
+    }
+
+    /// Create a hard link to `ino` as `newname` in `newparent`.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
+        self.tree_pair(ino, newparent).link(ino, newparent, newname)
+    }
+
+    /// How the log names inode `ino`: its number and its backing path (read from
+    /// /proc/self/fd, so only for logging a failure, never on a path that succeeds).
+    pub fn describe(&self, ino: u64) -> String {
+        self.tree(ino).describe(ino)
+    }
+
+    /// How the log names the file open as `fh` (see `describe`).
+    pub fn describe_fh(&self, fh: u64) -> String {
+        self.tree_fh(fh).describe_fh(fh)
+    }
+}
+
+impl Live<'_> {
+    /// Create a node named `name` in `parent` with `make(dir_fd, name)`, as the caller, and
+    /// look it up: the common path of mknod, mkdir and symlink.
+    fn make_node(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        op: &'static str,
+        make: impl FnOnce(i32, &CString) -> std::io::Result<()>,
+    ) -> FsResult<Entry> {
+        let parent = self.inodes.get(parent)?;
+        self.check_not_store(&parent, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing(op))?;
+        self.as_caller(caller, || make(parent.raw_fd(), &c))
+            .map_err(FsError::backing(op))?;
+        self.lookup_in(&parent, name)
+    }
+}
+
+impl Names for Live<'_> {
+    fn validity(&self, _ino: u64) -> Validity {
+        Validity::Configured
+    }
+
+    fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        let parent = self.inodes.get(parent)?;
+        self.lookup_in(&parent, name)
+    }
+
+    fn forget(&self, ino: u64, nlookup: u64) {
+        self.inodes.forget(ino, nlookup);
+    }
+
+    fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.inodes.get(ino)?;
+        sys::readlink_fd(inode.raw_fd()).map_err(FsError::backing("readlink"))
+    }
+
+    fn describe(&self, ino: u64) -> String {
+        match self.inodes.get(ino) {
+            Ok(inode) => format!("inode {ino} ({})", fd_path(inode.raw_fd())),
+            Err(_) => format!("inode {ino} (forgotten)"),
+        }
+    }
+
+    fn mknod(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> FsResult<Entry> {
+        self.make_node(caller, parent, name, "mknod", |dir, c| {
+            sys::mknodat(dir, c, mode & !umask, rdev as libc::dev_t)
+        })
+    }
+
+    fn mkdir(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> FsResult<Entry> {
+        self.make_node(caller, parent, name, "mkdir", |dir, c| {
+            sys::mkdirat(dir, c, (mode & !umask) & 0o7777)
+        })
+    }
+
+    fn symlink(&self, caller: Caller, parent: u64, name: &OsStr, target: &CStr) -> FsResult<Entry> {
+        self.make_node(caller, parent, name, "symlink", |dir, c| {
+            sys::symlinkat(target, dir, c)
+        })
+    }
+
+    fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let parent = self.inodes.get(parent)?;
+        self.check_not_store(&parent, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing("unlink"))?;
+        let gone = self.last_link(&parent, &c);
+        let keys: Vec<BackingKey> = OverlayFs::key_at(&parent, &c).into_iter().collect();
+        self.metadata_change(&keys, || {
+            sys::unlinkat(parent.raw_fd(), &c, 0).map_err(FsError::backing("unlink"))
+        })?;
+        self.drop_volume(gone);
+        Ok(())
+    }
+
+    fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let parent = self.inodes.get(parent)?;
+        self.check_not_store(&parent, name)?;
+        let c = sys::name_cstr(name).map_err(FsError::backing("rmdir"))?;
+        sys::unlinkat(parent.raw_fd(), &c, libc::AT_REMOVEDIR).map_err(FsError::backing("rmdir"))
+    }
+
+    fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
         let parent = self.inodes.get(parent)?;
         let newparent = self.inodes.get(newparent)?;
         self.check_not_store(&parent, name)?;
@@ -415,10 +486,13 @@ impl OverlayFs {
         } else {
             None
         };
-        let keys: Vec<BackingKey> = [Self::key_at(&parent, &a), Self::key_at(&newparent, &b)]
-            .into_iter()
-            .flatten()
-            .collect();
+        let keys: Vec<BackingKey> = [
+            OverlayFs::key_at(&parent, &a),
+            OverlayFs::key_at(&newparent, &b),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         self.metadata_change(&keys, || {
             sys::renameat2(parent.raw_fd(), &a, newparent.raw_fd(), &b, flags)
                 .map_err(FsError::backing("rename"))
@@ -427,9 +501,7 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// Create a hard link to `ino` as `newname` in `newparent`.
-    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
-        Self::refuse_snap(&[ino, newparent])?;
+    fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
         let inode = self.inodes.get(ino)?;
         let newparent = self.inodes.get(newparent)?;
         self.check_not_store(&newparent, newname)?;
@@ -438,32 +510,6 @@ impl OverlayFs {
             sys::link_fd(inode.raw_fd(), newparent.raw_fd(), &c).map_err(FsError::backing("link"))
         })?;
         self.lookup_in(&newparent, newname)
-    }
-
-    /// How the log names inode `ino`: its number and its backing path (read from
-    /// /proc/self/fd, so only for logging a failure, never on a path that succeeds).
-    pub fn describe(&self, ino: u64) -> String {
-        if Self::is_snap_ino(ino) {
-            return format!("snapshot file (inode {ino})");
-        }
-        match self.inodes.get(ino) {
-            Ok(inode) => format!("inode {ino} ({})", fd_path(inode.raw_fd())),
-            Err(_) => format!("inode {ino} (forgotten)"),
-        }
-    }
-
-    /// How the log names the file open as `fh` (see `describe`).
-    pub fn describe_fh(&self, fh: u64) -> String {
-        if let Some(v) = self.snap_fh(fh) {
-            return match v.handle_ino(fh) {
-                Ok(ino) => format!("snapshot file (inode {ino})"),
-                Err(_) => format!("snapshot file handle {fh}"),
-            };
-        }
-        match self.files.get(fh) {
-            Ok(h) => format!("inode {} ({})", h.inode.ino, fd_path(h.file.as_raw_fd())),
-            Err(_) => format!("file handle {fh} (released)"),
-        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! changes fail with EROFS anyway), and never see a FUSE type: everything here is tested
 //! without a mount.
 
+use super::tree::{Live, Setid};
 use super::{sys, Caller, FileKind, FsError, FsResult, Opened, OverlayFs, SetAttr};
 use crate::fs::Attr;
 
@@ -50,7 +51,7 @@ pub struct WriteBy {
 
 /// Who changes a file's content, for `clear_setid`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Changer {
+pub(super) enum Changer {
     /// A caller the kernel found without CAP_FSETID (FUSE_WRITE_KILL_SUIDGID on a write).
     WithoutFsetid(Caller),
     /// A caller whose capabilities decide (the kernel's flag for truncate does not reach us
@@ -80,16 +81,12 @@ fn kept_mode(mode: u32, in_group: impl FnOnce() -> bool) -> u32 {
     kept
 }
 
-impl OverlayFs {
+impl Setid for Live<'_> {
     /// Clear setuid, and setgid, before `changer` changes the content of `ino`, as the kernel
     /// does for a caller without CAP_FSETID (see `kept_mode`). The backing filesystem still
     /// drops `security.capability` on every change by itself, root or not. Returns whether
     /// the mode changed.
     fn clear_setid(&self, ino: u64, changer: Changer) -> FsResult<bool> {
-        if self.snap(ino).is_some() {
-            // The change itself fails there (EROFS).
-            return Ok(false);
-        }
         let inode = self.inodes.get(ino)?;
         if inode.kind != FileKind::Regular {
             return Ok(false);
@@ -111,6 +108,14 @@ impl OverlayFs {
         })?;
         Ok(true)
     }
+}
+
+impl OverlayFs {
+    /// `clear_setid` of the tree that owns `ino` (the view's clears nothing: the change that
+    /// follows is refused).
+    fn clear_setid(&self, ino: u64, changer: Changer) -> FsResult<bool> {
+        self.tree(ino).clear_setid(ino, changer)
+    }
 
     fn clear_setid_for(&self, ino: u64, changer: Option<Changer>) -> FsResult<bool> {
         match changer {
@@ -129,7 +134,7 @@ impl OverlayFs {
     /// clears setuid/setgid as it does for a truncate by a non-owner; the kernel cannot know
     /// whether it did.
     pub fn open_by(&self, caller: Caller, ino: u64, flags: i32) -> Changed<Opened> {
-        let result = self.open_as(Some(caller), ino, flags);
+        let result = self.tree(ino).open(Some(caller), ino, flags);
         let mode_stale = result.is_ok() && flags & libc::O_TRUNC != 0;
         Changed { result, mode_stale }
     }
@@ -147,7 +152,7 @@ impl OverlayFs {
     ) -> Changed<u32> {
         let cleared = self.clear_setid_for(ino, write_changer(&by));
         let whole = by.open_flags & libc::O_DIRECT != 0;
-        Changed::after(cleared, || self.write_as(fh, offset, data, whole))
+        Changed::after(cleared, || self.tree_fh(fh).write(fh, offset, data, whole))
     }
 
     /// `fallocate` on `ino` by `caller`, who loses setuid/setgid without CAP_FSETID.

@@ -40,7 +40,7 @@ use super::handles::{DirListing, HandleTable, Listing};
 use super::inode::{ROOT_INO, SNAPVIEW};
 use super::{
     permits, sys, system_time, Attr, Caller, DirEntry, Entry, FileKind, FsError, FsResult, Opened,
-    Validity, READ_BUF,
+    Validity,
 };
 use crate::ids::{SnapshotName, VolumeId};
 use crate::store::{EntryKind, Manifest, Store, StoreError, VolumeReader};
@@ -404,21 +404,12 @@ impl SnapView {
         })
     }
 
-    /// Read up to `size` bytes at `offset` and pass them to `with` (short only at end of file).
-    pub fn read<R>(
-        &self,
-        fh: u64,
-        offset: u64,
-        size: u32,
-        with: impl FnOnce(&[u8]) -> R,
-    ) -> FsResult<R> {
+    /// Read up to `size` bytes at `offset` into the start of `buf`; returns how many (short
+    /// only at end of file).
+    pub fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
         let h = self.files.get(fh)?;
-        READ_BUF.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            buf.resize(size as usize, 0);
-            let n = h.reader.read_at(&mut buf, offset)?;
-            Ok(with(&buf[..n]))
-        })
+        buf.resize(size as usize, 0);
+        Ok(h.reader.read_at(buf, offset)?)
     }
 
     /// lseek SEEK_DATA and SEEK_HOLE on an open file (the kernel handles the others itself),
