@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use log::info;
 use serde::Serialize;
 
-use super::deferred::{Journal, JournalHeader, DIR};
+use super::deferred::journal::{Journal, JournalHeader, DIR};
 use super::utc_stamp;
 use crate::ids::VolumeId;
 use crate::sys::{self, FileIdentity};
