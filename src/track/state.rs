@@ -273,6 +273,26 @@ mod tests {
     };
 
     #[test]
+    fn a_damaged_state_is_set_aside_and_nothing_is_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let backing = tmp.path().join("b");
+        let store = backing.join(".grainfs");
+        std::fs::create_dir_all(tracking_dir(&store)).unwrap();
+        std::fs::write(tracking_dir(&store).join("state.json"), b"{ not json").unwrap();
+        let (t, rec) =
+            Tracker::open(&backing, &store, G, std::time::Duration::from_secs(10)).unwrap();
+        assert!(rec.damaged);
+        let v = t.volume(VolumeId { dev: 1, ino: 2 }, 0, false);
+        assert!(v.change_map(None, 0).unknown_all);
+        let aside: Vec<_> = std::fs::read_dir(tracking_dir(&store))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("damaged"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+    }
+
+    #[test]
     fn saved_files_are_private() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
