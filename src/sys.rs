@@ -68,6 +68,14 @@ pub fn open_path(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
     openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
 }
 
+/// Open an `O_PATH` handle on the directory at `path`, a path the caller was given (followed
+/// as given: the daemon names its store as /proc/self/fd/N).
+pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+}
+
 /// Reopen an inode we hold an `O_PATH` fd for, with real access flags.
 pub fn reopen(path_fd: RawFd, flags: libc::c_int) -> io::Result<OwnedFd> {
     let p = proc_path(path_fd);

@@ -24,26 +24,30 @@
 //! This module writes only bytes that a writer wrote, at the offsets it wrote them, and never
 //! fails a write it accepted: an error applying one is kept for the volume's next fsync, as the
 //! kernel does for a failed writeback.
+//!
+//! This file owns the in-memory queue and the landing; `deferred/journal.rs` owns the
+//! journal's format, written and read.
+
+pub mod journal;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use log::warn;
-use serde::{Deserialize, Serialize};
 
 use crate::ids::VolumeId;
-use crate::sys::{self, FileIdentity};
+use crate::sys;
 use crate::track::Volume;
+use journal::{journal_name, mark_applied, write_ctime, JournalWriter};
+pub use journal::{open_dir, Journal, JournalHeader, Record, DIR};
 
-/// The journals' directory in the store.
-pub const DIR: &str = "deferred";
 /// Bytes and writes parked per volume at most; past them writers copy before they write, as
 /// without parking (a writer faster than the capture can copy the blocks it needs is slowed
 /// to the capture's pace either way).
@@ -55,31 +59,6 @@ pub const MAX_PARKED_WRITES: usize = 8192;
 const SCAN_PAST_WAITING: usize = 256;
 /// Parked writes landed per batch (see `apply_ready`).
 const LAND_BATCH: usize = 64;
-pub(crate) const MAGIC: &[u8; 8] = b"GRAINDW2";
-/// Journal header: MAGIC, epoch u64, header length u32, 4 pad, the file's ctime after the
-/// daemon's own last change (seconds i64, nanoseconds u32, 4 pad), then the header JSON.
-const HEADER_FIXED: usize = 40;
-const EPOCH_AT: u64 = 8;
-const CTIME_AT: u64 = 24;
-const RECORD_MAGIC: u32 = 0x4457_5243; // "CRWD"
-/// Record: magic u32, applied u8, 3 pad, seq u64, offset u64, len u32, epoch u32 (low half),
-/// blake3 of epoch, seq, offset, time and data, time parked (ns since the epoch) u64; then
-/// the data.
-const RECORD_HEADER: usize = 72;
-pub(crate) const APPLIED_AT: u64 = 4;
-/// The journal grows by this much at a time.
-const JOURNAL_CHUNK: u64 = 4 << 20;
-
-/// Who the journal belongs to, written at its start.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JournalHeader {
-    pub version: u32,
-    pub boot_id: String,
-    /// The volume's file: device, inode, generation, birth time.
-    pub file: FileIdentity,
-    /// Path relative to the backing dir when the capture began (renames are followed by inode).
-    pub path: String,
-}
 
 /// One parked write.
 struct Entry {
@@ -93,14 +72,8 @@ struct Entry {
 
 #[derive(Default)]
 struct State {
-    journal: Option<Arc<File>>,
-    /// Where records start (after the header) and end, and how far the file is allocated.
-    records_start: u64,
-    journal_end: u64,
-    allocated: u64,
-    /// Records of other epochs are not this journal's (see `apply_ready`).
-    epoch: u64,
-    next_seq: u64,
+    /// Created with the first parked write.
+    journal: Option<JournalWriter>,
     /// In the order they came.
     entries: VecDeque<Entry>,
     /// Parked entries per block, counting those being landed until they are written.
@@ -144,38 +117,6 @@ pub struct Deferred {
     settlers: AtomicUsize,
 }
 
-fn journal_name(id: VolumeId) -> String {
-    format!("{:x}-{:x}.log", id.dev, id.ino)
-}
-
-/// Open (creating) the journal directory under the store dir `store`.
-pub fn open_dir(store: &std::path::Path) -> io::Result<OwnedFd> {
-    let dir = store.join(DIR);
-    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    let c = CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    sys::openat(
-        libc::AT_FDCWD,
-        &c,
-        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        0,
-    )
-}
-
-fn record_hash(epoch: u64, seq: u64, offset: u64, time: u64, data: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(&epoch.to_le_bytes());
-    h.update(&seq.to_le_bytes());
-    h.update(&offset.to_le_bytes());
-    h.update(&time.to_le_bytes());
-    h.update(data);
-    *h.finalize().as_bytes()
-}
-
 impl Deferred {
     /// Parking for volume `id` at `path`, writing through `target` (a writable fd on it).
     pub fn new(
@@ -191,13 +132,8 @@ impl Deferred {
                 "{path}: the file to park writes for is not volume {id}"
             )));
         }
-        let header = serde_json::to_vec(&JournalHeader {
-            version: 2,
-            boot_id: sys::boot_id(),
-            file,
-            path: path.to_string(),
-        })
-        .map_err(io::Error::other)?;
+        let header =
+            serde_json::to_vec(&JournalHeader::new(file, path)).map_err(io::Error::other)?;
         Ok(Deferred {
             dir,
             name: CString::new(journal_name(id))
@@ -290,75 +226,17 @@ impl Deferred {
             .map_or(true, |hole| (hole as u64) < offset + len)
     }
 
-    /// Append a record to the journal (creating it first); returns where it starts. The
-    /// journal is allocated ahead in chunks: a record then never grows the file, which can
-    /// wait for the filesystem's journal, and a full disk shows up here, before the write
-    /// is accepted, not when it is written.
+    /// Append a record to the journal (creating it first); returns where it starts.
     fn append(&self, st: &mut State, offset: u64, data: &[u8]) -> io::Result<u64> {
-        if st.journal.is_none() {
-            let fd = sys::openat(
-                self.dir.as_raw_fd(),
-                &self.name,
-                libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                0o600,
-            )?;
-            let f = File::from(fd);
-            let mut head = Vec::with_capacity(HEADER_FIXED + self.header.len());
-            head.extend_from_slice(MAGIC);
-            head.extend_from_slice(&st.epoch.to_le_bytes());
-            head.extend_from_slice(&(self.header.len() as u32).to_le_bytes());
-            head.resize(HEADER_FIXED, 0);
-            head.extend_from_slice(&self.header);
-            f.write_all_at(&head, 0)?;
-            st.records_start = head.len() as u64;
-            st.journal_end = st.records_start;
-            st.allocated = st.records_start;
-            st.journal = Some(Arc::new(f));
-        }
-        let want = (RECORD_HEADER + data.len()) as u64;
-        let at = st.journal_end;
-        let f = st.journal.as_ref().expect("journal opened above");
-        if at + want > st.allocated {
-            let grow = JOURNAL_CHUNK.max(want);
-            sys::fallocate(f.as_raw_fd(), 0, st.allocated, grow)?;
-            st.allocated += grow;
-        }
-        let seq = st.next_seq;
-        let time = crate::sys::now_ns();
-        let mut rec = [0u8; RECORD_HEADER];
-        rec[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        rec[8..16].copy_from_slice(&seq.to_le_bytes());
-        rec[16..24].copy_from_slice(&offset.to_le_bytes());
-        rec[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        rec[28..32].copy_from_slice(&st.epoch.to_le_bytes()[..4]);
-        rec[32..64].copy_from_slice(&record_hash(st.epoch, seq, offset, time, data));
-        rec[64..72].copy_from_slice(&time.to_le_bytes());
-        let iov = [
-            libc::iovec {
-                iov_base: rec.as_ptr() as *mut libc::c_void,
-                iov_len: rec.len(),
-            },
-            libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
-            },
-        ];
-        // SAFETY: both iovecs point into buffers that outlive the call.
-        let n = unsafe { libc::pwritev(f.as_raw_fd(), iov.as_ptr(), 2, at as libc::off_t) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n as u64 != want {
-            // Short (the allocation above makes that unlikely): the record stays unreadable
-            // (its hash fails), and the end moves past it so nothing is written over it.
-            st.journal_end = at + n as u64;
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-        }
-        st.journal_end = at + want;
-        st.next_seq += 1;
+        let j = match st.journal.take() {
+            Some(j) => j,
+            None => JournalWriter::create(self.dir.as_raw_fd(), &self.name, &self.header)?,
+        };
+        let j = st.journal.insert(j);
+        let at = j.append(offset, data)?;
         // The parked write changed nothing in the file, but the space allocated for it may
         // have moved its ctime: what a replay compares must be the file as we leave it.
-        self.note_ctime(f)?;
+        self.note_ctime(j.file())?;
         Ok(at)
     }
 
@@ -366,11 +244,10 @@ impl Deferred {
     /// into a file whose ctime is still this one (nobody changed it since).
     fn note_ctime(&self, journal: &File) -> io::Result<()> {
         let _note = self.ctime_note.lock().unwrap_or_else(|p| p.into_inner());
-        let (sec, nsec) = sys::ctime_of(&sys::fstat(self.target.as_raw_fd())?);
-        let mut slot = [0u8; 12];
-        slot[..8].copy_from_slice(&sec.to_le_bytes());
-        slot[8..].copy_from_slice(&nsec.to_le_bytes());
-        journal.write_all_at(&slot, CTIME_AT)
+        write_ctime(
+            journal,
+            sys::ctime_of(&sys::fstat(self.target.as_raw_fd())?),
+        )
     }
 
     /// The overlay just changed the volume (a write, truncate, chmod, xattr...): while writes
@@ -380,7 +257,7 @@ impl Deferred {
         if !self.any() {
             return;
         }
-        let journal = self.lock().journal.clone();
+        let journal = self.lock().journal.as_ref().map(|j| j.file().clone());
         if let Some(j) = journal {
             if let Err(e) = self.note_ctime(&j) {
                 warn!("deferred writes: noting the volume's ctime in the journal: {e}");
@@ -417,7 +294,7 @@ impl Deferred {
             let (batch, journal) = {
                 let mut st = self.lock();
                 let batch = Self::take_ready(&mut st, pending, force, only);
-                (batch, st.journal.clone())
+                (batch, st.journal.as_ref().map(|j| j.file().clone()))
             };
             if batch.is_empty() {
                 return landed;
@@ -442,7 +319,7 @@ impl Deferred {
                     let _ = self.note_ctime(j);
                     // Marked applied: a replay after a killed daemon must not write it again
                     // over later writes to the same bytes.
-                    let _ = j.write_all_at(&[1], e.record_at + APPLIED_AT);
+                    let _ = mark_applied(j, e.record_at);
                 }
             }
             landed += batch.len();
@@ -460,16 +337,10 @@ impl Deferred {
                     st.bytes -= e.data.len() as u64;
                 }
                 self.parked.fetch_sub(batch.len(), Ordering::Release);
-                if st.blocks.is_empty() && st.journal_end > st.records_start {
-                    // Nothing parked: a new epoch in the header disowns every record written
-                    // so far, and the next ones go from the start again, so the journal stays
-                    // small across a long capture.
-                    if let Some(j) = &st.journal {
-                        let epoch = st.epoch + 1;
-                        if j.write_all_at(&epoch.to_le_bytes(), EPOCH_AT).is_ok() {
-                            st.epoch = epoch;
-                            st.journal_end = st.records_start;
-                        }
+                if st.blocks.is_empty() {
+                    // Nothing parked: the journal starts over (see `start_new_epoch`).
+                    if let Some(j) = st.journal.as_mut() {
+                        j.start_new_epoch();
                     }
                 }
             }
@@ -625,121 +496,6 @@ impl Deferred {
         let _ = sys::unlinkat(self.dir.as_raw_fd(), &self.name, 0);
     }
 }
-
-/// One record of a journal as read back.
-#[derive(Clone, Debug)]
-pub struct Record {
-    pub seq: u64,
-    pub offset: u64,
-    /// When it was parked, ns since the Unix epoch.
-    pub time_ns: u64,
-    /// Already written to the volume (a replay skips it).
-    pub applied: bool,
-    /// Where the record starts in the journal, and where its data is.
-    pub record_at: u64,
-    data_at: usize,
-    pub len: usize,
-}
-
-/// A journal read back whole (after the daemon that wrote it ended).
-pub struct Journal {
-    pub header: JournalHeader,
-    /// The file's ctime after the writing daemon's last own change (0, 0: none noted).
-    pub ctime: (i64, u32),
-    /// The records of the current epoch, in the order they were parked.
-    pub records: Vec<Record>,
-    bytes: Vec<u8>,
-}
-
-impl Journal {
-    /// Read and check a journal file; an error says why it is not one this version reads.
-    pub fn read(path: &std::path::Path) -> io::Result<Journal> {
-        Journal::parse(std::fs::read(path)?)
-    }
-
-    fn parse(bytes: Vec<u8>) -> io::Result<Journal> {
-        let bad = |why: &str| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("not a deferred-write journal of this version ({why})"),
-            )
-        };
-        if bytes.len() < HEADER_FIXED || &bytes[..8] != MAGIC {
-            return Err(bad("magic"));
-        }
-        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
-        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or([0; 4]));
-        let epoch = u64_at(8);
-        let hlen = u32_at(16) as usize;
-        let ctime = (
-            u64_at(CTIME_AT as usize) as i64,
-            u32_at(CTIME_AT as usize + 8),
-        );
-        let header: JournalHeader = serde_json::from_slice(
-            bytes
-                .get(HEADER_FIXED..HEADER_FIXED + hlen)
-                .ok_or_else(|| bad("header"))?,
-        )
-        .map_err(|_| bad("header"))?;
-        let mut records = Vec::new();
-        let mut at = HEADER_FIXED + hlen;
-        while at + RECORD_HEADER <= bytes.len() {
-            if u32_at(at) != RECORD_MAGIC {
-                break;
-            }
-            let seq = u64_at(at + 8);
-            let offset = u64_at(at + 16);
-            let len = u32_at(at + 24) as usize;
-            let time_ns = u64_at(at + 64);
-            let data_at = at + RECORD_HEADER;
-            let Some(data) = bytes.get(data_at..data_at + len) else {
-                break;
-            };
-            if bytes[at + 32..at + 64] != record_hash(epoch, seq, offset, time_ns, data) {
-                // The end: zeros of the allocated space, a record of an earlier epoch (written
-                // over by this one's), or one cut short by the kill (its write never returned).
-                break;
-            }
-            records.push(Record {
-                seq,
-                offset,
-                time_ns,
-                applied: bytes[at + APPLIED_AT as usize] != 0,
-                record_at: at as u64,
-                data_at,
-                len,
-            });
-            at = data_at + len;
-        }
-        Ok(Journal {
-            header,
-            ctime,
-            records,
-            bytes,
-        })
-    }
-
-    /// The bytes a record parked.
-    pub fn data(&self, r: &Record) -> &[u8] {
-        &self.bytes[r.data_at..r.data_at + r.len]
-    }
-
-    /// The records not yet written to the volume.
-    pub fn unapplied(&self) -> impl Iterator<Item = &Record> {
-        self.records.iter().filter(|r| !r.applied)
-    }
-
-    /// Mark `r` written in the journal file `file` (which this was read from), after noting
-    /// `ctime` (the volume's, right after writing it) as the writing daemon does.
-    pub fn mark_applied(file: &File, r: &Record, ctime: (i64, u32)) -> io::Result<()> {
-        let mut slot = [0u8; 12];
-        slot[..8].copy_from_slice(&ctime.0.to_le_bytes());
-        slot[8..].copy_from_slice(&ctime.1.to_le_bytes());
-        file.write_all_at(&slot, CTIME_AT)?;
-        file.write_all_at(&[1], r.record_at + APPLIED_AT)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -194,11 +194,9 @@ pub fn walk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::ffi::OsStrExt;
 
     fn root(dir: &std::path::Path) -> OwnedFd {
-        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-        sys::openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0).unwrap()
+        sys::open_dir_path(dir).unwrap()
     }
 
     #[test]

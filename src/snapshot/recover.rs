@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use log::info;
 use serde::Serialize;
 
-use super::deferred::{Journal, JournalHeader, DIR};
+use super::deferred::journal::{Journal, JournalHeader, DIR};
 use crate::ids::VolumeId;
 use crate::sys::{self, utc_stamp, FileIdentity};
 use crate::sys::{fsync_dir, now_ns, write_durably};

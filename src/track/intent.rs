@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use super::state::read_tracking_file;
 use crate::ids::VolumeId;
 use crate::sys::write_durably;
 
@@ -46,25 +47,11 @@ impl IntentLog {
     /// crash), which stay recorded until `clear_previous`.
     pub fn open(dir: &Path) -> io::Result<(IntentLog, BTreeSet<(VolumeId, u64)>)> {
         let path = dir.join("intent.json");
-        let left: BTreeSet<(VolumeId, u64)> = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let f: IntentFile = serde_json::from_slice(&bytes).map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{}: {e}", path.display()),
-                    )
-                })?;
-                if f.format != INTENT_FORMAT {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{}: unknown format {}", path.display(), f.format),
-                    ));
-                }
-                f.partitions.into_iter().collect()
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeSet::new(),
-            Err(e) => return Err(e),
-        };
+        let left: BTreeSet<(VolumeId, u64)> =
+            match read_tracking_file(&path, INTENT_FORMAT, |f: &IntentFile| f.format)? {
+                Some(f) => f.partitions.into_iter().collect(),
+                None => BTreeSet::new(),
+            };
         let log = IntentLog {
             path,
             // Epoch 0 is what fresh partitions hold, so the first real epoch is 1.
