@@ -518,6 +518,35 @@ pub fn ctime_of(st: &libc::stat) -> (i64, u32) {
     (st.st_ctime, st.st_ctime_nsec as u32)
 }
 
+/// Why a versioned JSON file (a manifest, the tracking state) cannot be taken.
+#[derive(Debug)]
+pub enum VersionedError {
+    /// Written in a format this version does not read.
+    Unsupported { found: u64 },
+    /// Not JSON of the expected shape.
+    Invalid(String),
+}
+
+/// Decode a JSON file that carries its `format`: the format is read first, so a file from a
+/// newer version says so instead of failing on a field it added.
+pub fn decode_versioned<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    supported: u64,
+) -> Result<T, VersionedError> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        format: u64,
+    }
+    let probe: Probe =
+        serde_json::from_slice(bytes).map_err(|e| VersionedError::Invalid(e.to_string()))?;
+    if probe.format != supported {
+        return Err(VersionedError::Unsupported {
+            found: probe.format,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| VersionedError::Invalid(e.to_string()))
+}
+
 /// This boot's id (`/proc/sys/kernel/random/boot_id`): state a killed daemon left in the page
 /// cache survives only within one boot. `GRAINFS_BOOT_ID` overrides it, so a power-cut test
 /// can present the remount as a new boot without rebooting the machine.

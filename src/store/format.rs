@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::Backend;
 use super::error::{IoContext, Result, StoreError};
 use crate::ids::{Geometry, SnapshotName, VolumeId};
+use crate::sys::{decode_versioned, VersionedError};
 
 /// Format version written in every manifest, table and pack; readers refuse any other.
 pub const FORMAT: u32 = 1;
@@ -171,25 +172,22 @@ pub fn decode_manifest(read: Result<Vec<u8>>, path: &Path, name: &str) -> Result
         }
         Err(e) => return Err(e),
     };
-    #[derive(Deserialize)]
-    struct Probe {
-        format: u64,
-    }
-    let probe: Probe = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-        path: path.clone(),
-        why: format!("not a manifest: {e}"),
-    })?;
-    if probe.format != FORMAT as u64 {
-        return Err(StoreError::UnsupportedFormat {
-            path,
-            found: probe.format,
-            supported: FORMAT,
-        });
-    }
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-        path: path.clone(),
-        why: format!("not a manifest: {e}"),
-    })?;
+    let m: Manifest = match decode_versioned(&bytes, FORMAT as u64) {
+        Ok(m) => m,
+        Err(VersionedError::Unsupported { found }) => {
+            return Err(StoreError::UnsupportedFormat {
+                path,
+                found,
+                supported: FORMAT,
+            })
+        }
+        Err(VersionedError::Invalid(e)) => {
+            return Err(StoreError::Corrupt {
+                path,
+                why: format!("not a manifest: {e}"),
+            })
+        }
+    };
     if m.name != name {
         return Err(StoreError::Corrupt {
             path,

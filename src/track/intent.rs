@@ -48,7 +48,7 @@ impl IntentLog {
     pub fn open(dir: &Path) -> io::Result<(IntentLog, BTreeSet<(VolumeId, u64)>)> {
         let path = dir.join("intent.json");
         let left: BTreeSet<(VolumeId, u64)> =
-            match read_tracking_file(&path, INTENT_FORMAT, |f: &IntentFile| f.format)? {
+            match read_tracking_file::<IntentFile>(&path, INTENT_FORMAT)? {
                 Some(f) => f.partitions.into_iter().collect(),
                 None => BTreeSet::new(),
             };

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::walk::VolumeFiles;
 use super::{FileStamp, SavedVolume, Tracker, Volume};
 use crate::ids::{Geometry, VolumeId};
-use crate::sys::{now_ns, write_durably};
+use crate::sys::{decode_versioned, now_ns, write_durably, VersionedError};
 
 /// Format version of the saved tracking state.
 pub const STATE_FORMAT: u32 = 2;
@@ -43,39 +43,29 @@ pub fn tracking_dir(store: &Path) -> PathBuf {
 
 /// Read the saved state of a store, if there is one (for offline `status` too).
 pub fn load_state(store: &Path) -> io::Result<Option<SavedState>> {
-    read_tracking_file(
-        &tracking_dir(store).join("state.json"),
-        STATE_FORMAT,
-        |s: &SavedState| s.format,
-    )
+    read_tracking_file::<SavedState>(&tracking_dir(store).join("state.json"), STATE_FORMAT)
 }
 
-/// Read a tracking file whose format is `format` (`format_of` tells a file's), if there is one:
-/// one that does not parse, or of another format, is InvalidData naming the file.
+/// Read a tracking file whose format is `format`, if there is one: one that does not parse,
+/// or of another format, is InvalidData naming the file.
 pub(super) fn read_tracking_file<T: DeserializeOwned>(
     path: &Path,
     format: u32,
-    format_of: impl FnOnce(&T) -> u32,
 ) -> io::Result<Option<T>> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let f: T = serde_json::from_slice(&bytes).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", path.display()),
-        )
-    })?;
-    let found = format_of(&f);
-    if found != format {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: unknown format {found}", path.display()),
-        ));
-    }
-    Ok(Some(f))
+    let why = match decode_versioned(&bytes, format as u64) {
+        Ok(f) => return Ok(Some(f)),
+        Err(VersionedError::Unsupported { found }) => format!("unknown format {found}"),
+        Err(VersionedError::Invalid(e)) => e,
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: {why}", path.display()),
+    ))
 }
 
 /// What `Tracker::open` found about the previous daemon.
