@@ -39,7 +39,8 @@ impl FromStr for Schedule {
 #[derive(Clone)]
 pub struct CronExpr {
     text: String,
-    cron: croner::Cron,
+    // Boxed: the parsed form is a few hundred bytes, the rest of a `Schedule` a few words.
+    cron: Box<croner::Cron>,
 }
 
 impl CronExpr {
@@ -101,7 +102,10 @@ impl FromStr for CronExpr {
         let cron = parser.parse(&text).map_err(|e| {
             format!("cron expression \"{text}\" (minute hour day-of-month month day-of-week): {e}")
         })?;
-        Ok(CronExpr { text, cron })
+        Ok(CronExpr {
+            text,
+            cron: Box::new(cron),
+        })
     }
 }
 
