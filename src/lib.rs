@@ -12,6 +12,7 @@ pub mod fs;
 pub mod fuse;
 pub mod ids;
 pub mod policy;
+pub mod schedule;
 pub mod snapshot;
 pub mod store;
 pub mod sys;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 /// Top to bottom; the same list as docs/architecture.md.
 const ORDER: &[&str] = &[
-    "cli", "daemon", "control", "fuse", "fs", "snapshot", "policy", "track", "store", "config",
-    "ids", "sys",
+    "cli", "daemon", "control", "fuse", "fs", "snapshot", "schedule", "policy", "track", "store",
+    "config", "ids", "sys",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

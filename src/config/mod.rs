@@ -18,7 +18,7 @@ use file::{ConfigFile, Field, Globs, GroupFile, Located, Size, Table};
 use toml::Spanned;
 use values::{fmt_duration, fmt_size, GIB, KIB, MIB};
 
-pub use values::{parse_duration, parse_size, Schedule};
+pub use values::{parse_duration, parse_size, CronExpr, Schedule};
 
 /// The whole configuration, defaults filled in and validated.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,81 +14,99 @@ pub(super) const GIB: u64 = 1 << 30;
 pub enum Schedule {
     /// `every 15m`: a fixed interval.
     Every(Duration),
-    /// A syntax-checked 5-field cron expression (minute hour day-of-month month day-of-week).
-    Cron(String),
+    /// A 5-field cron expression (minute hour day-of-month month day-of-week) or a nickname
+    /// such as `@daily`, parsed by croner.
+    Cron(CronExpr),
 }
 
 impl FromStr for Schedule {
     type Err = String;
 
-    /// `every <duration>` or a 5-field cron expression.
+    /// `every <duration>` or a cron expression.
     fn from_str(s: &str) -> Result<Schedule, String> {
         let s = s.trim();
         if let Some(every) = s.strip_prefix("every ") {
             return parse_duration(every).map(Schedule::Every);
         }
-        check_cron(s)?;
-        Ok(Schedule::Cron(
-            s.split_whitespace().collect::<Vec<_>>().join(" "),
-        ))
+        s.parse().map(Schedule::Cron)
     }
 }
 
-/// Fields of a cron expression and their bounds (day of week: 0 and 7 are Sunday).
-const CRON_FIELDS: [(&str, u32, u32); 5] = [
-    ("minute", 0, 59),
-    ("hour", 0, 23),
-    ("day of month", 1, 31),
-    ("month", 1, 12),
-    ("day of week", 0, 7),
-];
-
-fn check_cron(expr: &str) -> Result<(), String> {
-    let fields: Vec<&str> = expr.split_whitespace().collect();
-    if fields.len() != CRON_FIELDS.len() {
-        return Err(format!(
-            "\"{expr}\" is neither \"every <duration>\" (e.g. \"every 15m\") nor a 5-field cron \
-             expression (minute hour day-of-month month day-of-week, e.g. \"0 */6 * * *\")"
-        ));
-    }
-    for (field, (name, lo, hi)) in fields.iter().zip(CRON_FIELDS) {
-        for part in field.split(',') {
-            check_cron_part(part, lo, hi)
-                .map_err(|e| format!("cron {name} field \"{field}\": {e}"))?;
-        }
-    }
-    Ok(())
+/// A cron expression as cron's users write it: 5 fields with ranges, lists, steps, day and
+/// month names (`*/15 8-18 * * mon-fri`), or `@hourly`, `@daily`, `@weekly`, `@monthly`,
+/// `@yearly`. Seconds and year fields are refused: the schedule's unit is the minute. When
+/// both day fields are restricted either may match, as in Vixie cron.
+#[derive(Clone)]
+pub struct CronExpr {
+    text: String,
+    // Boxed: the parsed form is a few hundred bytes, the rest of a `Schedule` a few words.
+    cron: Box<croner::Cron>,
 }
 
-fn check_cron_part(part: &str, lo: u32, hi: u32) -> Result<(), String> {
-    let number = |s: &str| -> Result<u32, String> {
-        let n = (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse::<u32>().ok())
-            .flatten()
-            .ok_or_else(|| format!("\"{s}\" is not *, */N, N, N-M or a list of them"))?;
-        if (lo..=hi).contains(&n) {
-            Ok(n)
-        } else {
-            Err(format!("{n} is outside {lo}..={hi}"))
+impl CronExpr {
+    /// The expression as written, with runs of blanks made one.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The parsed expression, to evaluate (see `schedule`).
+    pub fn cron(&self) -> &croner::Cron {
+        &self.cron
+    }
+}
+
+impl PartialEq for CronExpr {
+    fn eq(&self, other: &CronExpr) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for CronExpr {}
+
+impl std::fmt::Debug for CronExpr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CronExpr({:?})", self.text)
+    }
+}
+
+impl std::fmt::Display for CronExpr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for CronExpr {
+    type Err = String;
+
+    fn from_str(expr: &str) -> Result<CronExpr, String> {
+        let text = expr.split_whitespace().collect::<Vec<_>>().join(" ");
+        let fields = text.split(' ').count();
+        // croner would take 6 or 7 fields (seconds, year); say what this key expects instead.
+        if !(fields == 5 || (fields == 1 && text.starts_with('@'))) {
+            return Err(format!(
+                "\"{expr}\" is neither \"every <duration>\" (e.g. \"every 15m\") nor a 5-field cron \
+                 expression (minute hour day-of-month month day-of-week, e.g. \"0 */6 * * *\" or \
+                 \"@daily\")"
+            ));
         }
-    };
-    if part == "*" {
-        return Ok(());
-    }
-    if let Some(step) = part.strip_prefix("*/") {
-        return match step.parse::<u32>() {
-            Ok(n) if (1..=hi).contains(&n) => Ok(()),
-            _ => Err(format!("step \"{step}\" must be 1..={hi}")),
-        };
-    }
-    if let Some((from, to)) = part.split_once('-') {
-        let (from, to) = (number(from)?, number(to)?);
-        if from > to {
-            return Err(format!("range {from}-{to} runs backwards"));
+        // croner skips an empty list item ("1,,2"); cron refuses it, and so do we.
+        if let Some(field) = text.split(' ').find(|f| f.split(',').any(str::is_empty)) {
+            return Err(format!(
+                "cron expression \"{text}\": field \"{field}\" has an empty list item"
+            ));
         }
-        return Ok(());
+        let parser = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Disallowed)
+            .year(croner::parser::Year::Disallowed)
+            .build();
+        let cron = parser.parse(&text).map_err(|e| {
+            format!("cron expression \"{text}\" (minute hour day-of-month month day-of-week): {e}")
+        })?;
+        Ok(CronExpr {
+            text,
+            cron: Box::new(cron),
+        })
     }
-    number(part).map(drop)
 }
 
 /// Parses a byte size: a plain integer or one followed by B, K/KiB, M/MiB, G/GiB or T/TiB
@@ -260,6 +278,15 @@ mod tests {
 
     #[test]
     fn schedules() {
+        let spaced = "0  */6  *  *  0".parse::<Schedule>();
+        assert!(matches!(&spaced, Ok(Schedule::Cron(c)) if c.as_str() == "0 */6 * * 0"));
+        let fields = "* * * *".parse::<Schedule>().unwrap_err();
+        assert!(fields.contains("5-field cron"), "{fields}");
+        let range = "60 * * * *".parse::<Schedule>().unwrap_err();
+        assert!(
+            range.starts_with("cron expression \"60 * * * *\" (minute hour"),
+            "{range}"
+        );
         let every = "every 1h30m".parse::<Schedule>();
         assert_eq!(every, Ok(Schedule::Every(Duration::from_secs(5400))));
         for cron in [
@@ -269,6 +296,15 @@ mod tests {
             "5 0 1 1,4,7,10 *",
             "59 23 31 12 7",
             "0  */6  *  *  0",
+            "*/15 9-17 * * mon-fri",
+            "0 0 1 jan,jul *",
+            "0 12 * * SAT,sun",
+            "@hourly",
+            "@daily",
+            "@weekly",
+            "@monthly",
+            "@yearly",
+            "0 8-18/2 * * *",
         ] {
             let parsed = cron.parse::<Schedule>();
             assert!(
@@ -293,6 +329,11 @@ mod tests {
             "a * * * *",
             "-1 * * * *",
             "*/ * * * *",
+            "@fortnightly",
+            "@daily *",
+            "0 0 * * * 2030",
+            "* * * * mon-",
+            "* * * foo *",
         ] {
             assert!(bad.parse::<Schedule>().is_err(), "{bad} should be rejected");
         }
