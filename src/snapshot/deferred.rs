@@ -36,7 +36,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -106,6 +106,10 @@ pub struct Deferred {
     /// Serialises noting the target's ctime in the journal (stat and write as one step, so the
     /// latest ctime is the one kept). Taken after `state`, never before.
     ctime_note: Mutex<()>,
+    /// A record's applied mark could not be written: its bytes are in the file, but a replay
+    /// would take it for unapplied and could write it over later writes. From then on the
+    /// journal's ctime slot stays zero, so a replay keeps everything aside instead.
+    unreplayable: AtomicBool,
     /// Held while a batch of parked writes lands: batches land one after another, so writes
     /// sharing blocks land in the order they came. Parking never takes it.
     applier: Mutex<()>,
@@ -143,6 +147,7 @@ impl Deferred {
             block_size,
             state: Mutex::new(State::default()),
             ctime_note: Mutex::new(()),
+            unreplayable: AtomicBool::new(false),
             applier: Mutex::new(()),
             settlers: AtomicUsize::new(0),
             landed: Condvar::new(),
@@ -235,8 +240,13 @@ impl Deferred {
         let j = st.journal.insert(j);
         let at = j.append(offset, data)?;
         // The parked write changed nothing in the file, but the space allocated for it may
-        // have moved its ctime: what a replay compares must be the file as we leave it.
-        self.note_ctime(j.file())?;
+        // have moved its ctime: what a replay compares must be the file as we leave it. The
+        // record is written, so the write is parked whatever the note does (refused now, it
+        // would stay in the journal unapplied, under later direct writes to its bytes); a
+        // failed note leaves an older ctime, which only sends a replay to lost+found.
+        if let Err(e) = self.note_ctime(j.file()) {
+            warn!("deferred writes: noting the volume's ctime in the journal: {e}");
+        }
         Ok(at)
     }
 
@@ -244,6 +254,9 @@ impl Deferred {
     /// into a file whose ctime is still this one (nobody changed it since).
     fn note_ctime(&self, journal: &File) -> io::Result<()> {
         let _note = self.ctime_note.lock().unwrap_or_else(|p| p.into_inner());
+        if self.unreplayable.load(Ordering::Acquire) {
+            return write_ctime(journal, (0, 0));
+        }
         write_ctime(
             journal,
             sys::ctime_of(&sys::fstat(self.target.as_raw_fd())?),
@@ -319,7 +332,13 @@ impl Deferred {
                     let _ = self.note_ctime(j);
                     // Marked applied: a replay after a killed daemon must not write it again
                     // over later writes to the same bytes.
-                    let _ = mark_applied(j, e.record_at);
+                    if let Err(err) = mark_applied(j, e.record_at) {
+                        warn!(
+                            "deferred writes: marking a landed write applied in the journal: {err}; after a crash its writes go to lost+found, never replayed"
+                        );
+                        self.unreplayable.store(true, Ordering::Release);
+                        let _ = self.note_ctime(j);
+                    }
                 }
             }
             landed += batch.len();

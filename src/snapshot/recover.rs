@@ -92,9 +92,15 @@ pub fn replay(store: &Path, root: RawFd) -> io::Result<Vec<Outcome>> {
             Err(e) => {
                 // Left in deferred/, the journal would be cut short by the next capture of the
                 // same volume: keep it aside, or stop here.
-                let what = path.display().to_string();
+                // Read again for the index and the volume to mark unknown (the writes replayed
+                // before the failure are marked applied and left out).
+                let j = Journal::read(&path).ok();
+                let what = j
+                    .as_ref()
+                    .map_or_else(|| path.display().to_string(), |j| j.header.path.clone());
+                let writes = j.as_ref().map_or(0, |j| j.unapplied().count());
                 let reason = format!("replaying it failed ({e})");
-                said.push(aside(store, &path, None, what, 0, reason)?);
+                said.push(aside(store, &path, j.as_ref(), what, writes, reason)?);
             }
         }
     }
@@ -121,7 +127,10 @@ fn replay_one(store: &Path, journal: &Path, root: RawFd) -> io::Result<Option<Ou
         std::fs::remove_file(journal)?;
         return Ok(None);
     }
-    if h.boot_id != sys::boot_id() {
+    // An unknown boot id (no /proc) counts as another boot: never replay what cannot be
+    // placed in this one.
+    let boot = sys::boot_id();
+    if h.boot_id.is_empty() || boot.is_empty() || h.boot_id != boot {
         std::fs::remove_file(journal)?;
         return Ok(Some(Outcome::Dropped {
             path: h.path.clone(),
@@ -193,8 +202,10 @@ fn aside(
 /// The file a journal was written for, open for writing, or why it cannot be trusted to be.
 fn find_target(root: RawFd, h: &JournalHeader) -> Result<File, String> {
     let regular_with_ino = |fd: &OwnedFd| {
-        sys::fstat(fd.as_raw_fd())
-            .is_ok_and(|st| st.st_ino == h.file.ino && st.st_mode & libc::S_IFMT == libc::S_IFREG)
+        sys::fstat(fd.as_raw_fd()).is_ok_and(|st| {
+            (st.st_dev, st.st_ino) == (h.file.dev, h.file.ino)
+                && st.st_mode & libc::S_IFMT == libc::S_IFREG
+        })
     };
     let mut found = sys::open_beneath(root, &h.path, libc::O_PATH)
         .ok()
@@ -208,7 +219,7 @@ fn find_target(root: RawFd, h: &JournalHeader) -> Result<File, String> {
             crate::track::WalkErrors::Skip,
             |_, _, path, st| {
                 if rel.is_none()
-                    && st.st_ino == h.file.ino
+                    && (st.st_dev, st.st_ino) == (h.file.dev, h.file.ino)
                     && st.st_mode & libc::S_IFMT == libc::S_IFREG
                 {
                     rel = Some(path.to_string());

@@ -191,9 +191,11 @@ impl JournalWriter {
             return Err(io::Error::last_os_error());
         }
         if n as u64 != want {
-            // Short (the allocation above makes that unlikely): the record stays unreadable
-            // (its hash fails), and the end moves past it so nothing is written over it.
-            self.end = at + n as u64;
+            // Short (the allocation above makes that unlikely): the fragment is unmade and the
+            // next record goes in its place; left behind, it would hide every later record
+            // from a replay (reading stops at the first record that fails its hash).
+            let _ = f.write_all_at(&[0u8; 4], at);
+            self.end = at;
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         self.end = at + want;
