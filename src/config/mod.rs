@@ -355,12 +355,19 @@ fn groups(tables: Vec<Spanned<Table<GroupFile>>>) -> Result<Vec<GroupConfig>, Lo
                 Schedule::Every(every) if *every < Duration::from_secs(1) => {
                     Err("interval must be at least 1s".into())
                 }
-                _ => Ok(()),
+                _ => Err(NO_SCHEDULES.into()),
             })
         });
         let Table(keep) = table.keep;
-        let count =
-            |field: Option<Field<u32>>, name| field.read(&key(&format!("keep.{name}")), 0, any);
+        let count = |field: Option<Field<u32>>, name| {
+            field.read(&key(&format!("keep.{name}")), 0, |n: &u32| {
+                if *n == 0 {
+                    Ok(())
+                } else {
+                    Err(NO_RETENTION.into())
+                }
+            })
+        };
         groups.push(GroupConfig {
             name,
             volumes,
@@ -401,6 +408,11 @@ impl<T> Optional<T> for Option<Field<T>> {
 }
 
 /// The rule of a value that needs no more than its type.
+/// Schedules and retention are parsed (so a config written for them is checked) but refused
+/// until the daemon acts on them: a key that is accepted and does nothing would be a silent lie.
+const NO_SCHEDULES: &str = "automatic snapshots are not implemented yet, so this key is refused rather than ignored; take snapshots with `grainfs snapshot create GROUP` from cron or a systemd timer";
+const NO_RETENTION: &str = "retention is not implemented yet, so a nonzero count is refused rather than ignored; remove snapshots with `grainfs snapshot delete`";
+
 fn any<T>(_: &T) -> Result<(), String> {
     Ok(())
 }
@@ -521,14 +533,8 @@ mod tests {
         let vms = GroupConfig {
             name: "vms".into(),
             volumes: vec!["vms/*.img".into()],
-            schedule: Some(Schedule::Every(Duration::from_secs(900))),
-            keep: KeepConfig {
-                last: 4,
-                hourly: 24,
-                daily: 7,
-                weekly: 4,
-                monthly: 6,
-            },
+            schedule: None,
+            keep: KeepConfig::default(),
         };
         assert_eq!(c.groups, vec![vms]);
         let without_examples = Config {
@@ -538,6 +544,21 @@ mod tests {
             ..c
         };
         assert_eq!(without_examples, defaults);
+    }
+
+    #[test]
+    fn schedules_and_retention_are_refused_until_the_daemon_acts_on_them() {
+        let every = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nschedule = \"every 15m\"\n";
+        assert!(error_at(every, "group[0].schedule", 4).contains("not implemented yet"));
+        let cron = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nschedule = \"@daily\"\n";
+        error_at(cron, "group[0].schedule", 4);
+        let keep = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nkeep = { last = 0, daily = 7 }\n";
+        assert!(error_at(keep, "group[0].keep.daily", 4).contains("not implemented yet"));
+        let zeros = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nkeep = { last = 0 }\n";
+        assert!(
+            parse(zeros).is_ok(),
+            "all zero means keep every snapshot, which is what happens"
+        );
     }
 
     #[test]
