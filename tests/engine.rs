@@ -10,11 +10,11 @@ mod common;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::ops::Deref;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Noise, Overlay, ROOT};
+use common::{Noise, Overlay};
 use grainfs::config::{GroupConfig, KeepConfig, PolicyConfig};
 use grainfs::fs::inode::ROOT_INO;
 use grainfs::fs::SetAttr;
@@ -100,22 +100,6 @@ impl Fx {
         }
     }
 
-    /// Create (or truncate) `name` in the root and return its open handle.
-    fn create(&self, name: &str) -> u64 {
-        let (_, o) = self
-            .fs
-            .create(
-                ROOT,
-                ROOT_INO,
-                OsStr::new(name),
-                0o644,
-                0,
-                libc::O_RDWR | libc::O_TRUNC,
-            )
-            .unwrap();
-        o.fh
-    }
-
     fn ino(&self, name: &str) -> u64 {
         self.fs.lookup(ROOT_INO, OsStr::new(name)).unwrap().attr.ino
     }
@@ -132,14 +116,6 @@ impl Fx {
             )
             .unwrap();
         self.fs.forget(ino, 1);
-    }
-
-    fn id(&self, name: &str) -> VolumeId {
-        let m = std::fs::metadata(self.backing.join(name)).unwrap();
-        VolumeId {
-            dev: m.dev(),
-            ino: m.ino(),
-        }
     }
 
     fn snapshot(&self, name: &str) -> CreateReport {

@@ -6,32 +6,24 @@
 //! them went missing, and the live volumes hold exactly what was written.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use grainfs::config::PolicyConfig;
-use grainfs::fs::inode::ROOT_INO;
-use grainfs::fs::{Caller, OverlayFs, OverlayOptions};
 use grainfs::ids::{Geometry, SnapshotName, VolumeId};
 use grainfs::snapshot::{CreateRequest, Engine, EngineOptions};
 use grainfs::store::failing::{Failing, Fault};
 use grainfs::store::local::LocalDir;
 use grainfs::store::Store;
-use grainfs::track::Tracker;
 use proptest::prelude::*;
+
+mod common;
+use common::{Noise, Overlay};
 
 const BS: u64 = 4096;
 const G: Geometry = Geometry {
     block_size: BS,
     partition_size: 16 * BS,
-};
-const ROOT: Caller = Caller {
-    uid: 0,
-    gid: 0,
-    pid: 0,
 };
 const VOLUMES: [&str; 2] = ["a.img", "b.img"];
 
@@ -39,56 +31,33 @@ fn sn(name: &str) -> SnapshotName {
     SnapshotName::parse(name).unwrap()
 }
 
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A backing dir with its store inside, the overlay, and an engine whose store fails on
 /// demand. `store()` opens the same directory without faults, for the checks.
 struct Fx {
-    _tmp: tempfile::TempDir,
-    backing: PathBuf,
-    store_dir: PathBuf,
-    fs: Arc<OverlayFs>,
+    overlay: Overlay,
     engine: Engine,
     faults: Arc<Failing>,
 }
 
+impl std::ops::Deref for Fx {
+    type Target = Overlay;
+
+    fn deref(&self) -> &Overlay {
+        &self.overlay
+    }
+}
+
 impl Fx {
     fn new() -> Fx {
-        let tmp = tempfile::Builder::new()
-            .prefix("grainfs-faults-")
-            .tempdir()
-            .unwrap();
-        let backing = tmp.path().canonicalize().unwrap().join("backing");
-        std::fs::create_dir(&backing).unwrap();
-        let store_dir = backing.join(".grainfs");
-        let (t, _) = Tracker::open(&backing, &store_dir, G, Duration::from_secs(3600)).unwrap();
-        let tracker = Arc::new(t);
-        let fs = Arc::new(
-            OverlayFs::new(
-                &backing,
-                OverlayOptions {
-                    store: Some(store_dir.clone()),
-                    tracker: Some(tracker.clone()),
-                },
-            )
-            .unwrap(),
-        );
-        let faults = Arc::new(Failing::new(Arc::new(LocalDir::open(&store_dir).unwrap())));
+        let overlay = Overlay::tracked(G, Duration::from_secs(3600), |_| {});
+        let faults = Arc::new(Failing::new(Arc::new(
+            LocalDir::open(&overlay.store).unwrap(),
+        )));
         let engine = Engine::with_store(
             EngineOptions {
-                backing: backing.clone(),
-                store_dir: store_dir.clone(),
-                tracker,
+                backing: overlay.backing.clone(),
+                store_dir: overlay.store.clone(),
+                tracker: overlay.tracker().clone(),
                 policy: PolicyConfig {
                     full_rate: 1e12,
                     full_dirty_fraction: 0.5,
@@ -103,40 +72,14 @@ impl Fx {
         )
         .unwrap();
         Fx {
-            _tmp: tmp,
-            backing,
-            store_dir,
-            fs,
+            overlay,
             engine,
             faults,
         }
     }
 
-    fn create(&self, name: &str) -> u64 {
-        let (_, o) = self
-            .fs
-            .create(
-                ROOT,
-                ROOT_INO,
-                OsStr::new(name),
-                0o644,
-                0,
-                libc::O_RDWR | libc::O_TRUNC,
-            )
-            .unwrap();
-        o.fh
-    }
-
-    fn id(&self, name: &str) -> VolumeId {
-        let m = std::fs::metadata(self.backing.join(name)).unwrap();
-        VolumeId {
-            dev: m.dev(),
-            ino: m.ino(),
-        }
-    }
-
     fn store(&self) -> Store {
-        Store::open(&self.store_dir).unwrap()
+        Store::open(&self.store).unwrap()
     }
 }
 
@@ -222,7 +165,7 @@ fn run(ops: &[Op]) -> (u64, u64) {
                 len,
                 seed,
             } => {
-                let data = random_bytes(seed, len);
+                let data = Noise::new(seed).bytes(len);
                 fx.fs.write(fh[vol], off, &data).unwrap();
                 let end = off as usize + len;
                 if live[vol].len() < end {

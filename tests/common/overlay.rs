@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grainfs::fs::{Caller, OverlayFs, OverlayOptions};
-use grainfs::ids::Geometry;
+use grainfs::ids::{Geometry, VolumeId};
 use grainfs::track::{Recovery, Tracker};
 
 /// The caller of most direct calls: root.
@@ -67,6 +67,32 @@ impl Overlay {
             fs,
             tracking,
             recovery,
+        }
+    }
+
+    /// Create (or truncate) `name` in the root as root, open read-write; its handle.
+    pub fn create(&self, name: &str) -> u64 {
+        let (_, o) = self
+            .fs
+            .create(
+                ROOT,
+                grainfs::fs::inode::ROOT_INO,
+                std::ffi::OsStr::new(name),
+                0o644,
+                0,
+                libc::O_RDWR | libc::O_TRUNC,
+            )
+            .unwrap();
+        o.fh
+    }
+
+    /// The volume id of `name` in the backing dir.
+    pub fn id(&self, name: &str) -> VolumeId {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(self.backing.join(name)).unwrap();
+        VolumeId {
+            dev: m.dev(),
+            ino: m.ino(),
         }
     }
 
