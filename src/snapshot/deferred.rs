@@ -238,16 +238,11 @@ impl Deferred {
             None => JournalWriter::create(self.dir.as_raw_fd(), &self.name, &self.header)?,
         };
         let j = st.journal.insert(j);
-        let at = j.append(offset, data)?;
-        // The parked write changed nothing in the file, but the space allocated for it may
-        // have moved its ctime: what a replay compares must be the file as we leave it. The
-        // record is written, so the write is parked whatever the note does (refused now, it
-        // would stay in the journal unapplied, under later direct writes to its bytes); a
-        // failed note leaves an older ctime, which only sends a replay to lost+found.
-        if let Err(e) = self.note_ctime(j.file()) {
-            warn!("deferred writes: noting the volume's ctime in the journal: {e}");
-        }
-        Ok(at)
+        // The file's ctime (which the space allocated for a write into a hole may move) is
+        // noted by the overlay's `touch` right after this write returns (`after_own_change`),
+        // not here as well: a kill in between leaves an older ctime, which only sends a replay
+        // to lost+found.
+        j.append(offset, data)
     }
 
     /// Keep the target's ctime in the journal: a replay after a killed daemon writes only

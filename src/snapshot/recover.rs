@@ -466,7 +466,7 @@ pub fn discard(store: &Path, name: &str) -> io::Result<()> {
     fsync_dir(&lf)
 }
 
-/// Write `text` to stdout-like `out` (kept for the CLI's tables).
+/// The human listing of `grainfs recover`, written to `out`.
 pub fn write_table(out: &mut dyn Write, kept: &[Kept]) -> io::Result<()> {
     if kept.is_empty() {
         return writeln!(out, "nothing in {LOST_FOUND}");
