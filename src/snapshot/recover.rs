@@ -108,7 +108,9 @@ pub fn replay(store: &Path, root: RawFd) -> io::Result<Vec<Outcome>> {
 }
 
 fn replay_one(store: &Path, journal: &Path, root: RawFd) -> io::Result<Option<Outcome>> {
-    if std::fs::metadata(journal)?.len() == 0 {
+    if never_written(journal)? {
+        // Empty, or allocated and never written back (a power cut: journals are preallocated
+        // and not fsynced): no record in it ever reached the disk.
         std::fs::remove_file(journal)?;
         return Ok(None);
     }
@@ -174,6 +176,15 @@ fn replay_one(store: &Path, journal: &Path, root: RawFd) -> io::Result<Option<Ou
         path: h.path.clone(),
         writes,
     }))
+}
+
+/// Whether the journal holds nothing but zeros in its first page (or nothing at all): the
+/// daemon writes the header before any record, so no record of it can be on disk.
+fn never_written(journal: &Path) -> io::Result<bool> {
+    let f = File::open(journal)?;
+    let mut head = [0u8; 4096];
+    let n = f.read_at(&mut head, 0)?;
+    Ok(head[..n].iter().all(|&b| b == 0))
 }
 
 /// Keep `journal` aside (see `keep_aside`) and say so. `path` names what it was for.
