@@ -53,6 +53,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Remove committed snapshot `snap`: gone for readers in one step, durable on return. A
     /// reader that opened its packs before keeps reading them.
     fn remove(&self, snap: &SnapshotName) -> Result<()>;
+
+    /// The store-wide record `file` (holds, deletions under way), None if it was never
+    /// written. Records live beside the snapshots, never inside one.
+    fn read_record(&self, file: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Replace record `file` with `bytes` in one step, durably (a crash leaves the old
+    /// version or the new one).
+    fn write_record(&self, file: &str, bytes: &[u8]) -> Result<()>;
 }
 
 /// What a staged snapshot becomes at its commit.

@@ -45,6 +45,11 @@ pub enum StoreError {
     },
     #[error("snapshot being built: {0}")]
     Misuse(String),
+    /// A request the store refuses (a bad hold tag, a release of no hold), saying why.
+    #[error("{0}")]
+    Refused(String),
+    #[error("snapshot {name:?} is held ({}): release it first with `grainfs snapshot release {name}`", tags.join(", "))]
+    Held { name: String, tags: Vec<String> },
     #[error("snapshot {name:?} is the parent of {dependents:?}: delete those first (merging into children comes later)")]
     HasDependents {
         name: String,

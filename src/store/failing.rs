@@ -181,6 +181,24 @@ impl Backend for Failing {
             self.inner.remove(snap)
         })
     }
+
+    fn read_record(&self, file: &str) -> Result<Option<Vec<u8>>> {
+        guarded(
+            &self.plan,
+            "read_record",
+            self.location().join(file),
+            || self.inner.read_record(file),
+        )
+    }
+
+    fn write_record(&self, file: &str, bytes: &[u8]) -> Result<()> {
+        guarded(
+            &self.plan,
+            "write_record",
+            self.location().join(file),
+            || self.inner.write_record(file, bytes),
+        )
+    }
 }
 
 struct FailingStaging {

@@ -50,6 +50,12 @@ impl LocalDir {
         Ok(dir)
     }
 
+    /// Where store-wide record `file` lives: `<store>/snapshots/.<file>` (a dot name, so it is
+    /// never taken for a snapshot and never swept).
+    fn record_path(&self, file: &str) -> PathBuf {
+        self.snapshots.join(format!(".{file}"))
+    }
+
     fn sweep(&self) -> Result<()> {
         let mut swept = false;
         for e in std::fs::read_dir(&self.snapshots).at(&self.snapshots)? {
@@ -175,6 +181,20 @@ impl Backend for LocalDir {
         fsync_dir(&self.snapshots).at(&self.snapshots)?;
         std::fs::remove_dir_all(&doomed).at(&doomed)?;
         fsync_dir(&self.snapshots).at(&self.snapshots)
+    }
+
+    fn read_record(&self, file: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.record_path(file);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    fn write_record(&self, file: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.record_path(file);
+        write_durably(&path, bytes).at(&path)
     }
 }
 

@@ -42,6 +42,7 @@ type Files = HashMap<String, Arc<MemFile>>;
 struct State {
     committed: BTreeMap<String, Files>,
     building: HashSet<String>,
+    records: HashMap<String, Vec<u8>>,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +162,18 @@ impl Backend for MemoryStore {
             Some(_) => Ok(()),
             None => Err(StoreError::NotFound(snap.to_string())),
         }
+    }
+
+    fn read_record(&self, file: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.shared.lock().records.get(file).cloned())
+    }
+
+    fn write_record(&self, file: &str, bytes: &[u8]) -> Result<()> {
+        self.shared
+            .lock()
+            .records
+            .insert(file.to_string(), bytes.to_vec());
+        Ok(())
     }
 }
 

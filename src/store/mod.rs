@@ -47,6 +47,7 @@ pub mod backend;
 pub mod error;
 pub mod failing;
 pub mod format;
+pub mod holds;
 pub mod local;
 pub mod memory;
 pub mod reader;
@@ -196,6 +197,8 @@ pub struct Store {
     backend: Arc<dyn Backend>,
     /// Extents proven by the readers of this store, so each is hashed once.
     verified: Arc<VerifiedExtents>,
+    /// Serialises changes to the store-wide records (holds) within this process.
+    records: Arc<std::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -210,6 +213,7 @@ impl Store {
         Store {
             backend,
             verified: Arc::default(),
+            records: Arc::default(),
         }
     }
 
@@ -417,11 +421,41 @@ impl Store {
         Ok(out)
     }
 
-    /// Delete snapshot `name`, which no other snapshot may depend on; durable on return.
+    /// Every hold in the store, by snapshot name.
+    pub fn holds(&self) -> Result<holds::Holds> {
+        holds::load(&*self.backend)
+    }
+
+    /// Put hold `tag` on snapshot `name`; false if it was already there.
+    pub fn hold(&self, name: &SnapshotName, tag: &str) -> Result<bool> {
+        let _g = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        holds::hold(&*self.backend, name, tag)
+    }
+
+    /// Release hold `tag` (None: all) on snapshot `name`; returns the tags released.
+    pub fn release(&self, name: &SnapshotName, tag: Option<&str>) -> Result<Vec<String>> {
+        let _g = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        holds::release(&*self.backend, name, tag)
+    }
+
+    /// Refuse to delete a held snapshot, naming its holds.
+    fn check_not_held(&self, name: &SnapshotName) -> Result<()> {
+        match self.holds()?.remove(name.as_str()) {
+            Some(tags) if !tags.is_empty() => Err(StoreError::Held {
+                name: name.to_string(),
+                tags: tags.into_iter().collect(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Delete snapshot `name`, which no other snapshot may depend on and no hold may pin;
+    /// durable on return.
     pub fn delete(&self, name: &SnapshotName) -> Result<()> {
         if !self.backend.exists(name)? {
             return Err(StoreError::NotFound(name.to_string()));
         }
+        self.check_not_held(name)?;
         let dependents = self.dependents(name)?;
         if !dependents.is_empty() {
             return Err(StoreError::HasDependents {
