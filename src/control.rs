@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::SnapshotName;
+use crate::snapshot::lifecycle::PruneReport;
 use crate::snapshot::{CreateReport, CreateRequest};
 use crate::track::ChangeMap;
 
@@ -39,6 +40,41 @@ pub enum Request {
     /// Delete a snapshot (serialised with snapshot creation). The name is checked as the
     /// request is read: a bad one is refused at the socket.
     SnapshotDelete { name: SnapshotName },
+    /// Apply retention to `group` (None: every group), or say what it would remove.
+    Prune {
+        group: Option<String>,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Read the config file again and follow it (groups, schedules, retention, policy).
+    Reload,
+}
+
+/// A scheduled run that failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunFailure {
+    pub at_ns: u64,
+    pub message: String,
+}
+
+/// One group as `status` shows it: its schedule and retention, its newest snapshot, the next
+/// scheduled run and the last failure.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub name: String,
+    /// As the config writes it (`every 15m`, `0 3 * * *`); None: snapshots only on request.
+    pub schedule: Option<String>,
+    /// The interval between two slots now (what `status --check` measures age against).
+    pub period_ns: Option<u64>,
+    /// Retention rules (`last=3 daily=7`, or `none`).
+    pub keep: String,
+    /// Snapshots of the group in the store.
+    pub snapshots: u64,
+    pub last_snapshot: Option<String>,
+    pub last_snapshot_ns: Option<u64>,
+    /// When the scheduler runs next (only from a live daemon).
+    pub next_run_ns: Option<u64>,
+    pub last_failure: Option<RunFailure>,
 }
 
 /// What `status` reports (also built offline from the saved state).
@@ -53,6 +89,9 @@ pub struct StatusReport {
     pub partition_size: u64,
     pub interval_secs: f64,
     pub volumes: Vec<ChangeMap>,
+    /// The groups (configured, or found in the store).
+    #[serde(default)]
+    pub groups: Vec<GroupStatus>,
 }
 
 /// A response from the daemon.
@@ -62,8 +101,17 @@ pub enum Response {
     Pong,
     Status(StatusReport),
     Snapshot(CreateReport),
-    Deleted { name: SnapshotName },
-    Error { message: String },
+    Deleted {
+        name: SnapshotName,
+    },
+    Pruned(PruneReport),
+    /// The config was read again; `changes` says what differs, one line each.
+    Reloaded {
+        changes: Vec<String>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Bind the store's socket (replacing a stale one: the caller holds the store lock) and serve

@@ -632,6 +632,7 @@ fn start_control(
                     partition_size: tracking.partition_size,
                     interval_secs: tracking.interval.as_secs_f64(),
                     volumes,
+                    groups: Vec::new(),
                 })
             }
             Request::SnapshotCreate(c) => match &engine {

@@ -218,6 +218,7 @@ fn offline_report(t: &Target, store: &Path, config: &Config) -> Result<StatusRep
                 s.interval_ns as f64 / 1e9
             }),
         volumes,
+        groups: Vec::new(),
     })
 }
 

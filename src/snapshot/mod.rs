@@ -14,6 +14,7 @@
 pub mod capture;
 pub mod deferred;
 pub mod group;
+pub mod lifecycle;
 mod plan;
 pub mod recover;
 mod report;
@@ -72,8 +73,8 @@ pub struct Engine {
     store_key: Option<(u64, u64)>,
     store: Store,
     tracker: Arc<Tracker>,
-    policy: PolicyConfig,
-    groups: Vec<GroupConfig>,
+    /// Groups, policy and retention; swapped whole on a reload (`lifecycle`).
+    rules: std::sync::RwLock<Arc<lifecycle::Rules>>,
     workers: usize,
     /// Pushes dirty pages of shared mappings on the mount to the daemon (syncfs), so that the
     /// barrier sees them; a no-op without a mount.
@@ -162,8 +163,12 @@ impl Engine {
             store_key,
             store,
             tracker: o.tracker,
-            policy: o.policy,
-            groups: o.groups,
+            rules: std::sync::RwLock::new(Arc::new(lifecycle::Rules {
+                policy: o.policy,
+                groups: o.groups,
+                timezone: jiff::tz::TimeZone::system(),
+                max_store_bytes: None,
+            })),
             workers: o.workers.max(1),
             flush: o.flush,
             busy: Mutex::new(()),
@@ -220,7 +225,8 @@ impl Engine {
             ));
         }
         let name = req.group.as_deref().unwrap_or(ALL);
-        if let Some(g) = self.groups.iter().find(|g| g.name == name) {
+        let rules = self.rules();
+        if let Some(g) = rules.groups.iter().find(|g| g.name == name) {
             return Ok((
                 name.to_string(),
                 Selection::globs(&g.volumes).map_err(SnapshotError::Request)?,
@@ -229,7 +235,7 @@ impl Engine {
         if name == ALL {
             return Ok((ALL.to_string(), Selection::All));
         }
-        let known: Vec<&str> = self
+        let known: Vec<&str> = rules
             .groups
             .iter()
             .map(|g| g.name.as_str())
@@ -604,7 +610,15 @@ impl Engine {
             };
             let size = entry.stat.st_size as u64;
             let base_ok = self.base_is(v, parent);
-            let plan = plan(t, size, geometry, &prep.map, base_ok, parent, &self.policy);
+            let plan = plan(
+                t,
+                size,
+                geometry,
+                &prep.map,
+                base_ok,
+                parent,
+                &self.rules().policy,
+            );
             if plan.iter().any(|d| d.rescan) && prep.parent_hashes.is_none() {
                 // Tracking was lost between the walk and the barrier (rare): read the
                 // parent's hashes now.
@@ -748,7 +762,15 @@ impl Engine {
                     (taken_view(&v, &map), map, false)
                 }
             };
-            let plan = plan(&taken, size, geometry, &map, base_ok, parent, &self.policy);
+            let plan = plan(
+                &taken,
+                size,
+                geometry,
+                &map,
+                base_ok,
+                parent,
+                &self.rules().policy,
+            );
             volumes.push(VolumeReport {
                 path: e.path.clone(),
                 size,
