@@ -253,6 +253,7 @@ fn names_groups_and_globs_are_checked() {
             volumes: vec!["*.img".into()],
             schedule: None,
             keep: KeepConfig::default(),
+            policy: policy(),
         }],
     );
     let a = fx.create("a.img");

@@ -30,6 +30,8 @@ pub(super) struct ConfigFile {
     pub snapshot_setuid: Option<Field<bool>>,
     pub allow_other: Option<Field<bool>>,
     pub log_level: Option<Field<String>>,
+    pub timezone: Option<Field<String>>,
+    pub max_store_bytes: Option<Field<Size>>,
     pub cache: Table<CacheFile>,
     pub tracking: Table<TrackingFile>,
     pub policy: Table<PolicyFile>,
@@ -54,7 +56,7 @@ pub(super) struct TrackingFile {
     pub interval: Option<Field<Duration>>,
 }
 
-/// `[policy]`.
+/// `[policy]`, and a group's `policy` (its overrides of `[policy]`).
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct PolicyFile {
@@ -73,6 +75,8 @@ pub(super) struct GroupFile {
     pub schedule: Option<Field<Schedule>>,
     #[serde(default)]
     pub keep: Table<KeepFile>,
+    #[serde(default)]
+    pub policy: Table<PolicyFile>,
 }
 
 /// A group's `keep`.
@@ -84,6 +88,8 @@ pub(super) struct KeepFile {
     pub daily: Option<Field<u32>>,
     pub weekly: Option<Field<u32>>,
     pub monthly: Option<Field<u32>>,
+    pub yearly: Option<Field<u32>>,
+    pub within: Option<Field<Duration>>,
 }
 
 /// A TOML table read into `T`. serde's derived structs would also take an array of their
@@ -171,6 +177,11 @@ pub(super) struct Field<T> {
 }
 
 impl<T> Field<T> {
+    /// Byte offset of the value in the file.
+    pub fn at(&self) -> usize {
+        self.span.start
+    }
+
     /// The value if it has the right type and `rule` accepts it, else an error at the value.
     pub fn check(
         self,

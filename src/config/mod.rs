@@ -3,10 +3,13 @@
 //! Every error names the dotted key (`tracking.block_size`, `group[0].keep.daily`) and the line and
 //! column in the file, and unknown keys are errors at every level, so a typo never passes
 //! silently. Relative paths (`backing`, `mountpoint`, `store`) are resolved against the directory
-//! of the config file. This module must never do I/O beyond reading the config file, and never
-//! touches fuse, the store or the backing dir.
+//! of the config file. A reload is checked against the running config (`check_reload`): keys
+//! that need a remount must stay as they are. This module must never do I/O beyond reading the
+//! config file (and the time zone database, to check `timezone`), and never touches fuse, the
+//! store or the backing dir.
 
 mod file;
+mod reload;
 mod values;
 
 use std::io;
@@ -14,10 +17,11 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use file::{ConfigFile, Field, Globs, GroupFile, Located, Size, Table};
+use file::{ConfigFile, Field, Globs, GroupFile, Located, PolicyFile, Size, Table};
 use toml::Spanned;
 use values::{fmt_duration, fmt_size, GIB, KIB, MIB};
 
+pub use reload::KeySpans;
 pub use values::{parse_duration, parse_size, CronExpr, Schedule};
 
 /// The whole configuration, defaults filled in and validated.
@@ -40,6 +44,13 @@ pub struct Config {
     pub allow_other: Option<bool>,
     /// One of error, warn, info, debug, trace; `None` leaves the logger's default.
     pub log_level: Option<String>,
+    /// IANA time zone name ("Europe/Berlin", "UTC") in which cron schedules and retention
+    /// buckets are read, checked at load; `None` means the system's local zone
+    /// (see [`Config::time_zone`]).
+    pub timezone: Option<String>,
+    /// Most bytes the store may hold, > 0: over it, the oldest unheld snapshots are removed, but
+    /// never the newest of a group; `None` means no bound.
+    pub max_store_bytes: Option<u64>,
     /// Kernel attribute and entry cache timeouts.
     pub cache: CacheConfig,
     /// Change tracking geometry and tick.
@@ -48,6 +59,9 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Named groups of volumes snapshotted together.
     pub groups: Vec<GroupConfig>,
+    /// Where the file sets each key that needs a remount, for [`Config::check_reload`]'s errors;
+    /// equal for any two configs, so `==` compares what the config says, not where.
+    pub spans: KeySpans,
 }
 
 /// Visibility of the `.snapshots` directory at the mount root.
@@ -104,21 +118,29 @@ pub struct GroupConfig {
     pub schedule: Option<Schedule>,
     /// Retention rules.
     pub keep: KeepConfig,
+    /// This group's thresholds: `[policy]`, with the keys of the group's own `policy` over it.
+    pub policy: PolicyConfig,
 }
 
-/// Retention: how many snapshots each rule keeps; 0 = the rule keeps none, all 0 = keep all.
+/// Retention, with restic's `forget --keep-*` meaning; field for field `schedule::KeepRules`.
+/// A snapshot kept by any rule stays; a count of 0 keeps none by that rule; all counts 0 and no
+/// `within` keep every snapshot. Held snapshots are never removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeepConfig {
     /// The newest N snapshots.
     pub last: u32,
-    /// The newest snapshot of each of the last N hours.
+    /// The newest snapshot of each of the last N hours that have snapshots.
     pub hourly: u32,
-    /// The newest snapshot of each of the last N days.
+    /// The newest snapshot of each of the last N days that have snapshots.
     pub daily: u32,
-    /// The newest snapshot of each of the last N weeks.
+    /// The newest snapshot of each of the last N (ISO) weeks that have snapshots.
     pub weekly: u32,
-    /// The newest snapshot of each of the last N months.
+    /// The newest snapshot of each of the last N months that have snapshots.
     pub monthly: u32,
+    /// The newest snapshot of each of the last N years that have snapshots.
+    pub yearly: u32,
+    /// Every snapshot taken within this long of the newest one; more than 0 when set.
+    pub within: Option<Duration>,
 }
 
 /// Why a configuration could not be loaded.
@@ -160,6 +182,8 @@ impl Default for Config {
             snapshot_setuid: false,
             allow_other: None,
             log_level: None,
+            timezone: None,
+            max_store_bytes: None,
             cache: CacheConfig {
                 attr_timeout: Duration::from_secs(1),
                 entry_timeout: Duration::from_secs(1),
@@ -176,6 +200,7 @@ impl Default for Config {
                 max_chain: 8,
             },
             groups: Vec::new(),
+            spans: KeySpans::default(),
         }
     }
 }
@@ -186,7 +211,7 @@ impl Config {
     /// `origin` has none).
     pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         file::read(text)
-            .and_then(|file| build(file, origin))
+            .and_then(|file| build(file, origin, text))
             .map_err(|e| {
                 let (line, column) = line_column(text, e.at);
                 ConfigError::Invalid {
@@ -214,13 +239,24 @@ impl Config {
             .clone()
             .unwrap_or_else(|| backing.join(".grainfs"))
     }
+
+    /// The zone cron schedules and retention buckets are read in: `timezone` (checked at load),
+    /// else the system's local zone.
+    pub fn time_zone(&self) -> Result<jiff::tz::TimeZone, jiff::Error> {
+        match &self.timezone {
+            Some(name) => jiff::tz::TimeZone::get(name),
+            None => Ok(jiff::tz::TimeZone::system()),
+        }
+    }
 }
 
 /// The [`Config`] that `file` asks for: defaults where it is silent, and every rule checked on
-/// what it says; an error points at the value that breaks a rule.
-fn build(file: ConfigFile, origin: &Path) -> Result<Config, Located> {
+/// what it says; an error points at the value that breaks a rule. `text` is the file, to place
+/// the keys that need a remount.
+fn build(file: ConfigFile, origin: &Path, text: &str) -> Result<Config, Located> {
     let d = Config::default();
-    let (cache, tracking, policy) = (file.cache.0, file.tracking.0, file.policy.0);
+    let spans = KeySpans::of(&file, origin, text);
+    let (cache, tracking) = (file.cache.0, file.tracking.0);
     let path = |field: Option<Field<String>>, key| field.map(|f| resolve(origin, f, key));
     let timeout = within(Duration::ZERO..=Duration::from_secs(3600), fmt_duration);
     let interval = within(
@@ -253,17 +289,12 @@ fn build(file: ConfigFile, origin: &Path) -> Result<Config, Located> {
         let message = || format!("unknown level \"{level}\"; use one of: {levels}");
         ensure(LOG_LEVELS.contains(&level.as_str()), message)
     };
-    let rate_rule = |&r: &f64| {
-        ensure(r.is_finite() && r >= 0.0, || {
-            format!("must be >= 0, got {r}")
+    let budget_rule = |&Size(b): &Size| {
+        ensure(b > 0, || {
+            "must be more than 0; leave it out for no bound".into()
         })
     };
-    let fraction_rule = |&f: &f64| {
-        ensure(f > 0.0 && f <= 1.0, || {
-            format!("must be in (0, 1], got {f}")
-        })
-    };
-    let fraction = d.policy.full_dirty_fraction;
+    let policy = policy(file.policy.0, "policy", &d.policy)?;
     Ok(Config {
         backing: path(file.backing, "backing").transpose()?,
         mountpoint: path(file.mountpoint, "mountpoint").transpose()?,
@@ -282,6 +313,14 @@ fn build(file: ConfigFile, origin: &Path) -> Result<Config, Located> {
         log_level: file
             .log_level
             .map(|f| f.check("log_level", level_rule))
+            .transpose()?,
+        timezone: file
+            .timezone
+            .map(|f| f.check("timezone", check_timezone))
+            .transpose()?,
+        max_store_bytes: file
+            .max_store_bytes
+            .map(|f| f.check("max_store_bytes", budget_rule).map(|Size(b)| b))
             .transpose()?,
         cache: CacheConfig {
             attr_timeout: cache.attr_timeout.read(
@@ -305,27 +344,49 @@ fn build(file: ConfigFile, origin: &Path) -> Result<Config, Located> {
                 .interval
                 .read("tracking.interval", d.tracking.interval, interval)?,
         },
-        policy: PolicyConfig {
-            full_rate: policy
-                .full_rate
-                .read("policy.full_rate", d.policy.full_rate, rate_rule)?,
-            full_dirty_fraction: (policy.full_dirty_fraction).read(
-                "policy.full_dirty_fraction",
-                fraction,
-                fraction_rule,
-            )?,
-            max_chain: policy.max_chain.read(
-                "policy.max_chain",
-                d.policy.max_chain,
-                within(1..=1000, |n| n.to_string()),
-            )?,
-        },
-        groups: groups(file.group.0)?,
+        groups: groups(file.group.0, &policy)?,
+        policy,
+        spans,
     })
 }
 
-/// The `[[group]]` tables, each checked, in the order of the file.
-fn groups(tables: Vec<Spanned<Table<GroupFile>>>) -> Result<Vec<GroupConfig>, Located> {
+/// The policy keys of `file`, each checked, named `<prefix>.<key>` in errors; `base` gives the
+/// ones left out (the defaults for `[policy]`, `[policy]` for a group's own).
+fn policy(file: PolicyFile, prefix: &str, base: &PolicyConfig) -> Result<PolicyConfig, Located> {
+    let key = |name: &str| format!("{prefix}.{name}");
+    let rate_rule = |&r: &f64| {
+        ensure(r.is_finite() && r >= 0.0, || {
+            format!("must be >= 0, got {r}")
+        })
+    };
+    let fraction_rule = |&f: &f64| {
+        ensure(f > 0.0 && f <= 1.0, || {
+            format!("must be in (0, 1], got {f}")
+        })
+    };
+    Ok(PolicyConfig {
+        full_rate: file
+            .full_rate
+            .read(&key("full_rate"), base.full_rate, rate_rule)?,
+        full_dirty_fraction: file.full_dirty_fraction.read(
+            &key("full_dirty_fraction"),
+            base.full_dirty_fraction,
+            fraction_rule,
+        )?,
+        max_chain: file.max_chain.read(
+            &key("max_chain"),
+            base.max_chain,
+            within(1..=1000, |n| n.to_string()),
+        )?,
+    })
+}
+
+/// The `[[group]]` tables, each checked, in the order of the file; `policy` is `[policy]`, which
+/// a group's own `policy` keys override.
+fn groups(
+    tables: Vec<Spanned<Table<GroupFile>>>,
+    policy: &PolicyConfig,
+) -> Result<Vec<GroupConfig>, Located> {
     let mut groups: Vec<GroupConfig> = Vec::with_capacity(tables.len());
     for (i, table) in tables.into_iter().enumerate() {
         let key = |field: &str| format!("group[{i}].{field}");
@@ -355,30 +416,32 @@ fn groups(tables: Vec<Spanned<Table<GroupFile>>>) -> Result<Vec<GroupConfig>, Lo
                 Schedule::Every(every) if *every < Duration::from_secs(1) => {
                     Err("interval must be at least 1s".into())
                 }
-                _ => Err(NO_SCHEDULES.into()),
+                _ => Ok(()),
             })
         });
         let Table(keep) = table.keep;
-        let count = |field: Option<Field<u32>>, name| {
-            field.read(&key(&format!("keep.{name}")), 0, |n: &u32| {
-                if *n == 0 {
-                    Ok(())
-                } else {
-                    Err(NO_RETENTION.into())
-                }
+        let count = |field: Option<Field<u32>>, name| field.read(&key(name), 0, any);
+        let within = keep.within.map(|f| {
+            f.check(&key("keep.within"), |d| {
+                ensure(!d.is_zero(), || {
+                    "must be more than 0s; leave it out to keep by the counts alone".into()
+                })
             })
-        };
+        });
         groups.push(GroupConfig {
             name,
             volumes,
             schedule: schedule.transpose()?,
             keep: KeepConfig {
-                last: count(keep.last, "last")?,
-                hourly: count(keep.hourly, "hourly")?,
-                daily: count(keep.daily, "daily")?,
-                weekly: count(keep.weekly, "weekly")?,
-                monthly: count(keep.monthly, "monthly")?,
+                last: count(keep.last, "keep.last")?,
+                hourly: count(keep.hourly, "keep.hourly")?,
+                daily: count(keep.daily, "keep.daily")?,
+                weekly: count(keep.weekly, "keep.weekly")?,
+                monthly: count(keep.monthly, "keep.monthly")?,
+                yearly: count(keep.yearly, "keep.yearly")?,
+                within: within.transpose()?,
             },
+            policy: self::policy(table.policy.0, &key("policy"), policy)?,
         });
     }
     Ok(groups)
@@ -408,11 +471,6 @@ impl<T> Optional<T> for Option<Field<T>> {
 }
 
 /// The rule of a value that needs no more than its type.
-/// Schedules and retention are parsed (so a config written for them is checked) but refused
-/// until the daemon acts on them: a key that is accepted and does nothing would be a silent lie.
-const NO_SCHEDULES: &str = "automatic snapshots are not implemented yet, so this key is refused rather than ignored; take snapshots with `grainfs snapshot create GROUP` from cron or a systemd timer";
-const NO_RETENTION: &str = "retention is not implemented yet, so a nonzero count is refused rather than ignored; remove snapshots with `grainfs snapshot delete`";
-
 fn any<T>(_: &T) -> Result<(), String> {
     Ok(())
 }
@@ -445,6 +503,16 @@ fn resolve(origin: &Path, field: Field<String>, key: &str) -> Result<PathBuf, Lo
         ensure(!path.is_empty(), || "must not be empty".into())?;
         std::path::absolute(dir.join(path))
             .map_err(|e| format!("cannot resolve relative path: {e}"))
+    })
+}
+
+/// An IANA zone name that jiff's time zone database knows.
+fn check_timezone(name: &String) -> Result<(), String> {
+    jiff::tz::TimeZone::get(name).map(drop).map_err(|_| {
+        format!(
+            "unknown time zone \"{name}\"; use an IANA name such as \"Europe/Berlin\" or \"UTC\", \
+             or leave it out for the system's local zone"
+        )
     })
 }
 
@@ -488,283 +556,4 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    const EXAMPLE: &str = include_str!("../../conf/grainfs.toml");
-
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::from_toml(text, Path::new("/etc/grainfs/conf.toml"))
-    }
-
-    /// The error's Display, asserting it names `key` at `line`.
-    fn error_at(text: &str, key: &str, line: usize) -> String {
-        let err = parse(text).expect_err("config should be rejected");
-        let shown = err.to_string();
-        let ConfigError::Invalid {
-            line: got,
-            key: got_key,
-            ..
-        } = &err
-        else {
-            panic!("not an Invalid error: {shown}");
-        };
-        assert_eq!((got_key.as_str(), *got), (key, line), "{shown}");
-        let prefix = format!("/etc/grainfs/conf.toml:{line}:");
-        assert!(shown.starts_with(&prefix) && shown.contains(key), "{shown}");
-        shown
-    }
-
-    #[test]
-    fn example_config_loads_with_documented_values() {
-        let c = parse(EXAMPLE).expect("conf/grainfs.toml must load");
-        assert_eq!(c.backing.as_deref(), Some(Path::new("/srv/volumes")));
-        assert_eq!(c.mountpoint.as_deref(), Some(Path::new("/mnt/volumes")));
-        let store = c.store_dir(Path::new("/srv/volumes"));
-        assert_eq!(store, Path::new("/srv/volumes/.grainfs"));
-        let defaults = Config::default();
-        assert_eq!(c.cache, defaults.cache);
-        assert_eq!(c.tracking, defaults.tracking);
-        assert_eq!(c.policy, defaults.policy);
-        assert_eq!(c.tracking.block_size, 65536);
-        assert_eq!(c.tracking.partition_size, 64 << 20);
-        assert_eq!(c.tracking.interval, Duration::from_secs(10));
-        let vms = GroupConfig {
-            name: "vms".into(),
-            volumes: vec!["vms/*.img".into()],
-            schedule: None,
-            keep: KeepConfig::default(),
-        };
-        assert_eq!(c.groups, vec![vms]);
-        let without_examples = Config {
-            backing: None,
-            mountpoint: None,
-            groups: Vec::new(),
-            ..c
-        };
-        assert_eq!(without_examples, defaults);
-    }
-
-    #[test]
-    fn schedules_and_retention_are_refused_until_the_daemon_acts_on_them() {
-        let every = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nschedule = \"every 15m\"\n";
-        assert!(error_at(every, "group[0].schedule", 4).contains("not implemented yet"));
-        let cron = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nschedule = \"@daily\"\n";
-        error_at(cron, "group[0].schedule", 4);
-        let keep = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nkeep = { last = 0, daily = 7 }\n";
-        assert!(error_at(keep, "group[0].keep.daily", 4).contains("not implemented yet"));
-        let zeros = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nkeep = { last = 0 }\n";
-        assert!(
-            parse(zeros).is_ok(),
-            "all zero means keep every snapshot, which is what happens"
-        );
-    }
-
-    #[test]
-    fn snapshot_setuid_is_off_unless_set() {
-        assert!(!Config::default().snapshot_setuid);
-        let c = parse("snapshot_setuid = true\n").expect("parse");
-        assert!(c.snapshot_setuid);
-    }
-
-    #[test]
-    fn empty_text_gives_the_embedded_defaults() {
-        assert_eq!(parse("").ok(), Some(Config::default()));
-    }
-
-    #[test]
-    fn a_number_the_parser_cannot_hold_names_its_key_and_line() {
-        let e = parse("[tracking]\nenabled = true\nblock_size = 99999999999999999999\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains(":3:") && e.contains("tracking.block_size:"),
-            "{e}"
-        );
-        let e = parse("[[group]]\nname = \"a\"\nvolumes = [\"*\"]\n[[group]]\nname = \"b\"\nvolumes = [\"*\"]\n[policy]\nfull_rate = 1e400\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(":8:") && e.contains("policy.full_rate:"), "{e}");
-        let e = parse("[[group]]\nname = \"a\"\n[[group]]\nname = \"b\"\nkeep = { last = 99999999999999999999 }\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(":5:") && e.contains("group[1].keep:"), "{e}");
-    }
-
-    #[test]
-    fn load_reads_the_file_and_names_a_missing_one() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("grainfs.toml");
-        std::fs::write(&path, "backing = \"volumes\"\nstore = \"/var/lib/g\"\n").expect("write");
-        let c = Config::load(&path).expect("load");
-        // A relative path is taken relative to the config file's directory.
-        assert_eq!(c.backing, Some(dir.path().join("volumes")));
-        assert_eq!(c.store_dir(Path::new("/x")), Path::new("/var/lib/g"));
-        let missing = dir.path().join("nope.toml");
-        let err = Config::load(&missing).expect_err("missing file");
-        assert!(matches!(err, ConfigError::Read { .. }));
-        assert!(
-            err.to_string().contains(&*missing.to_string_lossy()),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn unknown_keys_are_named_with_their_line() {
-        let shown = error_at("threads = 2\nthread = 4\n", "thread", 2);
-        assert!(shown.contains("did you mean \"threads\""), "{shown}");
-        let shown = error_at(
-            "# c\n\n[tracking]\nenabled = true\n\n\nblok_size = \"64KiB\"\n",
-            "tracking.blok_size",
-            7,
-        );
-        assert_eq!(
-            shown,
-            "/etc/grainfs/conf.toml:7:1: tracking.blok_size: unknown key (did you mean \
-             \"block_size\"?); expected one of: enabled, block_size, partition_size, interval"
-        );
-        error_at("[trackin]\nenabled = true\n", "trackin", 1);
-        error_at("tracking.size = 1\n", "tracking.size", 1);
-        let groups = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\n\
-                      [[group]]\nname = \"b\"\nvolumes = [\"b\"]\nretain = 3\n";
-        error_at(groups, "group[1].retain", 7);
-        let keep = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nkeep = { last = 1, yearly = 2 }\n";
-        error_at(keep, "group[0].keep.yearly", 4);
-        let keep_table = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\n[group.keep]\nhours = 1\n";
-        error_at(keep_table, "group[0].keep.hours", 5);
-    }
-
-    #[test]
-    fn wrong_types_are_named_with_their_line() {
-        let shown = error_at("\n[tracking]\nblock_size = 12\n", "tracking.block_size", 3);
-        assert!(shown.contains("found integer 12"), "{shown}");
-        error_at("threads = \"4\"\n", "threads", 1);
-        error_at("[policy]\nfull_rate = \"fast\"\n", "policy.full_rate", 2);
-        error_at("[group]\nname = \"a\"\n", "group", 1);
-        let keep = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nkeep = { daily = \"7\" }\n";
-        error_at(keep, "group[0].keep.daily", 4);
-        error_at(
-            "[[group]]\nname = \"a\"\nvolumes = [\"a\", 3]\n",
-            "group[0].volumes[1]",
-            3,
-        );
-        error_at("threads = -1\n", "threads", 1);
-        let shown = error_at("\nthreads = 1979-05-27\n", "threads", 2);
-        assert!(
-            shown.ends_with("expected an integer, found a datetime"),
-            "{shown}"
-        );
-        error_at("tracking.enabled = \"yes\"\n", "tracking.enabled", 1);
-    }
-
-    #[test]
-    fn shapes_serde_would_take_are_refused_in_plain_words() {
-        // A derived struct also reads an array of its fields in order.
-        let shown = error_at("policy = [1]\n", "policy", 1);
-        assert!(
-            shown.ends_with("expected a table, found an array"),
-            "{shown}"
-        );
-        // A table made by a dotted key has no span of its own.
-        let shown = error_at("\nthreads.x = 1\n", "threads", 2);
-        assert!(
-            shown.ends_with("expected an integer, found a table"),
-            "{shown}"
-        );
-        let shown = error_at("[group]\nname = \"a\"\n", "group", 1);
-        assert!(shown.contains("([[group]]), found a table"), "{shown}");
-        // A wrong type inside an array points at the element, not the array.
-        let multiline = "[[group]]\nname = \"a\"\nvolumes = [\"a\",\n  3]\n";
-        let shown = error_at(multiline, "group[0].volumes[1]", 4);
-        assert!(shown.ends_with("found integer 3"), "{shown}");
-    }
-
-    #[test]
-    fn bad_values_are_named_with_their_line() {
-        let shown = error_at(
-            "[tracking]\nblock_size = \"3KiB\"\n",
-            "tracking.block_size",
-            2,
-        );
-        assert!(shown.contains("power of two"), "{shown}");
-        error_at(
-            "[tracking]\nblock_size = \"64KB\"\n",
-            "tracking.block_size",
-            2,
-        );
-        error_at("[tracking]\ninterval = \"0s\"\n", "tracking.interval", 2);
-        error_at("[tracking]\ninterval = \"5min\"\n", "tracking.interval", 2);
-        let part = "[tracking]\nblock_size = \"1MiB\"\npartition_size = \"1536KiB\"\n";
-        error_at(part, "tracking.partition_size", 3);
-        error_at("[cache]\nattr_timeout = \"2h\"\n", "cache.attr_timeout", 2);
-        error_at(
-            "[policy]\nfull_dirty_fraction = 0.0\n",
-            "policy.full_dirty_fraction",
-            2,
-        );
-        error_at("[policy]\nfull_rate = -1\n", "policy.full_rate", 2);
-        error_at("[policy]\nmax_chain = 0\n", "policy.max_chain", 2);
-        error_at("threads = 1000\n", "threads", 1);
-        error_at("snapdir = \"shown\"\n", "snapdir", 1);
-        error_at(
-            "threads = 2\nsnapshot_setuid = \"yes\"\n",
-            "snapshot_setuid",
-            2,
-        );
-        error_at("log_level = \"verbose\"\n", "log_level", 1);
-        error_at("backing = \"\"\n", "backing", 1);
-        let dup = "[[group]]\nname = \"vms\"\nvolumes = [\"a\"]\n\
-                   [[group]]\nname = \"vms\"\nvolumes = [\"b\"]\n";
-        let shown = error_at(dup, "group[1].name", 5);
-        assert!(shown.contains("duplicate"), "{shown}");
-        error_at(
-            "[[group]]\nname = \"all\"\nvolumes = [\"a\"]\n",
-            "group[0].name",
-            2,
-        );
-        error_at(
-            "[[group]]\nname = \"a b\"\nvolumes = [\"a\"]\n",
-            "group[0].name",
-            2,
-        );
-        error_at("\n[[group]]\nvolumes = [\"a\"]\n", "group[0].name", 2);
-        error_at(
-            "[[group]]\nname = \"a\"\nvolumes = []\n",
-            "group[0].volumes",
-            3,
-        );
-        let abs = "[[group]]\nname = \"a\"\nvolumes = [\"ok/*\",\n  \"/abs/*\"]\n";
-        error_at(abs, "group[0].volumes[1]", 4);
-        error_at(
-            "[[group]]\nname = \"a\"\nvolumes = [\"../x\"]\n",
-            "group[0].volumes[0]",
-            3,
-        );
-        let cron = "[[group]]\nname = \"a\"\nvolumes = [\"a\"]\nschedule = \"61 * * * *\"\n";
-        error_at(cron, "group[0].schedule", 4);
-    }
-
-    #[test]
-    fn syntax_errors_give_the_line() {
-        let err = parse("threads = 2\nbacking = \n").expect_err("syntax");
-        let shown = err.to_string();
-        assert!(shown.starts_with("/etc/grainfs/conf.toml:2:"), "{shown}");
-        assert!(!shown.contains('\n'), "{shown}");
-        let dup = parse("threads = 2\nthreads = 3\n").expect_err("duplicate key");
-        assert!(
-            dup.to_string().starts_with("/etc/grainfs/conf.toml:2:"),
-            "{dup}"
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn any_text_gives_a_config_or_a_located_error(text in "[ -~\n]{0,200}") {
-            if let Err(ConfigError::Invalid { line, column, .. }) = parse(&text) {
-                prop_assert!(line >= 1 && line <= text.lines().count().max(1) + 1);
-                prop_assert!(column >= 1);
-            }
-        }
-    }
-}
+mod tests;

@@ -143,10 +143,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size \"{s}\" is too large"))
 }
 
-/// Parses a duration: integers with units d, h, m, s, ms, largest first, e.g. "1h30m", "500ms".
+/// Parses a duration: integers with units w (7 days), d, h, m, s, ms, largest first, e.g.
+/// "1h30m", "500ms", "1w2d".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let usage = "write e.g. \"10s\", \"500ms\", \"15m\" or \"1h30m\" (units d, h, m, s, ms)";
+    let usage =
+        "write e.g. \"10s\", \"500ms\", \"15m\", \"1h30m\" or \"2d\" (units w, d, h, m, s, ms)";
     if t.is_empty() {
         return Err(format!("empty duration; {usage}"));
     }
@@ -164,11 +166,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         rest = &rest[digits + unit_len..];
         let (rank, unit_millis) = match unit {
             _ if number.is_empty() => return Err(format!("invalid duration \"{s}\"; {usage}")),
-            "d" => (0, 86_400_000),
-            "h" => (1, 3_600_000),
-            "m" => (2, 60_000),
-            "s" => (3, 1_000),
-            "ms" => (4, 1),
+            "w" => (0, 7 * 86_400_000),
+            "d" => (1, 86_400_000),
+            "h" => (2, 3_600_000),
+            "m" => (3, 60_000),
+            "s" => (4, 1_000),
+            "ms" => (5, 1),
             "" => return Err(format!("duration \"{s}\" lacks a unit; {usage}")),
             _ => {
                 return Err(format!(
@@ -256,6 +259,9 @@ mod tests {
             ("1h", s(3600)),
             ("1h30m", s(5400)),
             ("2d", s(172_800)),
+            ("1w", s(604_800)),
+            ("1w2d", s(777_600)),
+            ("36h", s(129_600)),
             ("1m30s250ms", Duration::from_millis(90_250)),
         ] {
             assert_eq!(parse_duration(text), Ok(expected), "{text}");
@@ -271,6 +277,8 @@ mod tests {
             "-1s",
             "1 h",
             "99999999999999d",
+            "2d1w",
+            "1W",
         ] {
             assert!(parse_duration(text).is_err(), "{text} should be rejected");
         }
