@@ -209,6 +209,10 @@ impl PackRead for LocalPack {
     fn stamp(&self) -> std::io::Result<(PackKey, Stamp)> {
         Stamp::of(&self.0)
     }
+
+    fn as_file(&self) -> Option<&File> {
+        Some(&self.0)
+    }
 }
 
 /// A build in `.tmp-<name>/`.
