@@ -176,7 +176,10 @@ pub(crate) fn plan_volume(
             }
             match deleted.and_then(|x| x.partitions.get(c.index as usize)) {
                 Some(x) if x.kind == PartitionKind::Incremental => PartitionEntry {
-                    // The chain now skips X: as deep as X's was there.
+                    // The chain now skips X: as deep as X's was there. Deeper descendants
+                    // are not rewritten, so their depth becomes an upper bound (one more than
+                    // the truth); policy only compares depths with max_chain, where an upper
+                    // bound errs on the safe side (a FULL a little early).
                     depth: x.depth,
                     ..c.clone()
                 },
@@ -559,6 +562,8 @@ fn apply(
         progress(copied);
     }
     let mut volumes = Vec::with_capacity(plans.len());
+    // Manifests of the snapshots cut blocks come from.
+    let mut manifests: HashMap<SnapshotName, Manifest> = HashMap::new();
     for (i, (v, plan)) in cm.volumes.iter().zip(plans).enumerate() {
         let mut records = Vec::with_capacity(plan.blocks.len());
         for (block, s) in plan.blocks {
@@ -570,8 +575,10 @@ fn apply(
                     Record { pack, offset, ..r }
                 }
                 Source::Cut { snap, rec, len } => {
-                    let m = load_manifest_from(b, &snap)?;
-                    let file = &m
+                    if !manifests.contains_key(&snap) {
+                        manifests.insert(snap.clone(), load_manifest_from(b, &snap)?);
+                    }
+                    let file = &manifests[&snap]
                         .packs
                         .get(rec.pack as usize)
                         .ok_or_else(|| StoreError::Chain {
