@@ -754,23 +754,28 @@ fn a_depth_eight_reader_resolves_once_and_keeps_its_packs() {
 }
 
 #[test]
-fn delete_refuses_a_parent_and_removes_a_leaf_durably() {
+fn delete_merges_a_parent_into_its_child_and_removes_a_leaf_durably() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
     simple_snapshot(&store, "p", None, &Noise::new(3).bytes(20_000));
-    simple_snapshot(&store, "c", Some("p"), &Noise::new(4).bytes(20_000));
-    match store.delete(&sn("p")) {
-        Err(StoreError::HasDependents { dependents, .. }) => assert_eq!(dependents, ["c"]),
-        other => panic!("{other:?}"),
-    }
+    let child = Noise::new(4).bytes(20_000);
+    simple_snapshot(&store, "c", Some("p"), &child);
+    assert_eq!(store.dependents(&sn("p")).unwrap(), ["c"]);
     assert!(matches!(
         store.delete(&sn("zz")),
         Err(StoreError::NotFound(_))
     ));
-    store.delete(&sn("c")).unwrap();
     store.delete(&sn("p")).unwrap();
+    assert_eq!(store.manifest(&sn("c")).unwrap().parent, None);
+    assert!(read_all(&store, "c", vid(0)) == child);
+    assert!(store.verify(&sn("c")).unwrap().ok());
+    store.delete(&sn("c")).unwrap();
     assert!(store.names().unwrap().is_empty());
-    let left: Vec<_> = std::fs::read_dir(store.snapshots_dir()).unwrap().collect();
+    let left: Vec<_> = std::fs::read_dir(store.snapshots_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".deleting"))
+        .collect();
     assert!(left.is_empty(), "{left:?}");
 }
 

@@ -149,6 +149,13 @@ pub trait PackRead: Send + Sync {
     /// The pack's identity and what must not change for proofs of its extents to hold (see
     /// `verified`).
     fn stamp(&self) -> std::io::Result<(PackKey, Stamp)>;
+
+    /// The pack as a file, where it is one: delete with merge hands its extents to
+    /// `PackWrite::write_from` (`copy_file_range`, a reflink where the filesystem can share
+    /// extents). None: the caller reads the bytes and writes them.
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 #[cfg(test)]

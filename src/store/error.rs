@@ -50,7 +50,9 @@ pub enum StoreError {
     Refused(String),
     #[error("snapshot {name:?} is held ({}): release it first with `grainfs snapshot release {name}`", tags.join(", "))]
     Held { name: String, tags: Vec<String> },
-    #[error("snapshot {name:?} is the parent of {dependents:?}: delete those first (merging into children comes later)")]
+    /// A delete refused because snapshots whose manifests cannot be read might build on it
+    /// (delete with merge could not rewrite them).
+    #[error("snapshot {name:?} may be the parent of {dependents:?}, whose manifests cannot be read: run `grainfs snapshot verify` on them, then repair or delete them first")]
     HasDependents {
         name: String,
         dependents: Vec<String>,

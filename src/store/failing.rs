@@ -341,4 +341,10 @@ impl PackRead for FailingPackRead {
     fn stamp(&self) -> io::Result<(PackKey, Stamp)> {
         self.inner.stamp()
     }
+
+    // The bytes then move in the kernel, past the plan: the write that takes them
+    // (`write_from`) is still counted and can fail.
+    fn as_file(&self) -> Option<&std::fs::File> {
+        self.inner.as_file()
+    }
 }

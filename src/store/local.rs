@@ -61,6 +61,19 @@ impl LocalDir {
         for e in std::fs::read_dir(&self.snapshots).at(&self.snapshots)? {
             let e = e.at(&self.snapshots)?;
             let name = e.file_name().to_string_lossy().into_owned();
+            // A record's temp file (`write_durably` of `.<file>` writes `..<file>.tmp`): a
+            // crash between its write and its rename left it; the record itself is whole.
+            if name.starts_with("..") && name.ends_with(".tmp") {
+                let path = e.path();
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        info!("store: swept {}", path.display());
+                        swept = true;
+                    }
+                    Err(e) => warn!("store: cannot sweep {}: {e}", path.display()),
+                }
+                continue;
+            }
             if !(name.starts_with(".tmp-") || name.starts_with(".del-")) {
                 continue;
             }
@@ -208,6 +221,10 @@ impl PackRead for LocalPack {
 
     fn stamp(&self) -> std::io::Result<(PackKey, Stamp)> {
         Stamp::of(&self.0)
+    }
+
+    fn as_file(&self) -> Option<&File> {
+        Some(&self.0)
     }
 }
 

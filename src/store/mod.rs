@@ -20,8 +20,12 @@
 //!     pack-NNNNNN           block data, append-only: "GRAINPK\0", format u32, 0u32, then
 //!                           blocks, each stored once (len = block size, less for a volume's
 //!                           last block); rolled at 1 GiB
-//!   .tmp-<name>/            a snapshot being built (flock'ed by its writer); swept at open
+//!   .tmp-<name>/            a snapshot being built, or a new version of one being staged
+//!                           by delete with merge (flock'ed by its writer); swept at open
 //!   .del-<name>/            a snapshot being deleted (flock'ed); swept at open
+//!   .holds.json             store-wide record: holds per snapshot
+//!   .deleting.json          store-wide record: deletes under way {format, deleting
+//!                           [{name, parent}]} (see `merge`)
 //! ```
 //! A block of a FULL partition that has no record is zeros: holes and all-zero blocks cost
 //! nothing. A block of an INCREMENTAL partition that has no record reads from the same volume
@@ -39,6 +43,13 @@
 //! renamed (no replace) into place and `snapshots/` fsync'ed. A crash before the rename leaves
 //! only a temp dir, swept by the next `Store::open`; after it, the snapshot is complete.
 //!
+//! Delete (`merge`): any snapshot of a chain can go. Each child is rewritten onto the deleted
+//! snapshot's parent (staged as a new version, swapped in atomically) so that it reads byte
+//! for byte as before, taking the deleted snapshot's blocks it still needs; then the snapshot
+//! is removed, and with it the bytes no survivor references. The delete is named in
+//! `.deleting.json` first: after a crash at any point every snapshot reads as before, and
+//! `Store::resume_deletes` (run by the daemon at start) finishes the delete.
+//!
 //! The files sit behind `backend::Backend` (the directory above is `local::LocalDir`; tests
 //! also use `memory::MemoryStore` and the failure-injecting `failing::Failing`): `Store` and
 //! everything it builds on (writer, reader, verify, delete) speak only to that trait.
@@ -50,6 +61,7 @@ pub mod format;
 pub mod holds;
 pub mod local;
 pub mod memory;
+pub mod merge;
 pub mod reader;
 mod verified;
 pub mod writer;
@@ -62,6 +74,7 @@ use serde::Serialize;
 pub use backend::Backend;
 pub use error::{Result, StoreError};
 pub use format::{EntryKind, Manifest, NamespaceEntry, PartitionKind, VolumeEntry, FORMAT};
+pub use merge::DeleteReport;
 pub use reader::{ReaderStats, VolumeReader};
 use verified::VerifiedExtents;
 pub use writer::{SnapshotWriter, VolumeHandle, VolumeMeta};
@@ -404,21 +417,36 @@ impl Store {
 
     /// Snapshots whose parent is `name` (an unreadable manifest counts: it might be one).
     pub fn dependents(&self, name: &SnapshotName) -> Result<Vec<String>> {
-        let mut out = Vec::new();
+        let (children, unreadable) = self.children(name)?;
+        let mut out: Vec<String> = children.iter().map(|c| c.to_string()).collect();
+        out.extend(
+            unreadable
+                .iter()
+                .map(|u| format!("{u} (unreadable manifest)")),
+        );
+        out.sort();
+        Ok(out)
+    }
+
+    /// Snapshots whose parent is `name`, sorted, and those whose manifest cannot be read (any
+    /// of them might be one).
+    fn children(&self, name: &SnapshotName) -> Result<(Vec<SnapshotName>, Vec<String>)> {
+        let mut children = Vec::new();
+        let mut unreadable = Vec::new();
         for other in self.names()? {
             if other == name.as_str() {
                 continue;
             }
             match SnapshotName::parse(&other)
                 .map_err(StoreError::from)
-                .and_then(|n| self.manifest(&n))
+                .and_then(|n| Ok((self.manifest(&n)?, n)))
             {
-                Ok(m) if m.parent.as_deref() == Some(name.as_str()) => out.push(other),
+                Ok((m, n)) if m.parent.as_deref() == Some(name.as_str()) => children.push(n),
                 Ok(_) => {}
-                Err(_) => out.push(format!("{other} (unreadable manifest)")),
+                Err(_) => unreadable.push(other),
             }
         }
-        Ok(out)
+        Ok((children, unreadable))
     }
 
     /// Every hold in the store, by snapshot name.
@@ -449,20 +477,102 @@ impl Store {
         }
     }
 
-    /// Delete snapshot `name`, which no other snapshot may depend on and no hold may pin;
-    /// durable on return.
+    /// Delete snapshot `name` (any of a chain: oldest, middle or newest), which no hold may
+    /// pin; durable on return. See `delete_with`.
     pub fn delete(&self, name: &SnapshotName) -> Result<()> {
+        self.delete_with(name, &mut |_| {}).map(|_| ())
+    }
+
+    /// Delete snapshot `name`, merging what its children read through it into them (see
+    /// `merge`): every other snapshot reads byte for byte as before, and the store keeps only
+    /// bytes a survivor references. `progress` gets the bytes copied so far.
+    ///
+    /// Refused for a held snapshot, and while any manifest in the store is unreadable (that
+    /// snapshot might build on `name` and could not be rewritten). The delete is named in
+    /// `deleting.json` before the first child is rewritten. On an error each child is either
+    /// rewritten (reading as before, now over `name`'s parent) or untouched, `name` is still
+    /// there, and the record is cleared: the delete failed and may simply be retried. Only a
+    /// crash (or an error while clearing the record) leaves it for `resume_deletes`.
+    pub fn delete_with(
+        &self,
+        name: &SnapshotName,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<merge::DeleteReport> {
         if !self.backend.exists(name)? {
             return Err(StoreError::NotFound(name.to_string()));
         }
         self.check_not_held(name)?;
-        let dependents = self.dependents(name)?;
-        if !dependents.is_empty() {
+        let (children, unreadable) = self.children(name)?;
+        if !unreadable.is_empty() {
             return Err(StoreError::HasDependents {
                 name: name.to_string(),
-                dependents,
+                dependents: unreadable,
             });
         }
-        self.backend.remove(name)
+        let parent = self.manifest(name)?.parent;
+        let noted = {
+            let _g = self.records.lock().unwrap_or_else(|p| p.into_inner());
+            merge::note_deleting(
+                &*self.backend,
+                merge::Deleting {
+                    name: name.to_string(),
+                    parent,
+                },
+            )
+        };
+        let done =
+            noted.and_then(|()| merge::delete_merging(&*self.backend, name, &children, progress));
+        let _g = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        match (done, merge::forget_deleting(&*self.backend, name.as_str())) {
+            (Ok(report), Ok(())) => Ok(report),
+            (Ok(_), Err(e)) => {
+                // Deleted; the record's stale line is dropped by the next resume_deletes.
+                log::warn!(
+                    "snapshot {name} deleted, but clearing {}: {e}",
+                    merge::DELETING
+                );
+                Err(e)
+            }
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(clear)) => {
+                log::warn!(
+                    "deleting {name} failed ({e}) and clearing {} failed too ({clear}): the \
+                     next start finishes the delete",
+                    merge::DELETING
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Finish the deletes a crash interrupted (named in `deleting.json`): rewrite the children
+    /// still building on each, remove it, and drop it from the record. Returns the snapshots
+    /// whose delete was finished (or found already done). The daemon calls it at start, after
+    /// `Store::open`.
+    pub fn resume_deletes(&self) -> Result<Vec<String>> {
+        let pending = merge::load_deleting(&*self.backend)?;
+        let mut done = Vec::new();
+        for d in pending {
+            let name = SnapshotName::parse(&d.name)?;
+            if self.backend.exists(&name)? {
+                let (children, unreadable) = self.children(&name)?;
+                if !unreadable.is_empty() {
+                    return Err(StoreError::HasDependents {
+                        name: d.name,
+                        dependents: unreadable,
+                    });
+                }
+                let r = merge::delete_merging(&*self.backend, &name, &children, &mut |_| {})?;
+                log::info!(
+                    "finished deleting snapshot {name}: rewrote {:?}, copied {} bytes",
+                    r.rewritten,
+                    r.bytes_copied
+                );
+            }
+            let _g = self.records.lock().unwrap_or_else(|p| p.into_inner());
+            merge::forget_deleting(&*self.backend, &d.name)?;
+            done.push(d.name);
+        }
+        Ok(done)
     }
 }
