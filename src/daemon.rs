@@ -1,5 +1,7 @@
 //! The daemon: checks a mount request, claims the store, mounts the overlay and serves it until
 //! it is unmounted (by `grainfs umount`, umount(8), or SIGINT/SIGTERM), then releases the store.
+//! SIGHUP (or `grainfs reload`) reads the config file again (`lifecycle`); the scheduler takes
+//! and prunes each group's snapshots on time (`scheduler`).
 //!
 //! It owns the mount's lifetime and the store lock; it never touches file data itself (that is
 //! `fs`) and never talks to the kernel's FUSE side (the session and its mount options are
@@ -22,6 +24,11 @@ use crate::fuse::KernelCache;
 use crate::ids::{Geometry, VolumeId};
 use crate::snapshot::{Engine, EngineOptions};
 use crate::track::Tracker;
+
+pub mod lifecycle;
+pub mod scheduler;
+
+use lifecycle::Lifecycle;
 
 /// Why a mount could not be served; each message says what, where and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +87,8 @@ pub struct MountRequest {
     pub mountpoint: PathBuf,
     pub store: PathBuf,
     pub config: Config,
+    /// The file `config` was read from, read again on a reload (None: no file).
+    pub config_file: Option<PathBuf>,
 }
 
 /// Name of the lock file that marks a store as served by a live daemon.
@@ -154,6 +163,7 @@ impl MountRequest {
             mountpoint: mountpoint_abs,
             store,
             config,
+            config_file: None,
         })
     }
 
@@ -419,12 +429,34 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         Some(t) => Some(Arc::new(start_engine(&req, &store, t.clone())?)),
         None => None,
     };
+    let lifecycle = match &engine {
+        Some(e) => {
+            // Deletes a previous daemon began and did not finish are finished first.
+            match e.store().resume_deletes() {
+                Ok(done) if !done.is_empty() => {
+                    info!("finished interrupted delete(s) of {}", done.join(", "))
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    warn!("finishing interrupted deletes: {err}; the next start tries again")
+                }
+            }
+            let l = Lifecycle::start(e.clone(), req.config.clone(), req.config_file.clone())
+                .map_err(|source| DaemonError::Store {
+                    path: store.clone(),
+                    source,
+                })?;
+            Some(Arc::new(l))
+        }
+        None => None,
+    };
     start_control(
         &req,
         &store,
         store_dir.real(),
         tracker.clone(),
         engine.clone(),
+        lifecycle.clone(),
     )
     .map_err(|source| DaemonError::Store {
         path: store.clone(),
@@ -459,6 +491,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
 
     let mut unmounter = mounted.unmounter();
     let mountpoint = req.mountpoint.clone();
+    let reloader = lifecycle.clone();
     match signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
         Ok(mut signals) => {
             std::thread::Builder::new()
@@ -466,6 +499,18 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
                 .spawn(move || {
                     // Every signal tries again: a first one may meet a busy mount point.
                     for sig in signals.forever() {
+                        if sig == libc::SIGHUP {
+                            // As for other daemons: read the config again, never unmount.
+                            match &reloader {
+                                Some(l) => {
+                                    if let Err(e) = l.reload() {
+                                        error!("SIGHUP: reload refused, the config in force stays: {e}");
+                                    }
+                                }
+                                None => warn!("SIGHUP: this mount has no snapshot engine (tracking off): nothing to reload"),
+                            }
+                            continue;
+                        }
                         info!("signal {sig}: unmounting {}", mountpoint.display());
                         match unmounter.unmount() {
                             Ok(()) => break,
@@ -489,6 +534,9 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         mountpoint: req.mountpoint.clone(),
         source,
     });
+    if let Some(l) = &lifecycle {
+        l.stop();
+    }
     if let Some(e) = &engine {
         // A capture still running has writes parked in memory: they land now, not at the
         // next mount.
@@ -600,6 +648,7 @@ fn start_control(
     real_store: &Path,
     tracker: Option<Arc<Tracker>>,
     engine: Option<Arc<Engine>>,
+    lifecycle: Option<Arc<Lifecycle>>,
 ) -> io::Result<()> {
     // The daemon reaches its store through `/proc/self/fd/N`; users must see the real path.
     let (fd_path, real_path) = (
@@ -632,7 +681,7 @@ fn start_control(
                     partition_size: tracking.partition_size,
                     interval_secs: tracking.interval.as_secs_f64(),
                     volumes,
-                    groups: Vec::new(),
+                    groups: lifecycle.as_ref().map(|l| l.groups()).unwrap_or_default(),
                 })
             }
             Request::SnapshotCreate(c) => match &engine {
@@ -646,10 +695,26 @@ fn start_control(
             },
             Request::SnapshotDelete { name } => match &engine {
                 Some(e) => match e.delete(&name) {
-                    Ok(()) => Response::Deleted { name },
+                    Ok(_) => Response::Deleted { name },
                     Err(err) => Response::Error {
                         message: shown(&err),
                     },
+                },
+                None => no_engine(),
+            },
+            Request::Prune { group, dry_run } => match &engine {
+                Some(e) => match e.prune(group.as_deref(), dry_run, crate::sys::realtime_ns()) {
+                    Ok(r) => Response::Pruned(r),
+                    Err(err) => Response::Error {
+                        message: shown(&err),
+                    },
+                },
+                None => no_engine(),
+            },
+            Request::Reload => match &lifecycle {
+                Some(l) => match l.reload() {
+                    Ok(changes) => Response::Reloaded { changes },
+                    Err(message) => Response::Error { message },
                 },
                 None => no_engine(),
             },

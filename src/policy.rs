@@ -2,7 +2,8 @@
 //! config, decide per partition whether the next snapshot stores it FULL or INCREMENTAL, with a
 //! reason a person can read. Pure: no I/O, no clock, no store; the engine gathers the inputs.
 //!
-//! The rules (DESIGN.md "Policy"), in order: FULL if the partition has no parent, or its chain
+//! The rules (DESIGN.md "Policy"), in order: FULL if the user asked for it (`snapshot create
+//! --full`), or the partition has no parent, or its chain
 //! depth reached `policy.max_chain`, or its change rate exceeds `policy.full_rate`, or its dirty
 //! fraction reaches `policy.full_dirty_fraction`; else INCREMENTAL. A partition whose tracking
 //! is unknown is INCREMENTAL by rescan (its blocks are hashed and compared with the parent), unless
@@ -44,7 +45,12 @@ pub struct PartitionState {
     /// Depth of this partition's chain in the parent snapshot (1 = stored FULL there); None
     /// when there is no parent snapshot or the parent does not have this partition.
     pub parent_depth: Option<u32>,
+    /// The user asked for a full copy of every partition (`snapshot create --full`).
+    pub force_full: bool,
 }
+
+/// The reason of a partition made FULL by `snapshot create --full`.
+pub const FORCED_FULL: &str = "forced by --full";
 
 /// Decide one partition.
 pub fn decide(p: &PartitionState, policy: &PolicyConfig) -> Decision {
@@ -54,6 +60,9 @@ pub fn decide(p: &PartitionState, policy: &PolicyConfig) -> Decision {
         rescan: false,
         reason,
     };
+    if p.force_full {
+        return full(FORCED_FULL.into());
+    }
     let Some(depth) = p.parent_depth else {
         return full("no parent snapshot has this partition".into());
     };
@@ -124,6 +133,7 @@ pub fn plan_volume(
                 change_rate: pm.map_or(0.0, |p| p.change_rate),
                 unknown: map.unknown_all || pm.is_some_and(|p| p.unknown),
                 parent_depth: parent_depth(i),
+                force_full: false,
             };
             decide(&state, policy)
         })
@@ -158,6 +168,7 @@ mod tests {
             change_rate: 1.0,
             unknown: false,
             parent_depth: Some(2),
+            force_full: false,
         }
     }
 
@@ -253,6 +264,35 @@ mod tests {
             &POLICY,
         );
         assert_eq!((d.kind, d.rescan), (Kind::Full, false));
+    }
+
+    #[test]
+    fn forced_full_wins_over_every_other_rule() {
+        for s in [
+            state(),
+            PartitionState {
+                dirty_blocks: 0,
+                ..state()
+            },
+            PartitionState {
+                unknown: true,
+                ..state()
+            },
+            PartitionState {
+                parent_depth: None,
+                ..state()
+            },
+        ] {
+            let d = decide(
+                &PartitionState {
+                    force_full: true,
+                    ..s
+                },
+                &POLICY,
+            );
+            assert_eq!((d.kind, d.rescan), (Kind::Full, false), "{s:?}");
+            assert_eq!(d.reason, FORCED_FULL);
+        }
     }
 
     #[test]

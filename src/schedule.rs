@@ -264,8 +264,8 @@ impl From<&KeepConfig> for KeepRules {
             daily: k.daily,
             weekly: k.weekly,
             monthly: k.monthly,
-            yearly: 0,
-            within: None,
+            yearly: k.yearly,
+            within: k.within,
         }
     }
 }

@@ -329,6 +329,29 @@ pub fn lseek(fd: RawFd, offset: i64, whence: libc::c_int) -> io::Result<i64> {
     }
 }
 
+/// Bytes of `start..end` of the file open at `fd` that hold data (SEEK_DATA/SEEK_HOLE: no data
+/// is read; a filesystem without holes reports the whole range).
+pub fn data_bytes(fd: RawFd, start: u64, end: u64) -> io::Result<u64> {
+    let mut total = 0;
+    let mut at = start;
+    while at < end {
+        let data = match lseek(fd, at as i64, libc::SEEK_DATA) {
+            Ok(d) => d as u64,
+            // No data from here to the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = lseek(fd, data as i64, libc::SEEK_HOLE)? as u64;
+        total += hole.min(end) - data;
+        // A file that changed between the two calls must not stall the loop.
+        at = hole.max(data + 1);
+    }
+    Ok(total)
+}
+
 pub fn copy_file_range(
     fd_in: RawFd,
     off_in: u64,

@@ -697,3 +697,201 @@ fn a_real_snapshots_entry_in_the_backing_root_is_reported_and_left_out() {
         .collect();
     assert_eq!(paths, vec!["vol.img"]);
 }
+
+/// `grainfs snapshot ARGS -m AT` (a mount, or a backing dir with no daemon).
+fn snap(at: &Path, args: &[&str]) -> Output {
+    Command::new(grainfs_bin())
+        .arg("snapshot")
+        .args(args)
+        .arg("-m")
+        .arg(at)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run grainfs snapshot")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json_of(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(o), stderr(o)))
+}
+
+/// Names of the snapshots `snapshot list --json` shows.
+fn listed(at: &Path) -> Vec<String> {
+    let o = snap(at, &["list", "--json"]);
+    assert_ok(&o, "snapshot list");
+    json_of(&o)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A held snapshot cannot be deleted: the refusal names its holds (exit 1) until every tag is
+/// released; `list` shows the holds and the kind.
+#[test]
+fn a_held_snapshot_is_not_deleted_until_released() {
+    let m = common::Mount::with_setup(|b| std::fs::write(b.join("vol.img"), b"v").unwrap(), None);
+    let at = m.path();
+    assert_ok(&snap(at, &["create", "--name", "s1"]), "snapshot create");
+    let o = snap(at, &["hold", "s1", "--tag", "legal"]);
+    assert_ok(&o, "snapshot hold");
+    assert_eq!(stdout(&o), "held s1 (tag legal)\n");
+    let o = snap(at, &["hold", "s1", "--json"]);
+    assert_ok(&o, "snapshot hold --json");
+    assert_eq!(
+        json_of(&o),
+        serde_json::json!({"name": "s1", "tag": "keep", "added": true})
+    );
+
+    let o = snap(at, &["list", "--json"]);
+    assert_ok(&o, "snapshot list --json");
+    let l = json_of(&o);
+    assert_eq!(l[0]["holds"], serde_json::json!(["keep", "legal"]));
+    assert_eq!(l[0]["kinds"], serde_json::json!({"FULL": 1}));
+    let o = snap(at, &["list"]);
+    assert_ok(&o, "snapshot list");
+    let text = stdout(&o);
+    let mut lines = text.lines();
+    let head = lines.next().unwrap();
+    assert!(head.contains("KIND") && head.ends_with("HOLD"), "{text}");
+    let row = lines.next().unwrap();
+    assert!(
+        row.starts_with("s1 ") && row.contains(" FULL ") && row.ends_with("keep,legal"),
+        "{text}"
+    );
+
+    let o = snap(at, &["delete", "s1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert_fails_naming(&o, &["s1", "keep", "legal", "release"]);
+    let o = snap(at, &["release", "s1", "--tag", "legal"]);
+    assert_ok(&o, "snapshot release --tag");
+    assert_eq!(stdout(&o), "released s1 (tag legal)\n");
+    let o = snap(at, &["delete", "s1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_fails_naming(&o, &["keep"]);
+    assert!(!stderr(&o).contains("legal"), "{}", stderr(&o));
+    let o = snap(at, &["release", "s1", "--json"]);
+    assert_ok(&o, "snapshot release --json");
+    assert_eq!(
+        json_of(&o),
+        serde_json::json!({"name": "s1", "released": ["keep"]})
+    );
+    let o = snap(at, &["delete", "s1"]);
+    assert_ok(&o, "snapshot delete");
+    assert_eq!(stdout(&o), "deleted s1\n");
+    assert!(listed(at).is_empty());
+}
+
+/// `snapshot show` reads what the manifest records, with the daemon gone; `create --dry-run`
+/// estimates at most what it would store, and `--full` forces FULL partitions.
+#[test]
+fn show_reads_the_manifest_offline_and_dry_runs_estimate() {
+    let config = "[tracking]\nblock_size = \"4KiB\"\npartition_size = \"64KiB\"\n";
+    let mut m = common::Mount::with_setup(
+        |b| std::fs::write(b.join("vol.img"), vec![7u8; 3 * 64 * 1024]).unwrap(),
+        Some(config),
+    );
+    let at = m.path().to_path_buf();
+    assert_ok(&snap(&at, &["create", "--name", "s1"]), "create s1");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(at.join("vol.img"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"changed", 70 * 1024).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let o = snap(&at, &["create", "--dry-run"]);
+    assert_ok(&o, "create --dry-run");
+    let text = stdout(&o);
+    assert!(
+        text.contains("at most 4.0 KiB") && text.contains("no time estimate"),
+        "{text}"
+    );
+    let o = snap(&at, &["create", "--dry-run", "--full", "--json"]);
+    assert_ok(&o, "create --dry-run --full");
+    let plan = json_of(&o);
+    assert_eq!(plan["estimated_bytes"], 3 * 64 * 1024);
+    for p in plan["volumes"][0]["partitions"].as_array().unwrap() {
+        assert_eq!(p["kind"], "FULL");
+        assert_eq!(p["reason"], "forced by --full");
+    }
+    assert_ok(&snap(&at, &["create", "--name", "s2"]), "create s2");
+    assert_eq!(m.stop().code(), Some(0));
+
+    let backing = m.backing().to_path_buf();
+    let o = snap(&backing, &["show", "s2", "--json"]);
+    assert_ok(&o, "show --json, no daemon");
+    let s = json_of(&o);
+    assert_eq!(s["name"], "s2");
+    assert_eq!(s["group"], "all");
+    assert_eq!(s["parent"], "s1");
+    assert_eq!(s["holds"], serde_json::json!([]));
+    assert!(s["created"].as_str().unwrap().starts_with("20"), "{s}");
+    let v = &s["volumes"][0];
+    assert_eq!(
+        (&v["path"], &v["size"]),
+        (&"vol.img".into(), &(3 * 64 * 1024).into())
+    );
+    assert_eq!(v["kind"], "INCREMENTAL");
+    assert_eq!(v["stored_bytes"], 4096);
+    let parts = v["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 3);
+    assert_eq!(parts[1]["depth"], 2);
+    assert_eq!(parts[1]["reason"], "1 of 16 blocks changed");
+
+    assert_ok(&snap(&backing, &["hold", "s1"]), "hold, no daemon");
+    let o = snap(&backing, &["show", "s1"]);
+    assert_ok(&o, "show");
+    let text = stdout(&o);
+    for want in [
+        "snapshot s1\n",
+        "  parent   none\n",
+        "  holds    keep\n",
+        " ago)",
+        "volume vol.img: 192.0 KiB, FULL, 192.0 KiB stored",
+        "no parent snapshot has this partition",
+    ] {
+        assert!(text.contains(want), "no {want:?} in:\n{text}");
+    }
+    let o = snap(&backing, &["show", "nope"]);
+    assert_fails_naming(&o, &["\"nope\""]);
+}
+
+/// `snapshot delete` takes several names and globs, deletes newest first (so a chain goes
+/// child before parent), lists them with --dry-run, and deletes nothing when a glob matches
+/// nothing.
+#[test]
+fn delete_takes_globs_and_goes_newest_first() {
+    let mut m =
+        common::Mount::with_setup(|b| std::fs::write(b.join("vol.img"), b"v").unwrap(), None);
+    let at = m.path().to_path_buf();
+    for name in ["b-1", "a-1", "a-2", "a-3"] {
+        assert_ok(&snap(&at, &["create", "--name", name]), "create");
+    }
+    let o = snap(&at, &["delete", "--dry-run", "a-*"]);
+    assert_ok(&o, "delete --dry-run");
+    assert_eq!(
+        stdout(&o),
+        "would delete a-3\nwould delete a-2\nwould delete a-1\n"
+    );
+    let o = snap(&at, &["delete", "a-[12]", "zz-*"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_fails_naming(&o, &["\"zz-*\"", "nothing was deleted"]);
+    assert_eq!(listed(&at).len(), 4);
+    // Through the daemon.
+    let o = snap(&at, &["delete", "a-3", "a-?"]);
+    assert_ok(&o, "delete a-3 a-?");
+    assert_eq!(stdout(&o), "deleted a-3\ndeleted a-2\ndeleted a-1\n");
+    assert_eq!(listed(&at), vec!["b-1"]);
+    // Without one.
+    m.stop();
+    let o = snap(m.backing(), &["delete", "b-*"]);
+    assert_ok(&o, "delete, no daemon");
+    assert_eq!(stdout(&o), "deleted b-1\n");
+}

@@ -244,6 +244,119 @@ fn a_dry_run_plans_and_takes_nothing() {
     assert_eq!(fx.store().names().unwrap(), vec!["s1"]);
 }
 
+/// `create --full` after an incremental chain: every partition FULL, with the reason the
+/// user reads, depth 1 again, and the snapshot reads back right; a dry run says the same.
+#[test]
+fn full_makes_every_partition_full_after_an_incremental_chain() {
+    let fx = Fx::new();
+    let a = fx.create("a.img");
+    fx.fs
+        .write(a, 0, &Noise::new(1).bytes(3 * PS as usize))
+        .unwrap();
+    fx.snapshot("s1");
+    fx.fs.write(a, BS, &Noise::new(2).bytes(10)).unwrap();
+    assert_eq!(fx.snapshot("s2").volumes[0].kind, "INCREMENTAL");
+    fx.fs.write(a, PS + 3, &Noise::new(3).bytes(10)).unwrap();
+    let full = |dry_run| CreateRequest {
+        name: Some(sn("s3")),
+        full: true,
+        dry_run,
+        ..Default::default()
+    };
+    let plan = fx.engine.create(&full(true)).unwrap();
+    let r = fx.engine.create(&full(false)).unwrap();
+    for r in [&plan, &r] {
+        let v = &r.volumes[0];
+        assert_eq!(v.kind, "FULL", "{r:?}");
+        assert_eq!(v.partitions.len(), 3);
+        for p in &v.partitions {
+            assert_eq!(
+                (p.kind.as_str(), p.reason.as_str()),
+                ("FULL", "forced by --full")
+            );
+        }
+    }
+    assert_eq!(r.parent.as_deref(), Some("s2"));
+    assert_eq!(
+        r.stored_bytes,
+        3 * PS,
+        "a full copy, not the changed blocks"
+    );
+    let m = fx.store().manifest(&sn("s3")).unwrap();
+    assert!(m.volumes[0].partitions.iter().all(|p| p.depth == 1));
+    assert_eq!(fx.snap_hash("s3", fx.id("a.img")), fx.live_hash("a.img"));
+    assert!(fx.store().verify(&sn("s3")).unwrap().ok());
+    // Without --full the chain goes on from the full copy.
+    fx.fs.write(a, 0, &Noise::new(4).bytes(1)).unwrap();
+    let r = fx.snapshot("s4");
+    assert_eq!(r.volumes[0].kind, "INCREMENTAL");
+    assert_eq!(fx.snap_hash("s4", fx.id("a.img")), fx.live_hash("a.img"));
+}
+
+/// A dry run's estimate per partition, volume and in total: allocated bytes for FULL (a hole
+/// costs nothing), dirty blocks for INCREMENTAL (the last block cut at the volume's end); at
+/// least what the snapshot then stores, and here exactly that.
+#[test]
+fn a_dry_run_estimates_at_most_what_the_snapshot_stores() {
+    let fx = Fx::new();
+    let a = fx.create("a.img");
+    fx.fs
+        .write(a, 0, &Noise::new(1).bytes(40 * BS as usize))
+        .unwrap();
+    // A hole from block 40 to 100, then 3 bytes: 101 blocks, 7 partitions.
+    fx.fs.write(a, 100 * BS, &Noise::new(2).bytes(3)).unwrap();
+    let dry = |name: &str| {
+        fx.engine
+            .create(&CreateRequest {
+                name: Some(sn(name)),
+                dry_run: true,
+                ..Default::default()
+            })
+            .unwrap()
+    };
+    let plan = dry("s1");
+    let v = &plan.volumes[0];
+    let parts: Vec<Option<u64>> = v.partitions.iter().map(|p| p.estimated_bytes).collect();
+    let want = [PS, PS, 8 * BS, 0, 0, 0, 3].map(Some);
+    assert_eq!(parts, want, "{plan:?}");
+    assert_eq!(v.estimated_bytes, Some(40 * BS + 3));
+    assert_eq!(plan.estimated_bytes, Some(40 * BS + 3));
+    assert_eq!(
+        plan.estimated_ms, None,
+        "no snapshot records its capture rate"
+    );
+    assert_eq!(fx.snapshot("s1").stored_bytes, 40 * BS + 3);
+
+    // INCREMENTAL: one block in partition 0, and the 3-byte last block.
+    fx.fs
+        .write(a, 5 * BS + 10, &Noise::new(3).bytes(100))
+        .unwrap();
+    fx.fs
+        .write(a, 100 * BS + 1, &Noise::new(4).bytes(1))
+        .unwrap();
+    let plan = dry("s2");
+    let v = &plan.volumes[0];
+    assert_eq!(v.kind, "INCREMENTAL");
+    let parts: Vec<Option<u64>> = v.partitions.iter().map(|p| p.estimated_bytes).collect();
+    assert_eq!(parts, [BS, 0, 0, 0, 0, 0, 3].map(Some), "{plan:?}");
+    assert_eq!(plan.estimated_bytes, Some(BS + 3));
+    let r = fx.snapshot("s2");
+    assert_eq!(r.stored_bytes, BS + 3);
+    assert_eq!(
+        r.volumes[0].estimated_bytes, None,
+        "a snapshot taken is not an estimate"
+    );
+
+    // A second volume counts in the total.
+    let b = fx.create("b.img");
+    fx.fs
+        .write(b, 0, &Noise::new(5).bytes(2 * BS as usize))
+        .unwrap();
+    let plan = dry("s3");
+    assert_eq!(plan.volumes.len(), 2);
+    assert_eq!(plan.estimated_bytes, Some(2 * BS));
+}
+
 #[test]
 fn names_groups_and_globs_are_checked() {
     let fx = Fx::with(

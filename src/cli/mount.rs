@@ -70,7 +70,8 @@ pub(super) fn run(m: &MountArgs, args: &Args) -> Result<(), CliError> {
     if m.daemonized {
         // Errors go to the parent through the pipe, so it can print them and fail.
         let result = (|| {
-            let req = MountRequest::check(&backing, &mountpoint, config)?;
+            let mut req = MountRequest::check(&backing, &mountpoint, config)?;
+            req.config_file = config_file(m);
             // The log file is reached through the checked store fd, like everything in it.
             let store = daemon::StoreDir::open(&req.store())?;
             init_logging(
@@ -90,7 +91,8 @@ pub(super) fn run(m: &MountArgs, args: &Args) -> Result<(), CliError> {
         return result;
     }
 
-    let req = MountRequest::check(&backing, &mountpoint, config)?;
+    let mut req = MountRequest::check(&backing, &mountpoint, config)?;
+    req.config_file = config_file(m);
     if m.foreground {
         init_logging(
             args.verbose,
@@ -162,4 +164,12 @@ fn spawn_daemon(req: &MountRequest, m: &MountArgs, args: &Args) -> Result<(), Cl
         "the daemon exited ({status}) before the mount was live; see {}",
         req.store().join(LOG_FILE).display()
     )))
+}
+
+/// The config file as the daemon reads it again on a reload: absolute, since the daemon's
+/// working directory is not the caller's.
+fn config_file(m: &MountArgs) -> Option<PathBuf> {
+    m.config
+        .as_ref()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
 }

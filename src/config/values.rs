@@ -19,6 +19,29 @@ pub enum Schedule {
     Cron(CronExpr),
 }
 
+impl std::fmt::Display for Schedule {
+    /// As the config writes it: `every 1h30m`, or the cron expression.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Schedule::Every(d) => {
+                let mut rest = d.as_secs();
+                f.write_str("every ")?;
+                if rest == 0 {
+                    return write!(f, "{}ms", d.as_millis());
+                }
+                for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+                    if rest >= size {
+                        write!(f, "{}{unit}", rest / size)?;
+                        rest %= size;
+                    }
+                }
+                Ok(())
+            }
+            Schedule::Cron(c) => write!(f, "{c}"),
+        }
+    }
+}
+
 impl FromStr for Schedule {
     type Err = String;
 

@@ -30,14 +30,11 @@ pub struct Lifecycle {
 
 /// The time zone the config names, or the system's.
 pub fn timezone_of(config: &Config) -> TimeZone {
-    match config.timezone.as_deref() {
-        // Checked when the config was loaded; a zone database that lost it since falls back.
-        Some(name) => TimeZone::get(name).unwrap_or_else(|e| {
-            warn!("time zone {name:?}: {e}; using the system's");
-            TimeZone::system()
-        }),
-        None => TimeZone::system(),
-    }
+    // Checked when the config was loaded; a zone database that lost it since falls back.
+    config.time_zone().unwrap_or_else(|e| {
+        warn!("time zone {:?}: {e}; using the system's", config.timezone);
+        TimeZone::system()
+    })
 }
 
 /// What the engine follows under `config`.
@@ -58,7 +55,11 @@ impl Lifecycle {
         config_file: Option<PathBuf>,
     ) -> std::io::Result<Lifecycle> {
         engine.reconfigure(rules_of(&config));
-        let scheduled = config.groups.iter().filter(|g| g.schedule.is_some()).count();
+        let scheduled = config
+            .groups
+            .iter()
+            .filter(|g| g.schedule.is_some())
+            .count();
         let scheduler = if scheduled > 0 {
             info!("scheduler: {scheduled} group(s) with a schedule");
             Some(Scheduler::start(
@@ -123,7 +124,11 @@ impl Lifecycle {
 
     /// Every group configured or found in the store, as `status` shows it.
     pub fn groups(&self) -> Vec<GroupStatus> {
-        let config = self.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let config = self
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let runs = self
             .scheduler
             .lock()
@@ -230,7 +235,10 @@ fn changes(old: &Config, new: &Config) -> Vec<String> {
         ));
     }
     if old.log_level != new.log_level {
-        out.push(format!("log_level {:?} -> {:?}", old.log_level, new.log_level));
+        out.push(format!(
+            "log_level {:?} -> {:?}",
+            old.log_level, new.log_level
+        ));
     }
     out
 }
@@ -238,8 +246,7 @@ fn changes(old: &Config, new: &Config) -> Vec<String> {
 fn group_changes(old: &GroupConfig, new: &GroupConfig) -> Vec<String> {
     let mut out = Vec::new();
     let show = |s: &Option<crate::config::Schedule>| {
-        s.as_ref()
-            .map_or("none".to_string(), |s| s.to_string())
+        s.as_ref().map_or("none".to_string(), |s| s.to_string())
     };
     if old.schedule != new.schedule {
         out.push(format!(

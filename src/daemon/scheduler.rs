@@ -163,7 +163,9 @@ fn run(shared: &Shared, engine: &Engine) {
                     lock(shared).runs.entry(g.name.clone()).or_default().next_ns = next_ns;
                 }
                 Decision::Busy { .. } => {}
-                Decision::Run { slot_ns, reason, .. } => {
+                Decision::Run {
+                    slot_ns, reason, ..
+                } => {
                     // A snapshot taken by hand since the last look may cover the slot.
                     let fresh = newest_of(engine, &g.name);
                     newest.insert(g.name.clone(), fresh);

@@ -12,11 +12,13 @@ use jiff::tz::TimeZone;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
-use super::{Engine, Result, SnapshotError};
+use super::group::{Selection, ALL};
+use super::{CreateRequest, Engine, Result, SnapshotError};
 use crate::config::{GroupConfig, PolicyConfig};
 use crate::ids::SnapshotName;
 use crate::schedule::{self, KeepRules, SnapInfo, StoredSnap};
-use crate::store::{SnapshotInfo, StoreError};
+use crate::store::merge::DeleteReport;
+use crate::store::{SnapshotInfo, Store, StoreError};
 
 /// What the engine follows; replaced whole by `Engine::reconfigure`.
 #[derive(Debug, Clone)]
@@ -91,6 +93,15 @@ pub fn describe_keep(k: &KeepRules) -> String {
 }
 
 impl Rules {
+    /// The policy of `group`: its own keys over `[policy]` (the global one for a group the
+    /// config does not name, such as `all` or `--path` globs).
+    pub fn policy_for(&self, group: &str) -> PolicyConfig {
+        self.groups
+            .iter()
+            .find(|g| g.name == group)
+            .map_or_else(|| self.policy.clone(), |g| g.policy.clone())
+    }
+
     /// The retention rules of `group` (none for a group the config does not name).
     pub fn keep_of(&self, group: &str) -> KeepRules {
         self.groups
@@ -113,16 +124,88 @@ impl Engine {
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
     }
 
+    /// The group a request names, and what it selects.
+    pub(super) fn resolve(&self, req: &CreateRequest) -> Result<(String, Selection)> {
+        if !req.paths.is_empty() {
+            if req.group.is_some() {
+                return Err(SnapshotError::Request(
+                    "give a group or --path globs, not both".into(),
+                ));
+            }
+            let group = "paths".to_string();
+            return Ok((
+                group,
+                Selection::globs(&req.paths).map_err(SnapshotError::Request)?,
+            ));
+        }
+        let name = req.group.as_deref().unwrap_or(ALL);
+        let rules = self.rules();
+        if let Some(g) = rules.groups.iter().find(|g| g.name == name) {
+            return Ok((
+                name.to_string(),
+                Selection::globs(&g.volumes).map_err(SnapshotError::Request)?,
+            ));
+        }
+        if name == ALL {
+            return Ok((ALL.to_string(), Selection::All));
+        }
+        let known: Vec<&str> = rules
+            .groups
+            .iter()
+            .map(|g| g.name.as_str())
+            .chain([ALL])
+            .collect();
+        Err(SnapshotError::Request(format!(
+            "no group {name:?} in the config (groups: {})",
+            known.join(", ")
+        )))
+    }
+
+    /// Delete snapshot `name`, any of a chain: the snapshots built on it are rewritten onto its
+    /// parent first (the store's delete with merge). Waits for a snapshot being taken, which
+    /// may build on it.
+    pub fn delete(&self, name: &SnapshotName) -> Result<DeleteReport> {
+        let _busy = self.lock_busy(true)?;
+        let r = self.store.delete_with(name, &mut |_| {})?;
+        info!(
+            "snapshot {name} deleted{}",
+            if r.rewritten.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} rewritten onto its parent, {} bytes copied)",
+                    r.rewritten.join(", "),
+                    r.bytes_copied
+                )
+            }
+        );
+        Ok(r)
+    }
+
     /// Apply retention: for `group` (None: every group in the store), remove the snapshots its
     /// `keep` rules do not keep, then, with `max_store_bytes`, the oldest unheld snapshots
     /// (never a group's newest) until the store fits. Held snapshots always stay. Waits for a
     /// snapshot being taken.
     pub fn prune(&self, group: Option<&str>, dry_run: bool, now_ns: u64) -> Result<PruneReport> {
         let _busy = self.lock_busy(true)?;
-        let rules = self.rules();
-        let holds = self.store.holds()?;
+        prune(&self.store, &self.rules(), group, dry_run, now_ns)
+    }
+}
+
+/// `Engine::prune` on `store` under `rules`, for a store no daemon serves (`grainfs prune`
+/// offline) as well: the caller makes sure no snapshot is being taken meanwhile.
+pub fn prune(
+    store: &Store,
+    rules: &Rules,
+    group: Option<&str>,
+    dry_run: bool,
+    now_ns: u64,
+) -> Result<PruneReport> {
+    let p = Pruner { store };
+    {
+        let holds = store.holds()?;
         let mut by_group: BTreeMap<String, Vec<SnapshotInfo>> = BTreeMap::new();
-        for l in self.store.list()? {
+        for l in store.list()? {
             match l.info {
                 Ok(i) => by_group.entry(i.group.clone()).or_default().push(i),
                 Err(e) => warn!("prune: snapshot {} is unreadable, left alone: {e}", l.name),
@@ -179,19 +262,26 @@ impl Engine {
         // Oldest first: what goes first is what the fewest survivors were built on.
         doomed.sort();
         for (_, name) in doomed {
-            self.prune_one(&name, dry_run, &mut report);
+            p.prune_one(&name, dry_run, &mut report);
         }
         if let Some(max) = rules.max_store_bytes {
-            self.prune_to_budget(max, &holds, dry_run, &mut report)?;
+            p.prune_to_budget(max, &holds, dry_run, &mut report)?;
         }
         report.bytes_after = if dry_run {
-            self.bytes_without(&report.removed)?
+            p.bytes_without(&report.removed)?
         } else {
-            self.bytes_without(&[])?
+            p.bytes_without(&[])?
         };
         Ok(report)
     }
+}
 
+/// The deletes of one prune.
+struct Pruner<'a> {
+    store: &'a Store,
+}
+
+impl Pruner<'_> {
     /// Remove one snapshot for `prune` (or note it, in a dry run).
     fn prune_one(&self, name: &str, dry_run: bool, report: &mut PruneReport) {
         if dry_run {

@@ -36,9 +36,9 @@ use crate::sys;
 use crate::sys::{now_ns, utc_stamp};
 use crate::track::{ChangeMap, Taken, Tracker, Volume};
 use capture::{BlockAction, Capture, CaptureSpec, CaptureStats, Failure};
-use group::{GroupTree, Selection, ALL};
-use plan::{pending_blocks, plan, taken_view};
-use report::partition_report;
+use group::{GroupTree, Selection};
+use plan::{dry_view, estimate, pending_blocks, plan};
+use report::{estimated_volume, partition_report};
 pub use report::{CreateReport, CreateRequest, PartitionReport, VolumeReport};
 
 /// How often the engine retries a barrier when the group's files changed between its walk
@@ -210,43 +210,6 @@ impl Engine {
         }
     }
 
-    /// The group a request names, and what it selects.
-    fn resolve(&self, req: &CreateRequest) -> Result<(String, Selection)> {
-        if !req.paths.is_empty() {
-            if req.group.is_some() {
-                return Err(SnapshotError::Request(
-                    "give a group or --path globs, not both".into(),
-                ));
-            }
-            let group = "paths".to_string();
-            return Ok((
-                group,
-                Selection::globs(&req.paths).map_err(SnapshotError::Request)?,
-            ));
-        }
-        let name = req.group.as_deref().unwrap_or(ALL);
-        let rules = self.rules();
-        if let Some(g) = rules.groups.iter().find(|g| g.name == name) {
-            return Ok((
-                name.to_string(),
-                Selection::globs(&g.volumes).map_err(SnapshotError::Request)?,
-            ));
-        }
-        if name == ALL {
-            return Ok((ALL.to_string(), Selection::All));
-        }
-        let known: Vec<&str> = rules
-            .groups
-            .iter()
-            .map(|g| g.name.as_str())
-            .chain([ALL])
-            .collect();
-        Err(SnapshotError::Request(format!(
-            "no group {name:?} in the config (groups: {})",
-            known.join(", ")
-        )))
-    }
-
     /// The name of the new snapshot: the one asked for, or `<group>-<UTC time>`.
     fn pick_name(&self, group: &str, asked: Option<&SnapshotName>) -> Result<SnapshotName> {
         if let Some(n) = asked {
@@ -295,13 +258,13 @@ impl Engine {
         let name = self.pick_name(&group, req.name.as_ref())?;
         let parent = self.parent_of(&group)?;
         if req.dry_run {
-            return self.dry_run(name, group, &sel, parent.as_ref());
+            return self.dry_run(name, group, &sel, parent.as_ref(), req.full);
         }
         // Shared writable mappings reach the daemon only at writeback: push them now, so a
         // store through a mapping that returned before this call is in the snapshot.
         (self.flush)();
         for _ in 0..BARRIER_ATTEMPTS {
-            if let Some(report) = self.attempt(&name, &group, &sel, parent.as_ref())? {
+            if let Some(report) = self.attempt(&name, &group, &sel, parent.as_ref(), req.full)? {
                 return Ok(report);
             }
         }
@@ -416,15 +379,17 @@ impl Engine {
         }
     }
 
-    /// One barrier and capture; Ok(None) when the group changed under it and it must be
-    /// tried again.
+    /// One barrier and capture (every partition FULL with `full`); Ok(None) when the group
+    /// changed under it and it must be tried again.
     fn attempt(
         &self,
         name: &SnapshotName,
         group: &str,
         sel: &Selection,
         parent: Option<&Manifest>,
+        full: bool,
     ) -> Result<Option<CreateReport>> {
+        let policy = self.rules().policy_for(group);
         let mut prepared = self.prepare(group, sel, parent)?;
         if prepared.is_empty() {
             // Every file the walk found went before it could be opened: walk again.
@@ -444,7 +409,17 @@ impl Engine {
         let ids: Vec<VolumeId> = prepared.keys().copied().collect();
         let asked = Instant::now();
         let barrier = self.tracker.barrier(&ids, |vols, taken| {
-            let mut r = self.at_instant(vols, taken, &mut prepared, sel, parent, &writer, &failure);
+            let prep = &mut prepared;
+            let mut r = self.at_instant(
+                vols,
+                taken,
+                prep,
+                sel,
+                parent,
+                (&policy, full),
+                &writer,
+                &failure,
+            );
             r.pause = asked.elapsed();
             r
         });
@@ -560,6 +535,7 @@ impl Engine {
         prepared: &mut HashMap<VolumeId, Prepared>,
         sel: &Selection,
         parent: Option<&Manifest>,
+        (policy, full): (&PolicyConfig, bool),
         writer: &Arc<SnapshotWriter>,
         failure: &Arc<Failure>,
     ) -> AtInstant {
@@ -609,16 +585,8 @@ impl Engine {
                 continue;
             };
             let size = entry.stat.st_size as u64;
-            let base_ok = self.base_is(v, parent);
-            let plan = plan(
-                t,
-                size,
-                geometry,
-                &prep.map,
-                base_ok,
-                parent,
-                &self.rules().policy,
-            );
+            let (map, base_ok) = (&prep.map, self.base_is(v, parent));
+            let plan = plan(t, size, geometry, map, base_ok, parent, policy, full);
             if plan.iter().any(|d| d.rescan) && prep.parent_hashes.is_none() {
                 // Tracking was lost between the walk and the barrier (rare): read the
                 // parent's hashes now.
@@ -714,6 +682,7 @@ impl Engine {
                 size: *size,
                 kind: policy::volume_kind(plan).to_string(),
                 stored_bytes: m.volume(*id).map_or(0, |v| v.stored_bytes),
+                estimated_bytes: None,
                 partitions: plan.iter().map(partition_report).collect(),
             })
             .collect();
@@ -733,51 +702,50 @@ impl Engine {
             blocks_by_workers: stats.by_workers,
             writes_deferred: stats.deferred_writes,
             blocks_unchanged: stats.unchanged,
+            ..CreateReport::default()
         }
     }
 
-    /// The plan from the live change maps, without a barrier.
+    /// The plan from the live change maps, without a barrier, with at most how many bytes
+    /// each partition would store (see `plan::estimate`); `full`: every partition FULL.
     fn dry_run(
         &self,
         name: SnapshotName,
         group: String,
         sel: &Selection,
         parent: Option<&Manifest>,
+        full: bool,
     ) -> Result<CreateReport> {
         let tree = self.walk_group(&group, sel)?;
-        let geometry = self.tracker.geometry();
+        let g = self.tracker.geometry();
         let mut volumes = Vec::new();
         for (id, e) in &tree.volumes {
             let size = e.stat.st_size as u64;
-            let (taken, map, base_ok) = match self.tracker.get(*id) {
-                Some(v) => {
-                    let map = v.change_map(None, now_ns());
-                    (taken_view(&v, &map), map, self.base_is(&v, parent))
-                }
-                None => {
-                    // Never seen by the tracker: unknown, as the barrier would find it.
-                    let v = Volume::new(*id, geometry, size);
-                    v.mark_unknown_all();
-                    let map = v.change_map(None, now_ns());
-                    (taken_view(&v, &map), map, false)
-                }
-            };
+            let v = self.tracker.get(*id);
+            let (taken, map) = dry_view(v.as_deref(), *id, g, size);
+            let base_ok = v.is_some_and(|v| self.base_is(&v, parent));
             let plan = plan(
                 &taken,
                 size,
-                geometry,
+                g,
                 &map,
                 base_ok,
                 parent,
-                &self.rules().policy,
+                &self.rules().policy_for(&group),
+                full,
             );
-            volumes.push(VolumeReport {
-                path: e.path.clone(),
-                size,
-                kind: policy::volume_kind(&plan).to_string(),
-                stored_bytes: 0,
-                partitions: plan.iter().map(partition_report).collect(),
+            // Where its data lies, on the file the walk found (O_PATH first: a fifo must not block).
+            let fd = sys::open_beneath(self.root.as_raw_fd(), &e.path, libc::O_PATH)
+                .ok()
+                .filter(|fd| {
+                    sys::fstat(fd.as_raw_fd())
+                        .is_ok_and(|st| (st.st_dev, st.st_ino) == (id.dev, id.ino))
+                })
+                .and_then(|fd| sys::reopen(fd.as_raw_fd(), libc::O_RDONLY).ok());
+            let estimates = estimate(&taken, size, g, &plan, |a, b| {
+                sys::data_bytes(fd.as_ref()?.as_raw_fd(), a, b).ok()
             });
+            volumes.push(estimated_volume(e.path.clone(), size, &plan, &estimates));
         }
         volumes.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(CreateReport {
@@ -786,17 +754,11 @@ impl Engine {
             parent: parent.map(|p| p.name.clone()),
             dry_run: true,
             logical_bytes: volumes.iter().map(|v| v.size).sum(),
+            // No manifest records its capture's throughput yet: no `estimated_ms`.
+            estimated_bytes: Some(volumes.iter().filter_map(|v| v.estimated_bytes).sum()),
             volumes,
             ..CreateReport::default()
         })
-    }
-
-    /// Delete snapshot `name` (one no other depends on), in turn with snapshot creation.
-    pub fn delete(&self, name: &SnapshotName) -> Result<()> {
-        let _busy = self.lock_busy(true)?;
-        self.store.delete(name)?;
-        info!("snapshot {name} deleted");
-        Ok(())
     }
 }
 

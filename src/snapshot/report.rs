@@ -17,6 +17,9 @@ pub struct CreateRequest {
     pub name: Option<SnapshotName>,
     #[serde(default)]
     pub dry_run: bool,
+    /// Store every partition FULL (`--full`), whatever the policy would choose.
+    #[serde(default)]
+    pub full: bool,
 }
 
 /// One partition of a volume in a plan or a snapshot.
@@ -27,6 +30,10 @@ pub struct PartitionReport {
     pub kind: String,
     pub rescan: bool,
     pub reason: String,
+    /// Dry run: at most how many bytes of block data the snapshot would store for this
+    /// partition (FULL or rescanned: its allocated bytes; INCREMENTAL: its dirty blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_bytes: Option<u64>,
 }
 
 /// One volume of a plan or a snapshot.
@@ -38,6 +45,9 @@ pub struct VolumeReport {
     pub kind: String,
     /// Bytes of block data stored (0 in a dry run).
     pub stored_bytes: u64,
+    /// Dry run: at most how many bytes it would store (the sum over its partitions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_bytes: Option<u64>,
     pub partitions: Vec<PartitionReport>,
 }
 
@@ -65,6 +75,13 @@ pub struct CreateReport {
     pub writes_deferred: u64,
     /// Blocks of rescanned partitions found unchanged.
     pub blocks_unchanged: u64,
+    /// Dry run: at most how many bytes the snapshot would store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_bytes: Option<u64>,
+    /// Dry run: how long storing `estimated_bytes` would take at the capture throughput of an
+    /// earlier snapshot (None: no snapshot records its throughput).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_ms: Option<u64>,
 }
 
 /// A partition's line in a report, from the policy's decision.
@@ -78,5 +95,32 @@ pub(super) fn partition_report(d: &Decision) -> PartitionReport {
         .to_string(),
         rescan: d.rescan,
         reason: d.reason.clone(),
+        estimated_bytes: None,
+    }
+}
+
+/// A dry run's line for a volume of `size` bytes planned as `plan`, with at most how many
+/// bytes each partition would store (`estimates`, in plan order).
+pub(super) fn estimated_volume(
+    path: String,
+    size: u64,
+    plan: &[Decision],
+    estimates: &[u64],
+) -> VolumeReport {
+    let partitions: Vec<PartitionReport> = plan
+        .iter()
+        .zip(estimates)
+        .map(|(d, e)| PartitionReport {
+            estimated_bytes: Some(*e),
+            ..partition_report(d)
+        })
+        .collect();
+    VolumeReport {
+        path,
+        size,
+        kind: crate::policy::volume_kind(plan).to_string(),
+        stored_bytes: 0,
+        estimated_bytes: Some(estimates.iter().sum()),
+        partitions,
     }
 }

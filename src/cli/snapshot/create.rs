@@ -1,0 +1,110 @@
+//! `grainfs snapshot create`: asks the daemon to take a snapshot (or, with `--dry-run`, to plan
+//! one) and prints its report. It never takes a snapshot itself: only the daemon sees every
+//! write.
+
+use super::super::status::human;
+use super::{locate, parse_name, print_json, CliError, CreateArgs};
+use crate::control::{self, Request, Response};
+use crate::snapshot::{CreateReport, CreateRequest};
+
+pub(super) fn run(c: &CreateArgs) -> Result<(), CliError> {
+    let (_, backing, store) = locate(&c.at)?;
+    let req = Request::SnapshotCreate(CreateRequest {
+        group: c.group.clone(),
+        paths: c.paths.clone(),
+        name: c.name.as_deref().map(parse_name).transpose()?,
+        dry_run: c.dry_run,
+        full: c.full,
+    });
+    let report = match control::request_within(&store, &req, None) {
+        Ok(Response::Snapshot(r)) => r,
+        Ok(Response::Error { message }) => return Err(CliError::Usage(message)),
+        Ok(other) => return Err(CliError::Usage(format!("daemon: unexpected answer {other:?}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(CliError::Usage(format!(
+                "the daemon serving {} ended while it took the snapshot (killed or crashed; its log is {} when it ran in the background): nothing was committed, and what it had stored is swept at its next start",
+                backing.display(),
+                store.join("grainfs.log").display()
+            )))
+        }
+        Err(e) => {
+            return Err(CliError::Usage(format!(
+                "no grainfs daemon answers for {} ({e}); snapshots are taken by the daemon, which sees every write: mount it first",
+                backing.display()
+            )))
+        }
+    };
+    if c.json {
+        print_json(&report)
+    } else {
+        print_create(&report);
+        Ok(())
+    }
+}
+
+/// "at most 1.2 MiB" for an estimate, "?" where the report has none.
+fn at_most(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "?".into(), |b| format!("at most {}", human(b)))
+}
+
+fn print_create(r: &CreateReport) {
+    if r.dry_run {
+        println!(
+            "plan for snapshot {} of group {} (parent {}); nothing taken:",
+            r.name,
+            r.group,
+            r.parent.as_deref().unwrap_or("none")
+        );
+    } else {
+        println!(
+            "snapshot {} of group {}: {} volume(s), {} stored for {} logical (parent {}); writers held {} us, capture {} ms",
+            r.name,
+            r.group,
+            r.volumes.len(),
+            human(r.stored_bytes),
+            human(r.logical_bytes),
+            r.parent.as_deref().unwrap_or("none"),
+            r.barrier_us,
+            r.capture_ms
+        );
+    }
+    for v in &r.volumes {
+        let stored = if r.dry_run {
+            at_most(v.estimated_bytes)
+        } else {
+            human(v.stored_bytes)
+        };
+        println!(
+            "  {:<48} {:<11} {:>18} of {:>10}",
+            v.path,
+            v.kind,
+            stored,
+            human(v.size)
+        );
+        if r.dry_run {
+            for p in &v.partitions {
+                println!(
+                    "      partition {:<4} {:<11} {:>18}  {}",
+                    p.index,
+                    p.kind,
+                    at_most(p.estimated_bytes),
+                    p.reason
+                );
+            }
+        }
+    }
+    if r.dry_run {
+        let time = match r.estimated_ms {
+            Some(ms) => format!(
+                "about {:.1} s at an earlier snapshot's capture rate",
+                ms as f64 / 1000.0
+            ),
+            None => "no time estimate (no snapshot records its capture rate yet)".into(),
+        };
+        println!(
+            "total: {} to store of {} logical; {time}",
+            at_most(r.estimated_bytes),
+            human(r.logical_bytes)
+        );
+    }
+}

@@ -1,0 +1,90 @@
+//! `grainfs snapshot verify`: re-hash every stored block of the named snapshots (default: all)
+//! and rebuild every volume, reading the store directly, daemon or not; exit 1 on a mismatch.
+//! It never repairs or deletes anything.
+
+use std::io::IsTerminal;
+
+use super::super::status::human;
+use super::{locate, open_store, parse_name, print_json, CliError, Where};
+use crate::ids::SnapshotName;
+use crate::store::{Store, VerifyReport};
+
+pub(super) fn run(names: &[String], json: bool, at: &Where) -> Result<(), CliError> {
+    let (_, _, store) = locate(at)?;
+    let store = open_store(&store)?;
+    let names = if names.is_empty() {
+        store.names().map_err(|e| CliError::Usage(e.to_string()))?
+    } else {
+        names.to_vec()
+    };
+    let names = names
+        .iter()
+        .map(|n| parse_name(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let reports = verify(&store, &names)?;
+    let bad: Vec<&VerifyReport> = reports.iter().filter(|r| !r.ok()).collect();
+    if json {
+        print_json(&reports)?;
+    } else {
+        for r in &reports {
+            println!(
+                "{}: {} volume(s), {} block(s), {}: {}",
+                r.snapshot,
+                r.volumes,
+                r.blocks,
+                human(r.bytes),
+                if r.ok() { "ok" } else { "DAMAGED" }
+            );
+            for p in &r.problems {
+                println!(
+                    "    {}{}: {} (stored in {})",
+                    p.volume.as_deref().unwrap_or("(snapshot)"),
+                    p.block.map_or(String::new(), |b| format!(" block {b}")),
+                    p.what,
+                    p.stored_in
+                );
+            }
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Usage(format!(
+            "{} of {} snapshot(s) failed verification: {}",
+            bad.len(),
+            reports.len(),
+            bad.iter()
+                .map(|r| r.snapshot.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+}
+
+/// Verify `names`, with a progress bar (one step per volume) when stderr is a terminal.
+fn verify(store: &Store, names: &[SnapshotName]) -> Result<Vec<VerifyReport>, CliError> {
+    let total: u64 = names
+        .iter()
+        .map(|n| store.manifest(n).map_or(0, |m| m.volumes.len() as u64))
+        .sum();
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} volumes {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut out = Vec::new();
+    for n in names {
+        bar.set_message(n.to_string());
+        let r = store
+            .verify_with(n, &mut |_| bar.inc(1))
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        out.push(r);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
