@@ -214,7 +214,7 @@ fn run(ops: &[Op]) -> (u64, u64) {
                 fired += u64::from(fx.faults.fired().is_some());
                 let gone = !fx.store().exists(&sn(&name)).unwrap();
                 match r {
-                    Ok(()) => assert!(gone, "{what}: {name} deleted but still there"),
+                    Ok(_) => assert!(gone, "{what}: {name} deleted but still there"),
                     Err(e) => {
                         let why = e.to_string();
                         assert!(

@@ -3,7 +3,9 @@
 
 mod check_config;
 mod mount;
+mod prune;
 mod recover;
+mod reload;
 mod snapshot;
 mod status;
 mod umount;
@@ -14,7 +16,9 @@ use clap::{Parser, Subcommand};
 
 pub use check_config::CheckConfigArgs;
 pub use mount::MountArgs;
+pub use prune::PruneArgs;
 pub use recover::RecoverArgs;
+pub use reload::ReloadArgs;
 pub use snapshot::{SnapshotArgs, SnapshotCommand};
 pub use status::StatusArgs;
 pub use umount::UmountArgs;
@@ -44,8 +48,12 @@ pub enum Command {
     CheckConfig(CheckConfigArgs),
     /// Change tracking per volume and partition: dirty bytes, rates, access pattern, unknowns.
     Status(StatusArgs),
-    /// Take, list, verify and delete snapshots.
+    /// Take, list, show, verify, hold, release and delete snapshots.
     Snapshot(SnapshotArgs),
+    /// Apply retention now: remove what the groups' keep rules and max_store_bytes let go.
+    Prune(PruneArgs),
+    /// Make the daemon read its config file again (as SIGHUP does).
+    Reload(ReloadArgs),
     /// Parked writes a killed daemon left that could not be replayed safely: list, apply, discard.
     Recover(RecoverArgs),
 }
@@ -137,6 +145,14 @@ pub fn run(args: Args) -> i32 {
         Command::Snapshot(s) => {
             init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
             snapshot::run(s)
+        }
+        Command::Prune(p) => {
+            init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
+            prune::run(p)
+        }
+        Command::Reload(r) => {
+            init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
+            reload::run(r)
         }
         Command::Recover(r) => {
             init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);

@@ -8,7 +8,7 @@ use clap::Args as ClapArgs;
 
 use super::CliError;
 use crate::config::Config;
-use crate::control::{self, Request, Response, StatusReport};
+use crate::control::{self, GroupStatus, Request, Response, StatusReport};
 use crate::daemon;
 use crate::track::{self, counters::AccessPattern, ChangeMap};
 
@@ -27,6 +27,11 @@ pub struct StatusArgs {
     /// mount when no PATH is given).
     #[arg(short, long)]
     pub config: Option<PathBuf>,
+    /// For monitoring: one line per scheduled group, and exit status 1 when a group's newest
+    /// snapshot is older than twice its schedule's interval (or it has none, or its last
+    /// scheduled run failed).
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// A grainfs mount found from a path.
@@ -218,7 +223,7 @@ fn offline_report(t: &Target, store: &Path, config: &Config) -> Result<StatusRep
                 s.interval_ns as f64 / 1e9
             }),
         volumes,
-        groups: Vec::new(),
+        groups: offline_groups(store, config),
     })
 }
 
@@ -247,6 +252,9 @@ pub(super) fn run(args: &StatusArgs) -> Result<(), CliError> {
         // No daemon (or an old socket): read-only commands work from the saved state.
         Err(_) => offline_report(&target, &store, &config)?,
     };
+    if args.check {
+        return check(&report, args.json);
+    }
     if args.json {
         let text =
             serde_json::to_string_pretty(&report).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -302,6 +310,7 @@ fn print_report(r: &StatusReport, heatmap: bool, tty: bool) {
             String::new()
         },
     );
+    print_groups(&r.groups);
     if r.volumes.is_empty() {
         println!("no tracked volumes (a file becomes one when written through the mount)");
         return;
@@ -407,4 +416,132 @@ fn print_heatmap(r: &StatusReport, tty: bool) {
         "legend: {} clean  {} <25%  {} <50%  {} <75%  {} >=75% of the partition dirty  ? unknown",
         shades[0], shades[1], shades[2], shades[3], shades[4]
     );
+}
+
+/// The groups as the saved state shows them: configured ones and those in the store (no
+/// scheduler runs without a daemon).
+fn offline_groups(store: &Path, config: &Config) -> Vec<GroupStatus> {
+    if !store.join("snapshots").is_dir() {
+        return daemon::lifecycle::group_status(config, None);
+    }
+    match crate::store::Store::open(store) {
+        Ok(s) => daemon::lifecycle::group_status(config, Some(&s)),
+        Err(_) => daemon::lifecycle::group_status(config, None),
+    }
+}
+
+/// `2h 5m ago` / `in 3m` from a span in ns.
+fn span(ns: u64) -> String {
+    let s = crate::schedule::fmt_span(ns - ns % 1_000_000_000);
+    if ns < 1_000_000_000 {
+        "0s".into()
+    } else {
+        s
+    }
+}
+
+fn print_groups(groups: &[GroupStatus]) {
+    if groups.is_empty() {
+        return;
+    }
+    let now = crate::sys::realtime_ns();
+    println!(
+        "{:<16} {:<18} {:<28} {:>5} {:<14} {:<10} LAST FAILURE",
+        "GROUP", "SCHEDULE", "KEEP", "SNAPS", "NEWEST", "NEXT RUN"
+    );
+    for g in groups {
+        let newest = g.last_snapshot_ns.map_or("-".to_string(), |t| {
+            format!("{} ago", span(now.saturating_sub(t)))
+        });
+        let next = g.next_run_ns.map_or("-".to_string(), |t| {
+            format!("in {}", span(t.saturating_sub(now)))
+        });
+        let failure = g.last_failure.as_ref().map_or("-".to_string(), |f| {
+            format!("{} ago: {}", span(now.saturating_sub(f.at_ns)), f.message)
+        });
+        println!(
+            "{:<16} {:<18} {:<28} {:>5} {:<14} {:<10} {}",
+            g.name,
+            g.schedule.as_deref().unwrap_or("on request"),
+            g.keep,
+            g.snapshots,
+            newest,
+            next,
+            failure
+        );
+    }
+    println!();
+}
+
+/// One scheduled group's health for `status --check`.
+#[derive(serde::Serialize)]
+struct Health {
+    group: String,
+    ok: bool,
+    message: String,
+}
+
+/// `status --check`: like `sanoid --monitor-snapshots`, a line per scheduled group and a
+/// non-zero exit when one is stale.
+fn check(r: &StatusReport, json: bool) -> Result<(), CliError> {
+    let now = crate::sys::realtime_ns();
+    let mut out = Vec::new();
+    for g in &r.groups {
+        let (Some(schedule), Some(period)) = (&g.schedule, g.period_ns) else {
+            continue;
+        };
+        let limit = period.saturating_mul(2);
+        let (ok, message) = match (g.last_snapshot_ns, &g.last_failure) {
+            (_, Some(f)) => (
+                false,
+                format!(
+                    "the last scheduled run failed {} ago: {}",
+                    span(now.saturating_sub(f.at_ns)),
+                    f.message
+                ),
+            ),
+            (None, None) => (false, format!("no snapshot yet (schedule {schedule})")),
+            (Some(t), None) => {
+                let age = now.saturating_sub(t);
+                (
+                    age <= limit,
+                    format!(
+                        "newest snapshot {} old, limit {} (2 x {schedule})",
+                        span(age),
+                        span(limit)
+                    ),
+                )
+            }
+        };
+        out.push(Health {
+            group: g.name.clone(),
+            ok,
+            message,
+        });
+    }
+    if json {
+        let text =
+            serde_json::to_string_pretty(&out).map_err(|e| CliError::Usage(e.to_string()))?;
+        println!("{text}");
+    } else if out.is_empty() {
+        println!("OK: no group has a schedule");
+    } else {
+        for h in &out {
+            let word = if h.ok { "OK" } else { "CRITICAL" };
+            println!("{word} group {}: {}", h.group, h.message);
+        }
+    }
+    let bad: Vec<&str> = out
+        .iter()
+        .filter(|h| !h.ok)
+        .map(|h| h.group.as_str())
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Usage(format!(
+            "status --check: stale or failing group(s): {}",
+            bad.join(", ")
+        )))
+    }
 }

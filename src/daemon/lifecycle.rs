@@ -136,7 +136,7 @@ impl Lifecycle {
             .as_ref()
             .map(|s| s.runs())
             .unwrap_or_default();
-        let mut out = group_status(&config, self.engine.store());
+        let mut out = group_status(&config, Some(self.engine.store()));
         for g in &mut out {
             if let Some(r) = runs.get(&g.name) {
                 g.next_run_ns = r.next_ns;
@@ -161,7 +161,7 @@ impl Lifecycle {
 
 /// The groups of `config` and of `store`, with their newest snapshots (what the daemon and
 /// the offline `status` both show).
-pub fn group_status(config: &Config, store: &crate::store::Store) -> Vec<GroupStatus> {
+pub fn group_status(config: &Config, store: Option<&crate::store::Store>) -> Vec<GroupStatus> {
     let tz = timezone_of(config);
     let now = realtime_ns();
     let mut out: Vec<GroupStatus> = config
@@ -175,8 +175,8 @@ pub fn group_status(config: &Config, store: &crate::store::Store) -> Vec<GroupSt
             ..GroupStatus::default()
         })
         .collect();
-    let list = match store.list() {
-        Ok(l) => l,
+    let list = match store.map(|s| s.list()).transpose() {
+        Ok(l) => l.unwrap_or_default(),
         Err(e) => {
             warn!("status: cannot list the store: {e}");
             Vec::new()
