@@ -2,24 +2,61 @@
 //! fact, so a new one is one heading and one cell) or as JSON, read from the manifests and the
 //! holds record, with or without a daemon. It never reads block data.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use super::super::status::human;
 use super::table::{Align, Table};
 use super::{locate, open_store, print_json, store_error, CliError, Where};
-use crate::store::{holds::Holds, SnapshotInfo, VolumeKind};
-use crate::sys::utc_stamp;
+use crate::config::Config;
+use crate::control::{self, Request, Response};
+use crate::daemon::lifecycle::rules_of;
+use crate::snapshot::lifecycle::prune;
+use crate::store::{holds::Holds, SnapshotInfo, Store, VolumeKind};
+use crate::sys::{realtime_ns, utc_stamp};
+
+/// What retention says of each snapshot: the rules that keep it, or that prune removes it
+/// (from the daemon's rules when one runs, else from `-c`'s).
+fn kept_by(store: &Store, store_dir: &Path, config: &Config) -> HashMap<String, String> {
+    let req = Request::Prune {
+        group: None,
+        dry_run: true,
+    };
+    let report = match control::request(store_dir, &req) {
+        Ok(Response::Pruned(r)) => Some(r),
+        _ => prune(store, &rules_of(config), None, true, realtime_ns()).ok(),
+    };
+    let mut out = HashMap::new();
+    for g in report.iter().flat_map(|r| &r.groups) {
+        for s in &g.snapshots {
+            let why = if s.keep {
+                s.reasons.join(", ")
+            } else {
+                "pruned next".to_string()
+            };
+            out.insert(s.name.clone(), why);
+        }
+    }
+    out
+}
 
 pub(super) fn run(json: bool, at: &Where) -> Result<(), CliError> {
-    let (_, _, store) = locate(at)?;
-    let store = open_store(&store)?;
+    let (config, _, store_dir) = locate(at)?;
+    let store = open_store(&store_dir)?;
     let listed = store.list().map_err(store_error)?;
     let holds = store.holds().map_err(store_error)?;
+    let kept = kept_by(&store, &store_dir, &config);
     if json {
         let infos: Vec<serde_json::Value> = listed
             .iter()
             .map(|l| match &l.info {
-                Ok(i) => info_json(i, &holds),
+                Ok(i) => {
+                    let mut v = info_json(i, &holds);
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("kept_by".into(), serde_json::json!(kept.get(&i.name)));
+                    }
+                    v
+                }
                 Err(e) => serde_json::json!({"name": l.name, "error": e.to_string()}),
             })
             .collect();
@@ -34,6 +71,7 @@ pub(super) fn run(json: bool, at: &Where) -> Result<(), CliError> {
         ("STORED", Align::Right),
         ("LOGICAL", Align::Right),
         ("HOLD", Align::Left),
+        ("KEPT BY", Align::Left),
     ]);
     for l in &listed {
         let i = match &l.info {
@@ -52,6 +90,7 @@ pub(super) fn run(json: bool, at: &Where) -> Result<(), CliError> {
             human(i.stored_bytes),
             human(i.logical_bytes),
             tags_of(&holds, &i.name).join(","),
+            kept.get(&i.name).cloned().unwrap_or_default(),
         ]);
         for v in &i.volumes {
             t.line(format!(
