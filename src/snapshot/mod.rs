@@ -754,12 +754,25 @@ impl Engine {
             parent: parent.map(|p| p.name.clone()),
             dry_run: true,
             logical_bytes: volumes.iter().map(|v| v.size).sum(),
-            // No manifest records its capture's throughput yet: no `estimated_ms`.
+            estimated_ms: estimate_ms(&volumes, parent),
             estimated_bytes: Some(volumes.iter().filter_map(|v| v.estimated_bytes).sum()),
             volumes,
             ..CreateReport::default()
         })
     }
+}
+
+/// The time a capture of `volumes` would take at the throughput the parent's capture had
+/// (None without a parent that recorded one, or one that stored too little to measure).
+fn estimate_ms(volumes: &[VolumeReport], parent: Option<&Manifest>) -> Option<u64> {
+    let p = parent?;
+    let ms = p.capture_ms?.max(1);
+    let stored: u64 = p.volumes.iter().map(|v| v.stored_bytes).sum();
+    if stored < 1 << 20 {
+        return None;
+    }
+    let bytes: u64 = volumes.iter().filter_map(|v| v.estimated_bytes).sum();
+    Some((bytes as u128 * ms as u128 / stored as u128) as u64)
 }
 
 /// Detach the captures from their volumes and wait for writers inside the gates to leave, so

@@ -125,6 +125,10 @@ pub struct Manifest {
     /// Pack files, in order (a record's `pack` indexes this list).
     pub packs: Vec<PackRef>,
     pub namespace: Vec<NamespaceEntry>,
+    /// From the barrier to the commit, when the snapshot was taken (what a dry run's time
+    /// estimate is scaled from; absent in snapshots older than it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_ms: Option<u64>,
 }
 
 impl Manifest {

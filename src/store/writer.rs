@@ -457,6 +457,7 @@ impl SnapshotWriter {
             volumes,
             packs,
             namespace: std::mem::take(&mut st.namespace),
+            capture_ms: Some(crate::sys::now_ns().saturating_sub(self.created_ns) / 1_000_000),
         })
     }
 

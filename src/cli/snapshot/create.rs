@@ -96,10 +96,10 @@ fn print_create(r: &CreateReport) {
     if r.dry_run {
         let time = match r.estimated_ms {
             Some(ms) => format!(
-                "about {:.1} s at an earlier snapshot's capture rate",
+                "about {:.1} s at the parent snapshot's capture rate",
                 ms as f64 / 1000.0
             ),
-            None => "no time estimate (no snapshot records its capture rate yet)".into(),
+            None => "no time estimate (no parent snapshot, or it stored too little to measure a capture rate)".into(),
         };
         println!(
             "total: {} to store of {} logical; {time}",

@@ -249,6 +249,7 @@ mod tests {
     fn manifest(volumes: &[(&str, u64)], namespace: Vec<NamespaceEntry>) -> Manifest {
         Manifest {
             format: crate::store::FORMAT,
+            capture_ms: None,
             name: "s".into(),
             group: "all".into(),
             created_ns: CREATED,
