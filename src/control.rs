@@ -203,6 +203,15 @@ pub fn request_within(
     serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// Whether a failed `request` means no daemon serves the store (no socket, or a stale one):
+/// a command that works offline then opens the store itself.
+pub fn no_daemon(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+    )
+}
+
 /// The daemon took the request and closed the connection without an answer: it ended (killed,
 /// crashed or unmounted) while working on it.
 fn ended() -> io::Error {

@@ -534,13 +534,14 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         mountpoint: req.mountpoint.clone(),
         source,
     });
-    if let Some(l) = &lifecycle {
-        l.stop();
-    }
     if let Some(e) = &engine {
         // A capture still running has writes parked in memory: they land now, not at the
-        // next mount.
+        // next mount. The engine refuses new snapshots from here on, so the scheduler, stopped
+        // next, ends without waiting for a long capture.
         e.stop();
+    }
+    if let Some(l) = &lifecycle {
+        l.stop();
     }
     if let Some(ticker) = ticker {
         ticker.stop();

@@ -758,10 +758,16 @@ fn a_held_snapshot_is_not_deleted_until_released() {
     let text = stdout(&o);
     let mut lines = text.lines();
     let head = lines.next().unwrap();
-    assert!(head.contains("KIND") && head.ends_with("HOLD"), "{text}");
+    assert!(
+        head.contains("KIND") && head.contains(" HOLD ") && head.ends_with("KEPT BY"),
+        "{text}"
+    );
     let row = lines.next().unwrap();
     assert!(
-        row.starts_with("s1 ") && row.contains(" FULL ") && row.ends_with("keep,legal"),
+        row.starts_with("s1 ")
+            && row.contains(" FULL ")
+            && row.contains(" keep,legal ")
+            && row.contains("held"),
         "{text}"
     );
 

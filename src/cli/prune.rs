@@ -45,12 +45,7 @@ pub(super) fn run(args: &PruneArgs) -> Result<(), CliError> {
                 "daemon: unexpected answer {other:?}"
             )))
         }
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
+        Err(e) if control::no_daemon(&e) => {
             // No daemon: nothing else writes the store; the rules come from `-c`.
             if args.at.config.is_none() {
                 eprintln!(

@@ -201,6 +201,28 @@ pub fn decode_manifest(read: Result<Vec<u8>>, path: &Path, name: &str) -> Result
     Ok(m)
 }
 
+/// Store-wide record `file` (holds, deletes under way) decoded as `T`, checked to carry
+/// `format`; None if it was never written.
+pub fn load_record<T: serde::de::DeserializeOwned>(
+    b: &dyn Backend,
+    file: &str,
+    format: u32,
+) -> Result<Option<T>> {
+    let Some(bytes) = b.read_record(file)? else {
+        return Ok(None);
+    };
+    let path = b.location().join(format!(".{file}"));
+    match decode_versioned::<T>(&bytes, format as u64) {
+        Ok(r) => Ok(Some(r)),
+        Err(VersionedError::Unsupported { found }) => Err(StoreError::UnsupportedFormat {
+            path,
+            found,
+            supported: format,
+        }),
+        Err(VersionedError::Invalid(why)) => Err(StoreError::Corrupt { path, why }),
+    }
+}
+
 /// One block as recorded in a table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Record {

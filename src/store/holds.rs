@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use super::backend::Backend;
 use super::error::{Result, StoreError};
 use crate::ids::SnapshotName;
-use crate::sys::{decode_versioned, VersionedError};
 
 /// The record's name in the store.
 pub const HOLDS: &str = "holds.json";
@@ -42,19 +41,8 @@ pub fn check_tag(tag: &str) -> Result<()> {
 
 /// Every hold in the store (none if the record was never written).
 pub fn load(b: &dyn Backend) -> Result<Holds> {
-    let Some(bytes) = b.read_record(HOLDS)? else {
-        return Ok(Holds::new());
-    };
-    let path = b.location().join(format!(".{HOLDS}"));
-    match decode_versioned::<Record>(&bytes, HOLDS_FORMAT as u64) {
-        Ok(r) => Ok(r.holds),
-        Err(VersionedError::Unsupported { found }) => Err(StoreError::UnsupportedFormat {
-            path,
-            found,
-            supported: HOLDS_FORMAT,
-        }),
-        Err(VersionedError::Invalid(why)) => Err(StoreError::Corrupt { path, why }),
-    }
+    let r: Option<Record> = super::format::load_record(b, HOLDS, HOLDS_FORMAT)?;
+    Ok(r.map(|r| r.holds).unwrap_or_default())
 }
 
 /// Write `holds` whole, durably, dropping snapshots without tags.

@@ -30,7 +30,6 @@ use super::format::{
 use super::reader::{resolve, Resolution, Resolved};
 use super::writer::PACK_LIMIT;
 use crate::ids::{Geometry, SnapshotName};
-use crate::sys::{decode_versioned, VersionedError};
 
 /// The store-wide record of deletes under way.
 pub const DELETING: &str = "deleting.json";
@@ -68,19 +67,8 @@ struct DeletingRecord {
 
 /// The deletes under way (none if the record was never written).
 pub fn load_deleting(b: &dyn Backend) -> Result<Vec<Deleting>> {
-    let Some(bytes) = b.read_record(DELETING)? else {
-        return Ok(Vec::new());
-    };
-    let path = b.location().join(format!(".{DELETING}"));
-    match decode_versioned::<DeletingRecord>(&bytes, DELETING_FORMAT as u64) {
-        Ok(r) => Ok(r.deleting),
-        Err(VersionedError::Unsupported { found }) => Err(StoreError::UnsupportedFormat {
-            path,
-            found,
-            supported: DELETING_FORMAT,
-        }),
-        Err(VersionedError::Invalid(why)) => Err(StoreError::Corrupt { path, why }),
-    }
+    let r: Option<DeletingRecord> = super::format::load_record(b, DELETING, DELETING_FORMAT)?;
+    Ok(r.map(|r| r.deleting).unwrap_or_default())
 }
 
 fn save_deleting(b: &dyn Backend, deleting: Vec<Deleting>) -> Result<()> {

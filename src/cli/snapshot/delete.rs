@@ -90,14 +90,7 @@ fn delete_one(
             "daemon: unexpected answer {other:?}"
         ))),
         // No daemon: nothing else can be writing the store.
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            store.delete(name).map_err(store_error)
-        }
+        Err(e) if control::no_daemon(&e) => store.delete(name).map_err(store_error),
         Err(e) => Err(CliError::Usage(format!(
             "the daemon did not answer ({e}); {name} was not deleted"
         ))),
