@@ -784,9 +784,6 @@ fn deleting_a_middle_snapshot_through_the_mount_keeps_the_others_byte_identical(
 }
 
 #[test]
-#[ignore = "bug: a read-only CLI command's Store::open sweeps the daemon's in-flight \
-            `..deleting.json.tmp` (prune fails with ENOENT), and `snapshot list` shows a \
-            snapshot deleted meanwhile as unreadable"]
 fn listing_snapshots_while_prune_runs_disturbs_neither() {
     let m = Mount::with_setup(
         |b| volume(b, "vm.img", 64 * KIB, 6),

@@ -22,6 +22,8 @@ use crate::sys::realtime_ns;
 
 /// The longest the thread sleeps between looks: a clock step or a reload is noticed within it.
 const TICK: Duration = Duration::from_secs(1);
+/// How often the newest snapshot of each group is read from the store again.
+const REREAD: Duration = Duration::from_secs(30);
 
 /// What the scheduler knows of one scheduled group.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -139,7 +141,13 @@ pub fn period_ns(schedule: &Schedule, now_ns: u64, tz: &TimeZone) -> Option<u64>
 fn run(shared: &Shared, engine: &Engine) {
     // The newest snapshot per group, read from the store at start and after each run.
     let mut newest: BTreeMap<String, Option<u64>> = BTreeMap::new();
+    let mut read_at = std::time::Instant::now();
     loop {
+        // Read again now and then: snapshots deleted by hand change what is due.
+        if read_at.elapsed() >= REREAD {
+            newest.clear();
+            read_at = std::time::Instant::now();
+        }
         let (groups, tz) = {
             let st = lock(shared);
             if st.stop {

@@ -21,6 +21,9 @@ use super::format::MANIFEST;
 use crate::ids::SnapshotName;
 use crate::sys::{fsync_dir, write_durably};
 
+/// A record's temp file younger than this may be a live write: the sweep leaves it.
+const RECORD_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Snapshots in a directory.
 #[derive(Debug)]
 pub struct LocalDir {
@@ -62,9 +65,19 @@ impl LocalDir {
             let e = e.at(&self.snapshots)?;
             let name = e.file_name().to_string_lossy().into_owned();
             // A record's temp file (`write_durably` of `.<file>` writes `..<file>.tmp`): a
-            // crash between its write and its rename left it; the record itself is whole.
+            // crash between its write and its rename left it; the record itself is whole. Only
+            // an old one goes: every command opens the store, and a daemon may be between that
+            // write and its rename right now (a live one is milliseconds old).
             if name.starts_with("..") && name.ends_with(".tmp") {
                 let path = e.path();
+                let age = e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok());
+                if age.is_none_or(|a| a < RECORD_TEMP_AGE) {
+                    continue;
+                }
                 match std::fs::remove_file(&path) {
                     Ok(()) => {
                         info!("store: swept {}", path.display());

@@ -279,6 +279,14 @@ impl Store {
                     .map(|m| SnapshotInfo::of(&m)),
                 name,
             })
+            // A snapshot deleted between the listing and the read of its manifest is gone,
+            // not unreadable.
+            .filter(|l| {
+                l.info.is_ok()
+                    || SnapshotName::parse(&l.name)
+                        .ok()
+                        .is_none_or(|n| self.backend.exists(&n).unwrap_or(true))
+            })
             .collect();
         out.sort_by_key(|l| {
             (
