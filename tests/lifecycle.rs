@@ -4,8 +4,7 @@
 //! remount-only key is refused with its key and line, and the old config stays); `grainfs
 //! prune` with its dry run and holds; `status --check` for monitoring; and deleting snapshots
 //! from the middle of a chain, with a kill -9 during a delete, every survivor reading back its
-//! recorded blake3 through `.snapshots`; and `snapshot list` running while a prune deletes
-//! (ignored while it shows a bug).
+//! recorded blake3 through `.snapshots`; and `snapshot list` running while a prune deletes.
 
 mod common;
 

@@ -807,3 +807,38 @@ fn a_volume_that_shrank_and_grew_reads_zeros_where_it_was_cut() {
     assert!(read_all(&store, "c", vid(0)) == child);
     assert!(store.verify(&sn("c")).unwrap().ok());
 }
+
+/// Every command opens (and so sweeps) the store while a daemon may be writing in it: opens
+/// racing builds and record writes in another handle never take what those are making (a
+/// `snapshot list` once swept the `.tmp-` dir a prune had just created).
+#[test]
+fn opens_racing_builds_and_records_take_nothing_live() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sweepers: Vec<_> = (0..2)
+        .map(|_| {
+            let (dir, stop) = (tmp.path().to_path_buf(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    Store::open(&dir).unwrap();
+                }
+            })
+        })
+        .collect();
+    for i in 0..100 {
+        let name = sn(&format!("s{i:03}"));
+        let w = store.begin(&name, "g", G, None).unwrap();
+        let h = w.add_volume(meta(0, 4096)).unwrap();
+        w.set_partition(h, 0, PartitionKind::Full, "new").unwrap();
+        w.put_block(h, BlockIdx(0), &[i as u8; 4096]).unwrap();
+        w.commit().unwrap();
+        store.hold(&name, "keep").unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in sweepers {
+        s.join().unwrap();
+    }
+    assert_eq!(store.names().unwrap().len(), 100);
+    assert_eq!(store.holds().unwrap().len(), 100);
+}

@@ -21,9 +21,6 @@ use super::format::MANIFEST;
 use crate::ids::SnapshotName;
 use crate::sys::{fsync_dir, write_durably};
 
-/// A record's temp file younger than this may be a live write: the sweep leaves it.
-const RECORD_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(600);
-
 /// Snapshots in a directory.
 #[derive(Debug)]
 pub struct LocalDir {
@@ -33,8 +30,16 @@ pub struct LocalDir {
 /// Try to take the exclusive flock of a directory (None if held or not openable).
 fn lock_dir(dir: &Path) -> Option<File> {
     let f = File::open(dir).ok()?;
+    flock(&f, libc::LOCK_EX | libc::LOCK_NB).ok().map(|()| f)
+}
+
+fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
     // SAFETY: flock on an fd we own.
-    (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(f)
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 impl LocalDir {
@@ -59,51 +64,56 @@ impl LocalDir {
         self.snapshots.join(format!(".{file}"))
     }
 
+    /// The store lock, a flock of `snapshots/` itself. Every command opens (and so sweeps) the
+    /// store, a daemon may be writing in it at that moment, and a temp name cannot be created
+    /// and locked in one step: so a writer holds the lock shared from creating a temp name
+    /// until that name is locked (or, for a record, renamed away), and a sweep takes it
+    /// exclusively while it chooses what to remove. Without it a `snapshot list` could sweep
+    /// the `.tmp-` dir a prune had just made, failing the prune.
+    fn store_lock(&self, op: libc::c_int) -> std::io::Result<File> {
+        let f = File::open(&self.snapshots)?;
+        flock(&f, op)?;
+        Ok(f)
+    }
+
     fn sweep(&self) -> Result<()> {
-        let mut swept = false;
+        // A writer is between creating a temp name and locking it: sweep at the next open.
+        let Ok(store) = self.store_lock(libc::LOCK_EX | libc::LOCK_NB) else {
+            return Ok(());
+        };
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
         for e in std::fs::read_dir(&self.snapshots).at(&self.snapshots)? {
             let e = e.at(&self.snapshots)?;
             let name = e.file_name().to_string_lossy().into_owned();
-            // A record's temp file (`write_durably` of `.<file>` writes `..<file>.tmp`): a
-            // crash between its write and its rename left it; the record itself is whole. Only
-            // an old one goes: every command opens the store, and a daemon may be between that
-            // write and its rename right now (a live one is milliseconds old).
             if name.starts_with("..") && name.ends_with(".tmp") {
-                let path = e.path();
-                let age = e
-                    .metadata()
-                    .ok()
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|t| t.elapsed().ok());
-                if age.is_none_or(|a| a < RECORD_TEMP_AGE) {
-                    continue;
+                // A record's temp file (`write_durably` of `.<file>` writes `..<file>.tmp`):
+                // a crash between its write and its rename left it; the record is whole.
+                files.push(e.path());
+            } else if name.starts_with(".tmp-") || name.starts_with(".del-") {
+                // A live build or deletion holds its dir's lock: leave it alone. Once we hold
+                // it, nobody can reuse the name (it exists) until it is gone.
+                if let Some(lock) = lock_dir(&e.path()) {
+                    dirs.push((e.path(), lock));
                 }
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {
-                        info!("store: swept {}", path.display());
-                        swept = true;
-                    }
-                    Err(e) => warn!("store: cannot sweep {}: {e}", path.display()),
-                }
-                continue;
-            }
-            if !(name.starts_with(".tmp-") || name.starts_with(".del-")) {
-                continue;
-            }
-            let path = e.path();
-            // A live build or deletion holds the lock: leave it alone.
-            let Some(_lock) = lock_dir(&path) else {
-                continue;
-            };
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => {
-                    info!("store: swept {}", path.display());
-                    swept = true;
-                }
-                Err(e) => warn!("store: cannot sweep {}: {e}", path.display()),
             }
         }
-        if swept {
+        for path in &files {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!("store: cannot sweep {}: {e}", path.display());
+            }
+        }
+        // The dirs are ours now: remove them (maybe large) without keeping writers waiting.
+        drop(store);
+        for (path, _lock) in &dirs {
+            if let Err(e) = std::fs::remove_dir_all(path) {
+                warn!("store: cannot sweep {}: {e}", path.display());
+            }
+        }
+        for path in files.iter().chain(dirs.iter().map(|(p, _)| p)) {
+            info!("store: swept {}", path.display());
+        }
+        if !(files.is_empty() && dirs.is_empty()) {
             fsync_dir(&self.snapshots).at(&self.snapshots)?;
         }
         Ok(())
@@ -161,6 +171,8 @@ impl Backend for LocalDir {
             _ => {}
         }
         let tmp = self.snapshots.join(format!(".tmp-{snap}"));
+        // Shared store lock until the temp dir is locked: no sweep in between.
+        let store = self.store_lock(libc::LOCK_SH).at(&self.snapshots)?;
         // Explicit mode (the daemon's umask is 0); the rename that commits keeps it.
         if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&tmp) {
             return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -173,10 +185,10 @@ impl Backend for LocalDir {
             });
         }
         let lock = File::open(&tmp).at(&tmp)?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == -1 {
+        if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_err() {
             return Err(taken());
         }
+        drop(store);
         Ok(Box::new(LocalStaging {
             snapshots: self.snapshots.clone(),
             tmp,
@@ -220,6 +232,8 @@ impl Backend for LocalDir {
 
     fn write_record(&self, file: &str, bytes: &[u8]) -> Result<()> {
         let path = self.record_path(file);
+        // Shared store lock: a sweep must not take the temp file between write and rename.
+        let _store = self.store_lock(libc::LOCK_SH).at(&self.snapshots)?;
         write_durably(&path, bytes).at(&path)
     }
 }
