@@ -3,6 +3,7 @@
 
 mod check_config;
 mod mount;
+mod progress;
 mod prune;
 mod recover;
 mod reload;

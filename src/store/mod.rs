@@ -341,14 +341,26 @@ impl Store {
     /// Re-hash every block snapshot `name` reads, through its whole chain. Err only when the
     /// snapshot itself cannot be read; everything else is a problem in the report.
     pub fn verify(&self, name: &SnapshotName) -> Result<VerifyReport> {
-        self.verify_with(name, &mut |_| {})
+        self.verify_with(name, &mut |_, _| {})
     }
 
-    /// `verify`, calling `done(path)` after each volume (for a progress bar).
+    /// The bytes of block data snapshot `name` reads through its chain: what `verify` reads
+    /// (the total of its progress).
+    pub fn data_bytes(&self, name: &SnapshotName) -> Result<u64> {
+        let m = self.manifest(name)?;
+        let mut total = 0;
+        for v in &m.volumes {
+            let res = reader::resolve(&*self.backend, name, m.clone(), v.id)?;
+            total += res.blocks.iter().map(|b| b.len as u64).sum::<u64>();
+        }
+        Ok(total)
+    }
+
+    /// `verify`, calling `done(path, bytes)` after each block read (for a progress bar).
     pub fn verify_with(
         &self,
         name: &SnapshotName,
-        done: &mut dyn FnMut(&str),
+        done: &mut dyn FnMut(&str, u64),
     ) -> Result<VerifyReport> {
         let m = self.manifest(name)?;
         let mut report = VerifyReport {
@@ -410,6 +422,7 @@ impl Store {
                 }
                 report.blocks += 1;
                 report.bytes += b.len as u64;
+                done(&v.path, b.len as u64);
                 if blake3::hash(&buf).as_bytes() != &b.rec.hash {
                     report.problems.push(problem(
                         Some(b.block),
@@ -418,7 +431,6 @@ impl Store {
                     ));
                 }
             }
-            done(&v.path);
         }
         Ok(report)
     }

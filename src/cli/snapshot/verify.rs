@@ -2,8 +2,7 @@
 //! and rebuild every volume, reading the store directly, daemon or not; exit 1 on a mismatch.
 //! It never repairs or deletes anything.
 
-use std::io::IsTerminal;
-
+use super::super::progress::Progress;
 use super::super::status::human;
 use super::{locate, open_store, parse_name, print_json, CliError, Where};
 use crate::ids::SnapshotName;
@@ -21,7 +20,7 @@ pub(super) fn run(names: &[String], json: bool, at: &Where) -> Result<(), CliErr
         .iter()
         .map(|n| parse_name(n))
         .collect::<Result<Vec<_>, _>>()?;
-    let reports = verify(&store, &names)?;
+    let reports = verify(&store, &names, json)?;
     let bad: Vec<&VerifyReport> = reports.iter().filter(|r| !r.ok()).collect();
     if json {
         print_json(&reports)?;
@@ -61,30 +60,22 @@ pub(super) fn run(names: &[String], json: bool, at: &Where) -> Result<(), CliErr
     }
 }
 
-/// Verify `names`, with a progress bar (one step per volume) when stderr is a terminal.
-fn verify(store: &Store, names: &[SnapshotName]) -> Result<Vec<VerifyReport>, CliError> {
-    let total: u64 = names
-        .iter()
-        .map(|n| store.manifest(n).map_or(0, |m| m.volumes.len() as u64))
-        .sum();
-    let bar = if std::io::stderr().is_terminal() {
-        let b = indicatif::ProgressBar::new(total);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} volumes {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+/// Verify `names`, with a progress bar (bytes, rate, ETA) when stderr is a terminal.
+fn verify(
+    store: &Store,
+    names: &[SnapshotName],
+    quiet: bool,
+) -> Result<Vec<VerifyReport>, CliError> {
+    let total: u64 = names.iter().map(|n| store.data_bytes(n).unwrap_or(0)).sum();
+    let bar = Progress::bytes("verify", total, quiet);
     let mut out = Vec::new();
     for n in names {
-        bar.set_message(n.to_string());
+        bar.message(n.to_string());
         let r = store
-            .verify_with(n, &mut |_| bar.inc(1))
+            .verify_with(n, &mut |_, bytes| bar.inc(bytes))
             .map_err(|e| CliError::Usage(e.to_string()))?;
         out.push(r);
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(out)
 }
