@@ -1,18 +1,23 @@
 //! The control socket: a Unix socket in the store (`control.sock`, mode 0600, inside the 0700
-//! store dir) speaking JSON lines, one request and one response per line. Shared by the daemon
-//! (server) and the CLI (client); it owns the wire format and nothing else.
+//! store dir) speaking JSON lines: one request per connection, answered by one response line,
+//! which long work (a snapshot, a delete) precedes with `progress` lines. While it runs the
+//! client may send a `cancel` line; a client that is gone (a progress line cannot be written)
+//! cancels too. Shared by the daemon (server) and the CLI (client); it owns the wire format
+//! and nothing else.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::SnapshotName;
 use crate::snapshot::lifecycle::PruneReport;
+use crate::snapshot::job::{Job, JobProgress};
 use crate::snapshot::{CreateReport, CreateRequest};
 use crate::track::ChangeMap;
 
@@ -48,6 +53,9 @@ pub enum Request {
     },
     /// Read the config file again and follow it (groups, schedules, retention, policy).
     Reload,
+    /// Sent after a request on its connection: stop that request's work at its next safe
+    /// point (nothing committed, nothing half-applied).
+    Cancel,
 }
 
 /// A scheduled run that failed.
@@ -98,6 +106,8 @@ pub struct StatusReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
+    /// Not the answer yet: how far the request's work is.
+    Progress(JobProgress),
     Pong,
     Status(StatusReport),
     Snapshot(CreateReport),
@@ -114,12 +124,12 @@ pub enum Response {
     },
 }
 
+/// What serves requests: the request, and the job that carries its progress and cancel.
+pub type Handler = dyn Fn(Request, &Job) -> Response + Send + Sync;
+
 /// Bind the store's socket (replacing a stale one: the caller holds the store lock) and serve
 /// each connection on its own thread with `handle`.
-pub fn serve(
-    store: &Path,
-    handle: Arc<dyn Fn(Request) -> Response + Send + Sync>,
-) -> io::Result<()> {
+pub fn serve(store: &Path, handle: Arc<Handler>) -> io::Result<()> {
     let path = socket_path(store);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
@@ -148,29 +158,85 @@ pub fn serve(
     Ok(())
 }
 
-fn serve_conn(conn: UnixStream, handle: &(dyn Fn(Request) -> Response + Send + Sync)) {
-    let Ok(mut out) = conn.try_clone() else {
+/// Write one response line; false if the client is gone.
+fn send(out: &Mutex<UnixStream>, resp: &Response) -> bool {
+    let Ok(mut text) = serde_json::to_string(resp) else {
+        return false;
+    };
+    text.push('\n');
+    let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+    out.write_all(text.as_bytes()).is_ok()
+}
+
+fn serve_conn(conn: UnixStream, handle: &Handler) {
+    let Ok(out) = conn.try_clone() else {
         return;
     };
-    for line in BufReader::new(conn).lines() {
-        let Ok(line) = line else { return };
-        if line.trim().is_empty() {
-            continue;
+    let out = Arc::new(Mutex::new(out));
+    let mut lines = BufReader::new(conn).lines();
+    let req = loop {
+        match lines.next() {
+            Some(Ok(line)) if line.trim().is_empty() => continue,
+            Some(Ok(line)) => break serde_json::from_str::<Request>(&line),
+            _ => return,
         }
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req),
-            Err(e) => Response::Error {
-                message: format!("bad request: {e}"),
-            },
-        };
-        let Ok(mut text) = serde_json::to_string(&resp) else {
-            return;
-        };
-        text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
+    };
+    let req = match req {
+        Ok(Request::Cancel) => Err("cancel: no request of this connection runs".to_string()),
+        Ok(r) => Ok(r),
+        Err(e) => Err(format!("bad request: {e}")),
+    };
+    let req = match req {
+        Ok(r) => r,
+        Err(message) => {
+            send(&out, &Response::Error { message });
             return;
         }
-    }
+    };
+    // A client gone (its progress line cannot be written) waits for nothing: cancel.
+    let gone = Arc::new(AtomicBool::new(false));
+    let (o, g) = (out.clone(), gone.clone());
+    let job = Arc::new(Job::watched(move |p| {
+        if !send(&o, &Response::Progress(p.clone())) {
+            g.store(true, Ordering::Release);
+        }
+    }));
+    // The rest of the connection: a `cancel` line. A half-closed client (EOF) still waits
+    // for its answer, so EOF alone cancels nothing.
+    let j = job.clone();
+    let _ = std::thread::Builder::new()
+        .name("control-cancel".into())
+        .spawn(move || {
+            for line in lines {
+                let Ok(line) = line else { return };
+                if let Ok(Request::Cancel) = serde_json::from_str::<Request>(&line) {
+                    j.cancel();
+                }
+            }
+        });
+    let watch = job.clone();
+    let resp = std::thread::scope(|s| {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        s.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                finished.recv_timeout(Duration::from_millis(200))
+            {
+                if gone.load(Ordering::Acquire) {
+                    watch.cancel();
+                    return;
+                }
+            }
+        });
+        let resp = handle(req, &job);
+        drop(done);
+        resp
+    });
+    send(&out, &resp);
+    // Ends the cancel reader (its read returns EOF).
+    let _ = out
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .shutdown(std::net::Shutdown::Both);
 }
 
 /// Send one request to the daemon of `store` and read its response (within a minute).
@@ -185,22 +251,62 @@ pub fn request_within(
     req: &Request,
     timeout: Option<Duration>,
 ) -> io::Result<Response> {
+    request_watching(store, req, timeout, &mut |_| {}, None)
+}
+
+/// `request_within`, passing each progress line to `progress`, and sending `cancel` once
+/// `cancel` becomes true (checked 5 times a second); the answer to a cancelled request is
+/// still waited for, since it says what was left.
+pub fn request_watching(
+    store: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+    progress: &mut dyn FnMut(&JobProgress),
+    cancel: Option<&AtomicBool>,
+) -> io::Result<Response> {
     let mut conn = UnixStream::connect(socket_path(store))?;
-    conn.set_read_timeout(timeout)?;
     let mut text = serde_json::to_string(req).map_err(io::Error::other)?;
     text.push('\n');
     conn.write_all(text.as_bytes())?;
-    let mut line = String::new();
-    let n = BufReader::new(conn)
-        .read_line(&mut line)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::ConnectionReset => ended(),
-            _ => e,
-        })?;
-    if n == 0 {
-        return Err(ended());
+    let tick = Duration::from_millis(200);
+    conn.set_read_timeout(match (cancel, timeout) {
+        (Some(_), Some(t)) => Some(t.min(tick)),
+        (Some(_), None) => Some(tick),
+        (None, t) => t,
+    })?;
+    let mut writer = conn.try_clone()?;
+    let mut reader = BufReader::new(conn);
+    let mut line = Vec::new();
+    let (start, mut sent_cancel) = (std::time::Instant::now(), false);
+    loop {
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => return Err(ended()),
+            Ok(_) if line.ends_with(b"\n") => {
+                let resp: Response = serde_json::from_slice(&line)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                line.clear();
+                match resp {
+                    Response::Progress(p) => progress(&p),
+                    other => return Ok(other),
+                }
+            }
+            Ok(_) => return Err(ended()),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                // What was read stays in `line`; a timeout only means "look around".
+                if timeout.is_some_and(|t| start.elapsed() >= t) {
+                    return Err(e);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ended()),
+            Err(e) => return Err(e),
+        }
+        if let Some(c) = cancel {
+            if c.load(Ordering::Acquire) && !sent_cancel {
+                sent_cancel = true;
+                writer.write_all(b"{\"op\":\"cancel\"}\n")?;
+            }
+        }
     }
-    serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Whether a failed `request` means no daemon serves the store (no socket, or a stale one):
@@ -230,7 +336,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         serve(
             dir.path(),
-            Arc::new(|r| match r {
+            Arc::new(|r, _: &Job| match r {
                 Request::Ping => Response::Pong,
                 Request::Status { paths } => Response::Error {
                     message: paths.join(","),

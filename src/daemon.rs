@@ -22,7 +22,7 @@ use crate::fs::{OverlayFs, OverlayOptions};
 use crate::fuse::session::{self, unescape_mountinfo, MountError, MountSettings};
 use crate::fuse::KernelCache;
 use crate::ids::{Geometry, VolumeId};
-use crate::snapshot::{Engine, EngineOptions};
+use crate::snapshot::{Engine, EngineOptions, Job};
 use crate::track::Tracker;
 
 pub mod lifecycle;
@@ -662,8 +662,11 @@ fn start_control(
     let tracking = req.config.tracking.clone();
     control::serve(
         store,
-        Arc::new(move |r| match r {
+        Arc::new(move |r, job: &Job| match r {
             Request::Ping => Response::Pong,
+            Request::Cancel => Response::Error {
+                message: "cancel: nothing to cancel".into(),
+            },
             Request::Status { paths } => {
                 let volumes = match &tracker {
                     Some(t) => t
@@ -686,7 +689,7 @@ fn start_control(
                 })
             }
             Request::SnapshotCreate(c) => match &engine {
-                Some(e) => match e.create(&c) {
+                Some(e) => match e.create_with(&c, job) {
                     Ok(r) => Response::Snapshot(r),
                     Err(err) => Response::Error {
                         message: shown(&err),

@@ -14,6 +14,9 @@
 pub mod capture;
 pub mod deferred;
 pub mod group;
+pub mod job;
+pub use job::Job;
+use std::sync::mpsc::RecvTimeoutError;
 pub mod lifecycle;
 mod plan;
 pub mod recover;
@@ -250,6 +253,12 @@ impl Engine {
 
     /// Take a snapshot (or, with `dry_run`, say what it would store and why).
     pub fn create(&self, req: &CreateRequest) -> Result<CreateReport> {
+        self.create_with(req, &Job::none())
+    }
+
+    /// `create`, reporting the capture's progress to `job` and giving up (committing
+    /// nothing) when it is cancelled.
+    pub fn create_with(&self, req: &CreateRequest, job: &Job) -> Result<CreateReport> {
         let _busy = self.lock_busy(false)?;
         if self.stopping.load(Ordering::Acquire) {
             return Err(SnapshotError::Request("the daemon is stopping".into()));
@@ -264,7 +273,15 @@ impl Engine {
         // store through a mapping that returned before this call is in the snapshot.
         (self.flush)();
         for _ in 0..BARRIER_ATTEMPTS {
-            if let Some(report) = self.attempt(&name, &group, &sel, parent.as_ref(), req.full)? {
+            if job.cancelled() {
+                return Err(SnapshotError::Aborted {
+                    name: name.to_string(),
+                    why: job::CANCELLED.into(),
+                });
+            }
+            let attempt = self.attempt(&name, &group, &sel, parent.as_ref(), req.full, job);
+            job.attach(None);
+            if let Some(report) = attempt? {
                 return Ok(report);
             }
         }
@@ -388,6 +405,7 @@ impl Engine {
         sel: &Selection,
         parent: Option<&Manifest>,
         full: bool,
+        job: &Job,
     ) -> Result<Option<CreateReport>> {
         let policy = self.rules().policy_for(group);
         let mut prepared = self.prepare(group, sel, parent)?;
@@ -406,6 +424,7 @@ impl Engine {
         if self.stopping.load(Ordering::Acquire) {
             failure.fail("the daemon is stopping".into());
         }
+        job.attach(Some(failure.clone()));
         let ids: Vec<VolumeId> = prepared.keys().copied().collect();
         let asked = Instant::now();
         let barrier = self.tracker.barrier(&ids, |vols, taken| {
@@ -446,7 +465,25 @@ impl Engine {
             taken.into_iter().partition(|t| !r.dropped.contains(&t.id));
         self.give_back(&dropped);
         let caps: Vec<Arc<Capture>> = r.captures.iter().map(|(_, c)| c.clone()).collect();
-        capture::run_workers(&caps, self.workers, &failure);
+        let block = geometry.block_size;
+        let total = caps.iter().map(|c| c.left()).sum::<u64>() * block;
+        let captured = || total - caps.iter().map(|c| c.left()).sum::<u64>() * block;
+        std::thread::scope(|s| {
+            // Dropping `done` wakes the reporter at once: no snapshot waits on its sleep.
+            let (done, finished) = std::sync::mpsc::channel::<()>();
+            if job.has_watcher() {
+                s.spawn(move || {
+                    while let Err(RecvTimeoutError::Timeout) =
+                        finished.recv_timeout(Duration::from_millis(100))
+                    {
+                        job.progress("capture", captured(), total);
+                    }
+                });
+            }
+            capture::run_workers(&caps, self.workers, &failure);
+            drop(done);
+        });
+        job.progress("capture", captured(), total);
         detach(&r.captures);
         let mut stats = CaptureStats::default();
         for c in &caps {
