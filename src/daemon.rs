@@ -698,7 +698,7 @@ fn start_control(
                 None => no_engine(),
             },
             Request::SnapshotDelete { name } => match &engine {
-                Some(e) => match e.delete(&name) {
+                Some(e) => match e.delete_with(&name, job) {
                     Ok(_) => Response::Deleted { name },
                     Err(err) => Response::Error {
                         message: shown(&err),

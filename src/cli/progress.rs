@@ -3,12 +3,16 @@
 //! asked for a final report only, so scripts and logs see nothing of it.
 
 use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::control::{self, Request, Response};
 
 /// A bytes progress bar, or nothing.
-// Some methods wait for their first users (create, restore, rollback, delete).
-#[allow(dead_code)]
 pub(crate) struct Progress(indicatif::ProgressBar);
 
+// Some methods wait for their first users (restore, rollback).
 #[allow(dead_code)]
 impl Progress {
     /// A bar for `total` bytes of `what` ("verify", "restore"...), shown only on a terminal and
@@ -64,4 +68,71 @@ impl Drop for Progress {
     fn drop(&mut self) {
         self.0.finish_and_clear();
     }
+}
+
+/// What a long request to the daemon came to.
+pub(crate) struct Answer {
+    pub response: Response,
+    /// Ctrl-C was pressed and the daemon told to cancel (the response says what was left).
+    pub cancelled: bool,
+}
+
+/// Send `req` (long work: a snapshot, a rollback, a delete) to the daemon of `store` and wait
+/// for its answer as long as it takes, showing its progress as `what` on a terminal (not when
+/// `quiet`). When `cancellable`, the first Ctrl-C asks the daemon to cancel and keeps waiting
+/// for what it says; a second one ends this command at once (the daemon then still cancels,
+/// its client gone). Otherwise Ctrl-C ends this command as usual and the work goes on.
+pub(crate) fn request_job(
+    store: &Path,
+    req: &Request,
+    what: &str,
+    quiet: bool,
+    cancellable: bool,
+) -> std::io::Result<Answer> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let handlers = if cancellable {
+        // The order matters: the conditional exit sees the flag before the other sets it.
+        let exit =
+            signal_hook::flag::register_conditional_shutdown(libc::SIGINT, 130, cancel.clone())?;
+        vec![exit, signal_hook::flag::register(libc::SIGINT, cancel.clone())?]
+    } else {
+        Vec::new()
+    };
+    let bar = Progress::bytes(what, 0, quiet);
+    let r = std::thread::scope(|s| {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let c = &cancel;
+        s.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                finished.recv_timeout(std::time::Duration::from_millis(100))
+            {
+                if c.load(Ordering::Acquire) {
+                    eprintln!("grainfs: cancelling {what}; Ctrl-C again to stop waiting");
+                    return;
+                }
+            }
+        });
+        let r = control::request_watching(
+            store,
+            req,
+            None,
+            &mut |p| {
+                bar.set_total(p.total);
+                bar.set(p.done);
+                bar.message(p.phase.clone());
+            },
+            Some(&cancel),
+        );
+        drop(done);
+        r
+    });
+    let cancelled = cancel.load(Ordering::Acquire);
+    for h in handlers {
+        signal_hook::low_level::unregister(h);
+    }
+    bar.finish();
+    Ok(Answer {
+        response: r?,
+        cancelled,
+    })
 }

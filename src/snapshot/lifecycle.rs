@@ -13,7 +13,7 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::group::{Selection, ALL};
-use super::{CreateRequest, Engine, Result, SnapshotError};
+use super::{CreateRequest, Engine, Job, Result, SnapshotError};
 use crate::config::{GroupConfig, PolicyConfig};
 use crate::ids::SnapshotName;
 use crate::schedule::{self, KeepRules, SnapInfo, StoredSnap};
@@ -165,8 +165,24 @@ impl Engine {
     /// parent first (the store's delete with merge). Waits for a snapshot being taken, which
     /// may build on it.
     pub fn delete(&self, name: &SnapshotName) -> Result<DeleteReport> {
+        self.delete_with(name, &Job::none())
+    }
+
+    /// `delete`, reporting to `job` the bytes merged into its children (of at most what the
+    /// snapshot stores).
+    pub fn delete_with(&self, name: &SnapshotName, job: &Job) -> Result<DeleteReport> {
         let _busy = self.lock_busy(true)?;
-        let r = self.store.delete_with(name, &mut |_| {})?;
+        let total = match job.has_watcher() {
+            true => self
+                .store
+                .manifest(name)
+                .map_or(0, |m| m.volumes.iter().map(|v| v.stored_bytes).sum()),
+            false => 0,
+        };
+        let r = self
+            .store
+            .delete_with(name, &mut |done| job.progress("merge", done, total))?;
+        job.progress("merge", total, total);
         info!(
             "snapshot {name} deleted{}",
             if r.rewritten.is_empty() {

@@ -2,9 +2,10 @@
 //! one) and prints its report. It never takes a snapshot itself: only the daemon sees every
 //! write.
 
+use super::super::progress::{request_job, Answer};
 use super::super::status::human;
 use super::{locate, parse_name, print_json, CliError, CreateArgs};
-use crate::control::{self, Request, Response};
+use crate::control::{Request, Response};
 use crate::snapshot::{CreateReport, CreateRequest};
 
 pub(super) fn run(c: &CreateArgs) -> Result<(), CliError> {
@@ -16,10 +17,23 @@ pub(super) fn run(c: &CreateArgs) -> Result<(), CliError> {
         dry_run: c.dry_run,
         full: c.full,
     });
-    let report = match control::request_within(&store, &req, None) {
-        Ok(Response::Snapshot(r)) => r,
-        Ok(Response::Error { message }) => return Err(CliError::Usage(message)),
-        Ok(other) => return Err(CliError::Usage(format!("daemon: unexpected answer {other:?}"))),
+    let report = match request_job(&store, &req, "snapshot", c.json || c.dry_run, !c.dry_run) {
+        Ok(Answer {
+            response: Response::Snapshot(r),
+            cancelled,
+        }) => {
+            if cancelled {
+                eprintln!("grainfs: too late to cancel: snapshot {} was already committed", r.name);
+            }
+            r
+        }
+        Ok(Answer {
+            response: Response::Error { message },
+            ..
+        }) => return Err(CliError::Usage(message)),
+        Ok(Answer {
+            response: other, ..
+        }) => return Err(CliError::Usage(format!("daemon: unexpected answer {other:?}"))),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             return Err(CliError::Usage(format!(
                 "the daemon serving {} ended while it took the snapshot (killed or crashed; its log is {} when it ran in the background): nothing was committed, and what it had stored is swept at its next start",

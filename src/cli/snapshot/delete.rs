@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use super::super::progress::request_job;
 use super::{locate, open_store, parse_name, store_error, CliError, Where};
 use crate::control::{self, Request, Response};
 use crate::ids::SnapshotName;
@@ -83,7 +84,7 @@ fn delete_one(
     name: &SnapshotName,
 ) -> Result<(), CliError> {
     let req = Request::SnapshotDelete { name: name.clone() };
-    match control::request_within(store_dir, &req, None) {
+    match request_job(store_dir, &req, "delete", false, false).map(|a| a.response) {
         Ok(Response::Deleted { .. }) => Ok(()),
         Ok(Response::Error { message }) => Err(CliError::Usage(message)),
         Ok(other) => Err(CliError::Usage(format!(
