@@ -7,7 +7,9 @@
 //! as after a reboot. Then:
 //!
 //! - every write an fsync covered is on disk, and every block holds exactly the bytes of one
-//!   write to it (or of the content before the cut's writes): nothing stale, torn or invented;
+//!   write to it (or of the content before the cut's writes): nothing stale or invented; a
+//!   block may be torn only between writes that no fsync made whole, as any filesystem may
+//!   leave unsynced data at a power cut (`read_live` says why and how it is checked);
 //! - every snapshot whose `create` returned success is listed, `snapshot verify` passes, and
 //!   its content is the volumes' content at one instant: per volume a prefix of its writes, from
 //!   at least those that returned before `create` began to at most those that began before it
