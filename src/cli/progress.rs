@@ -12,8 +12,6 @@ use crate::control::{self, Request, Response};
 /// A bytes progress bar, or nothing.
 pub(crate) struct Progress(indicatif::ProgressBar);
 
-// Some methods wait for their first users (restore, rollback).
-#[allow(dead_code)]
 impl Progress {
     /// A bar for `total` bytes of `what` ("verify", "restore"...), shown only on a terminal and
     /// when `quiet` is false.
@@ -94,7 +92,10 @@ pub(crate) fn request_job(
         // The order matters: the conditional exit sees the flag before the other sets it.
         let exit =
             signal_hook::flag::register_conditional_shutdown(libc::SIGINT, 130, cancel.clone())?;
-        vec![exit, signal_hook::flag::register(libc::SIGINT, cancel.clone())?]
+        vec![
+            exit,
+            signal_hook::flag::register(libc::SIGINT, cancel.clone())?,
+        ]
     } else {
         Vec::new()
     };
