@@ -4,7 +4,7 @@
 //! the daemon stopped; `--force` and what it never does (remove a directory, follow a symlink
 //! in DIR); a damaged pack stops the restore naming the volume and block and leaves no file
 //! looking complete; PATH selection; a restore by an ordinary user warns about owners; a
-//! sqlite3 database under load, snapshotted every second, restores to a database that passes
+//! restore racing a delete that rewrites the snapshot reads on; a sqlite3 database under load, snapshotted every second, restores to a database that passes
 //! `PRAGMA integrity_check`.
 //!
 //! The oracle: the backing dir (or the snapshot's view) walked without following symlinks,
@@ -726,4 +726,51 @@ fn a_sqlite_database_under_load_restores_consistent_rollback_journal() {
 #[test]
 fn a_sqlite_database_under_load_restores_consistent_wal() {
     sqlite_restores_consistent("WAL");
+}
+
+#[test]
+fn a_restore_reads_on_while_a_delete_rewrites_the_snapshot() {
+    if !root() {
+        return;
+    }
+    let m = Mount::with_setup(|_| {}, Some(SMALL_GEOMETRY));
+    let mut noise = Noise::named("restore during delete");
+    let dir = m.path().join("many");
+    fs::create_dir_all(&dir).unwrap();
+    for round in 0..3 {
+        for i in 0..120 {
+            let p = dir.join(format!("f{i:03}"));
+            if round == 0 || i % 3 == round {
+                use std::os::unix::fs::FileExt;
+                let f = open_rw(&p);
+                f.write_all_at(&noise.bytes(4096), if round == 0 { 0 } else { 4096 })
+                    .unwrap();
+                if round == 0 {
+                    f.write_all_at(&noise.bytes(8192), 8192).unwrap();
+                }
+            }
+        }
+        snapshot(&m, &format!("r{round}"));
+    }
+    // Restore r2 while r1 (its parent) is deleted: r2 is rewritten onto r0 meanwhile.
+    let out = m.scratch().join("r2");
+    let mut restore_child = Command::new(common::grainfs_bin())
+        .args(["restore", "r2", "--json", "--to"])
+        .arg(&out)
+        .arg("-m")
+        .arg(m.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = grainfs(&[&"snapshot", &"delete", &"r1", &"-m", &m.path()]);
+    assert_ok(&o, "delete r1");
+    let status = restore_child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(restore_child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "restore during a delete: {err}");
+    assert_eq!(
+        contents(&tree(&out)),
+        contents(&tree(&m.path().join(".snapshots/r2")))
+    );
 }

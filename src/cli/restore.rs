@@ -719,21 +719,29 @@ impl Restore<'_> {
         Ok(fd)
     }
 
-    /// The volume's blocks. A delete running meanwhile may rewrite this snapshot onto its
-    /// grandparent (byte for byte the same, under a new manifest): then read the new one.
+    /// The volume's blocks, with its packs open. A delete running meanwhile may rewrite this
+    /// snapshot onto its grandparent (byte for byte the same, under a new manifest, its tables
+    /// and packs swapped in at once): a resolution is kept only if the manifest is still the
+    /// one it followed once the packs are open (from then on they read as they were);
+    /// otherwise it starts over from the new manifest.
     fn extents(&mut self, id: VolumeId) -> Result<VolumeExtents, CliError> {
-        match self.store.volume_extents(&self.manifest, id) {
-            Ok(v) => Ok(v),
-            Err(first) => {
-                let name = SnapshotName::parse(&self.manifest.name)
-                    .map_err(|e| CliError::Usage(format!("{e} (while handling: {first})")))?;
-                match self.store.manifest(&name) {
-                    Ok(m) if m != self.manifest => {
-                        self.manifest = m;
-                        self.store.volume_extents(&self.manifest, id).map_err(usage)
-                    }
-                    _ => Err(usage(first)),
-                }
+        let name = SnapshotName::parse(&self.manifest.name).map_err(|e| usage(e.into()))?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let got = self.store.volume_extents(&self.manifest, id);
+            let now = self
+                .store
+                .manifest(&name)
+                .map_err(|e| CliError::Usage(format!("{e} (it was deleted during the restore)")))?;
+            if now == self.manifest {
+                return got.map_err(usage);
+            }
+            self.manifest = now;
+            if tries == 8 {
+                return Err(CliError::Usage(format!(
+                    "snapshot {name} keeps being rewritten by deletes: try again later"
+                )));
             }
         }
     }
