@@ -7,6 +7,7 @@ mod progress;
 mod prune;
 mod recover;
 mod reload;
+mod restore;
 mod snapshot;
 mod status;
 mod umount;
@@ -20,6 +21,7 @@ pub use mount::MountArgs;
 pub use prune::PruneArgs;
 pub use recover::RecoverArgs;
 pub use reload::ReloadArgs;
+pub use restore::RestoreArgs;
 pub use snapshot::{SnapshotArgs, SnapshotCommand};
 pub use status::StatusArgs;
 pub use umount::UmountArgs;
@@ -55,6 +57,9 @@ pub enum Command {
     Prune(PruneArgs),
     /// Make the daemon read its config file again (as SIGHUP does).
     Reload(ReloadArgs),
+    /// Write a snapshot's files (or some of them) into a directory, holes, modes, owners and
+    /// times included.
+    Restore(RestoreArgs),
     /// Parked writes a killed daemon left that could not be replayed safely: list, apply, discard.
     Recover(RecoverArgs),
 }
@@ -154,6 +159,10 @@ pub fn run(args: Args) -> i32 {
         Command::Reload(r) => {
             init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
             reload::run(r)
+        }
+        Command::Restore(r) => {
+            init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
+            restore::run(r)
         }
         Command::Recover(r) => {
             init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);

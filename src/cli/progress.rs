@@ -12,8 +12,6 @@ use crate::control::{self, Request, Response};
 /// A bytes progress bar, or nothing.
 pub(crate) struct Progress(indicatif::ProgressBar);
 
-// Some methods wait for their first users (restore, rollback).
-#[allow(dead_code)]
 impl Progress {
     /// A bar for `total` bytes of `what` ("verify", "restore"...), shown only on a terminal and
     /// when `quiet` is false.

@@ -405,7 +405,7 @@ impl PackWrite for LocalPackOut {
 
 /// Copy `len` bytes with copy_file_range; false if the kernel or filesystem cannot (the caller
 /// writes the bytes itself then, over whatever part was copied).
-fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> bool {
+pub(super) fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> bool {
     let mut done = 0;
     while done < len {
         match crate::sys::copy_file_range(

@@ -63,6 +63,7 @@ pub mod local;
 pub mod memory;
 pub mod merge;
 pub mod reader;
+pub mod restore;
 mod verified;
 pub mod writer;
 
@@ -76,6 +77,7 @@ pub use error::{Result, StoreError};
 pub use format::{EntryKind, Manifest, NamespaceEntry, PartitionKind, VolumeEntry, FORMAT};
 pub use merge::DeleteReport;
 pub use reader::{ReaderStats, VolumeReader};
+pub use restore::{Placed, VolumeExtents};
 use verified::VerifiedExtents;
 pub use writer::{SnapshotWriter, VolumeHandle, VolumeMeta};
 

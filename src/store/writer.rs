@@ -504,7 +504,7 @@ fn align(x: u64) -> u64 {
 }
 
 /// Whether every byte is zero (word at a time).
-fn is_zero(data: &[u8]) -> bool {
+pub(super) fn is_zero(data: &[u8]) -> bool {
     // SAFETY: u64 has no invalid bit patterns; align_to splits at valid boundaries.
     let (head, mid, tail) = unsafe { data.align_to::<u64>() };
     head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)

@@ -146,7 +146,7 @@ pub(super) fn locate(at: &Where) -> Result<(Config, PathBuf, PathBuf), CliError>
 }
 
 /// Open the store at `store` for an offline command (one that works with or without a daemon).
-fn open_store(store: &Path) -> Result<Store, CliError> {
+pub(super) fn open_store(store: &Path) -> Result<Store, CliError> {
     match std::fs::metadata(store.join("snapshots")) {
         Ok(m) if m.is_dir() => {}
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
