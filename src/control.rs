@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::SnapshotName;
 use crate::snapshot::diff::DiffReport;
-use crate::snapshot::job::{Job, JobProgress};
 use crate::snapshot::lifecycle::PruneReport;
+use crate::snapshot::job::{Job, JobProgress};
 use crate::snapshot::{CreateReport, CreateRequest};
 use crate::track::ChangeMap;
 
@@ -300,12 +300,7 @@ pub fn request_watching(
                 }
             }
             Ok(_) => return Err(ended()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 // What was read stays in `line`; a timeout only means "look around".
                 if timeout.is_some_and(|t| start.elapsed() >= t) {
                     return Err(e);
