@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::SnapshotName;
+use crate::snapshot::diff::DiffReport;
 use crate::snapshot::job::{Job, JobProgress};
 use crate::snapshot::lifecycle::PruneReport;
 use crate::snapshot::{CreateReport, CreateRequest};
@@ -53,6 +54,13 @@ pub enum Request {
     },
     /// Read the config file again and follow it (groups, schedules, retention, policy).
     Reload,
+    /// What changed from `from` to `to` (snapshot names or `live`), under `paths`.
+    Diff {
+        from: String,
+        to: String,
+        #[serde(default)]
+        paths: Vec<String>,
+    },
     /// Sent after a request on its connection: stop that request's work at its next safe
     /// point (nothing committed, nothing half-applied).
     Cancel,
@@ -119,6 +127,7 @@ pub enum Response {
     Reloaded {
         changes: Vec<String>,
     },
+    Diff(DiffReport),
     Error {
         message: String,
     },

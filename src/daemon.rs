@@ -715,6 +715,21 @@ fn start_control(
                 },
                 None => no_engine(),
             },
+            Request::Diff { from, to, paths } => match &engine {
+                Some(e) => {
+                    use crate::snapshot::diff::Side;
+                    match (Side::parse(&from), Side::parse(&to)) {
+                        (Ok(a), Ok(b)) => match e.diff(&a, &b, &paths) {
+                            Ok(r) => Response::Diff(r),
+                            Err(err) => Response::Error {
+                                message: shown(&err),
+                            },
+                        },
+                        (Err(message), _) | (_, Err(message)) => Response::Error { message },
+                    }
+                }
+                None => no_engine(),
+            },
             Request::Reload => match &lifecycle {
                 Some(l) => match l.reload() {
                     Ok(changes) => Response::Reloaded { changes },

@@ -2,6 +2,7 @@
 //! daemon or opens the store; it never touches FUSE or file data itself.
 
 mod check_config;
+mod diff;
 mod mount;
 mod progress;
 mod prune;
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 pub use check_config::CheckConfigArgs;
+pub use diff::DiffArgs;
 pub use mount::MountArgs;
 pub use prune::PruneArgs;
 pub use recover::RecoverArgs;
@@ -62,6 +64,8 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Parked writes a killed daemon left that could not be replayed safely: list, apply, discard.
     Recover(RecoverArgs),
+    /// What changed between two snapshots, or a snapshot and `live`: files and byte ranges.
+    Diff(DiffArgs),
 }
 
 /// An error for the user: printed as `grainfs: <message>`, exit status 1.
@@ -167,6 +171,10 @@ pub fn run(args: Args) -> i32 {
         Command::Recover(r) => {
             init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
             recover::run(r)
+        }
+        Command::Diff(d) => {
+            init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
+            diff::run(d)
         }
     };
     match result {

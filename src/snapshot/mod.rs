@@ -13,6 +13,7 @@
 
 pub mod capture;
 pub mod deferred;
+pub mod diff;
 pub mod group;
 pub mod job;
 pub use job::Job;
@@ -656,6 +657,13 @@ impl Engine {
                     return r;
                 }
             };
+            // What tells this file from a later one reusing its inode number (`diff` renames).
+            if let Ok(i) = sys::file_identity(prep.source.as_raw_fd()) {
+                let birth = i
+                    .btime
+                    .map(|(s, ns)| s as i128 * 1_000_000_000 + ns as i128);
+                let _ = writer.set_identity(handle, i.generation, birth);
+            }
             for d in &plan {
                 let kind = match d.kind {
                     Kind::Full => PartitionKind::Full,

@@ -88,6 +88,14 @@ pub struct VolumeEntry {
     pub records: u64,
     /// Bytes of block data this snapshot stores for the volume.
     pub stored_bytes: u64,
+    /// The inode's generation (`FS_IOC_GETVERSION`) at the snapshot's instant, where the
+    /// filesystem has one: with `id`, what tells a renamed file from a new one reusing its
+    /// inode number (absent in snapshots older than it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen: Option<u64>,
+    /// The file's birth time (statx btime), ns since the epoch, where the filesystem has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub birth_ns: Option<i128>,
 }
 
 /// What a namespace entry is.

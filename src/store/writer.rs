@@ -47,6 +47,8 @@ struct VolumeBuild {
     meta: VolumeMeta,
     kinds: Vec<Option<(PartitionKind, String)>>,
     records: Vec<Record>,
+    /// (generation, birth ns) of the file, from `set_identity`.
+    identity: (Option<u64>, Option<i128>),
 }
 
 struct PackOut {
@@ -147,8 +149,26 @@ impl SnapshotWriter {
             meta,
             kinds: vec![None; parts],
             records: Vec::new(),
+            identity: (None, None),
         });
         Ok(VolumeHandle(st.volumes.len() - 1))
+    }
+
+    /// Record what tells `vol`'s file from a later one reusing its inode number: its
+    /// generation and birth time (ns), each where the filesystem has it.
+    pub fn set_identity(
+        &self,
+        vol: VolumeHandle,
+        gen: Option<u64>,
+        birth_ns: Option<i128>,
+    ) -> Result<()> {
+        let mut st = self.state();
+        let v = st
+            .volumes
+            .get_mut(vol.0)
+            .ok_or_else(|| StoreError::Misuse(format!("no volume handle {}", vol.0)))?;
+        v.identity = (gen, birth_ns);
+        Ok(())
     }
 
     /// Say how partition `p` of `vol` is stored, and why.
@@ -437,6 +457,8 @@ impl SnapshotWriter {
                 table,
                 records: v.records.len() as u64,
                 stored_bytes,
+                gen: v.identity.0,
+                birth_ns: v.identity.1,
             });
         }
         let mut packs = Vec::with_capacity(st.packs.len());

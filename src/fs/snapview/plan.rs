@@ -272,6 +272,8 @@ mod tests {
                     table: None,
                     records: 0,
                     stored_bytes: 0,
+                    gen: None,
+                    birth_ns: None,
                 })
                 .collect(),
             packs: Vec::new(),
