@@ -16,8 +16,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::SnapshotName;
-use crate::snapshot::lifecycle::PruneReport;
 use crate::snapshot::job::{Job, JobProgress};
+use crate::snapshot::lifecycle::PruneReport;
+use crate::snapshot::rollback::{RollbackReport, RollbackRequest};
 use crate::snapshot::{CreateReport, CreateRequest};
 use crate::track::ChangeMap;
 
@@ -53,6 +54,8 @@ pub enum Request {
     },
     /// Read the config file again and follow it (groups, schedules, retention, policy).
     Reload,
+    /// Return the live volumes of a snapshot to its content (serialised with snapshots).
+    Rollback(RollbackRequest),
     /// Sent after a request on its connection: stop that request's work at its next safe
     /// point (nothing committed, nothing half-applied).
     Cancel,
@@ -119,6 +122,7 @@ pub enum Response {
     Reloaded {
         changes: Vec<String>,
     },
+    RolledBack(RollbackReport),
     Error {
         message: String,
     },
@@ -291,7 +295,12 @@ pub fn request_watching(
                 }
             }
             Ok(_) => return Err(ended()),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 // What was read stays in `line`; a timeout only means "look around".
                 if timeout.is_some_and(|t| start.elapsed() >= t) {
                     return Err(e);

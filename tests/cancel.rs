@@ -33,7 +33,11 @@ fn names(m: &Mount) -> Vec<String> {
         .arg(m.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v.as_array()
         .unwrap()
@@ -112,7 +116,12 @@ fn ctrl_c_on_snapshot_create_cancels_the_capture_and_keeps_the_daemon() {
         cancelled += 1;
         break;
     }
-    assert_eq!(cancelled, 1, "no attempt was cancelled mid-capture\n{}", m.log_text());
+    assert_eq!(
+        cancelled,
+        1,
+        "no attempt was cancelled mid-capture\n{}",
+        m.log_text()
+    );
     // Writers are released, the daemon serves, and the next snapshot is right.
     let f = open_rw(&live);
     f.write_all_at(b"after the cancel", 12345).unwrap();
@@ -122,7 +131,11 @@ fn ctrl_c_on_snapshot_create_cancels_the_capture_and_keeps_the_daemon() {
         .arg(m.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let snap = m.path().join(".snapshots/after/big.img");
     assert_eq!(blake3_file(&snap), blake3_file(&live));
 }

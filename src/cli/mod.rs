@@ -7,6 +7,7 @@ mod progress;
 mod prune;
 mod recover;
 mod reload;
+mod rollback;
 mod snapshot;
 mod status;
 mod umount;
@@ -20,6 +21,7 @@ pub use mount::MountArgs;
 pub use prune::PruneArgs;
 pub use recover::RecoverArgs;
 pub use reload::ReloadArgs;
+pub use rollback::RollbackArgs;
 pub use snapshot::{SnapshotArgs, SnapshotCommand};
 pub use status::StatusArgs;
 pub use umount::UmountArgs;
@@ -57,6 +59,9 @@ pub enum Command {
     Reload(ReloadArgs),
     /// Parked writes a killed daemon left that could not be replayed safely: list, apply, discard.
     Recover(RecoverArgs),
+    /// Return the live volumes of a snapshot (or those under PATHs) to its content, in place,
+    /// after a safety snapshot.
+    Rollback(RollbackArgs),
 }
 
 /// An error for the user: printed as `grainfs: <message>`, exit status 1.
@@ -158,6 +163,10 @@ pub fn run(args: Args) -> i32 {
         Command::Recover(r) => {
             init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
             recover::run(r)
+        }
+        Command::Rollback(r) => {
+            init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
+            rollback::run(r)
         }
     };
     match result {

@@ -94,7 +94,10 @@ pub(crate) fn request_job(
         // The order matters: the conditional exit sees the flag before the other sets it.
         let exit =
             signal_hook::flag::register_conditional_shutdown(libc::SIGINT, 130, cancel.clone())?;
-        vec![exit, signal_hook::flag::register(libc::SIGINT, cancel.clone())?]
+        vec![
+            exit,
+            signal_hook::flag::register(libc::SIGINT, cancel.clone())?,
+        ]
     } else {
         Vec::new()
     };

@@ -63,7 +63,12 @@ impl Job {
     /// Ask the work to stop at its next safe point.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
-        if let Some(f) = self.failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(f) = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             f.fail(CANCELLED.into());
         }
     }
