@@ -135,7 +135,10 @@ fn rollback_returns_the_volumes_and_the_next_snapshot_matches_the_live_files() {
     assert_eq!((va.old_size, va.new_size), (5 * MIB, 3 * MIB + 100));
     assert!(va.compared.starts_with("tracked since"), "{va:?}");
     // Far fewer blocks than the volume has: only the changed ones were written.
-    assert!(va.blocks_written > 0 && va.blocks_written < 5 * MIB / BS, "{va:?}");
+    assert!(
+        va.blocks_written > 0 && va.blocks_written < 5 * MIB / BS,
+        "{va:?}"
+    );
     // The safety snapshot holds the state before.
     assert_eq!(blake3_file(&snap(&m, &safety, "a.img")), before.0);
     assert_eq!(blake3_file(&snap(&m, &safety, "b.img")), before.1);
@@ -152,16 +155,24 @@ fn rollback_returns_the_volumes_and_the_next_snapshot_matches_the_live_files() {
         );
     }
     let verify = run(&m, &["snapshot", "verify"]);
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 
     // --no-safety-snapshot and --prune: c goes, no snapshot is added.
-    let names_before = std::fs::read_dir(m.path().join(".snapshots")).unwrap().count();
+    let names_before = std::fs::read_dir(m.path().join(".snapshots"))
+        .unwrap()
+        .count();
     let r = rollback(&m, &["s1", "--no-safety-snapshot", "--prune"]);
     assert_eq!(r.safety_snapshot, None);
     assert_eq!(r.removed, vec!["c.img".to_string()]);
     assert!(!c.exists());
     assert_eq!(
-        std::fs::read_dir(m.path().join(".snapshots")).unwrap().count(),
+        std::fs::read_dir(m.path().join(".snapshots"))
+            .unwrap()
+            .count(),
         names_before
     );
     assert_eq!(blake3_file(&b), blake3_file(&snap(&m, "s1", "b.img")));
@@ -238,7 +249,8 @@ fn stamped(b: u64, gen: u64) -> Vec<u8> {
 fn o_direct_readers_see_each_block_old_or_new_during_a_rollback() {
     let m = Mount::with_setup(|_| {}, Some(SMALL_GEOMETRY));
     let path = m.path().join("v.img");
-    let blocks = 4 * MIB / BS;
+    let blocks = 48 * MIB / BS;
+    const SPAN: u64 = 16;
     {
         let f = open_rw(&path);
         for b in 0..blocks {
@@ -246,11 +258,21 @@ fn o_direct_readers_see_each_block_old_or_new_during_a_rollback() {
         }
     }
     create(&m, "s0");
+    // The state before the rollback running now (generation per block; the rollback returns
+    // every block to 0), and which round's rollback runs (0: none).
+    let pre: Arc<Vec<AtomicU64>> = Arc::new((0..blocks).map(|_| AtomicU64::new(0)).collect());
+    let running = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let (reads, torn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let readers: Vec<_> = (0..2)
+    let (checked, torn, mixed) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let readers: Vec<_> = (0..3)
         .map(|t| {
-            let (path, stop, reads, torn) = (path.clone(), stop.clone(), reads.clone(), torn.clone());
+            let (path, stop, pre, running) =
+                (path.clone(), stop.clone(), pre.clone(), running.clone());
+            let (checked, torn, mixed) = (checked.clone(), torn.clone(), mixed.clone());
             std::thread::spawn(move || {
                 let f = OpenOptions::new()
                     .read(true)
@@ -258,41 +280,68 @@ fn o_direct_readers_see_each_block_old_or_new_during_a_rollback() {
                     .open(&path)
                     .unwrap();
                 let mut rng = Rng::new(100 + t);
-                let mut buf = Aligned::new(4 * BS as usize);
+                let mut buf = Aligned::new((SPAN * BS) as usize);
                 while !stop.load(Ordering::Relaxed) {
-                    let first = rng.below(blocks - 4);
+                    let first = rng.below(blocks - SPAN);
+                    let round = running.load(Ordering::SeqCst);
                     let n = f.read_at(buf.buf(), first * BS).unwrap();
-                    assert_eq!(n, 4 * BS as usize);
+                    assert_eq!(n, (SPAN * BS) as usize);
+                    if round == 0 || running.load(Ordering::SeqCst) != round {
+                        continue;
+                    }
+                    // Each block old or new, and the read as a whole before or after.
+                    let (mut old, mut new) = (true, true);
                     for (i, blk) in buf.buf().chunks(BS as usize).enumerate() {
                         let b = first + i as u64;
-                        let gen = u64::from_le_bytes(blk[..8].try_into().unwrap()) & 0xffff;
-                        if blk != stamped(b, gen).as_slice() {
+                        let was = pre[b as usize].load(Ordering::SeqCst);
+                        let is_old = blk == stamped(b, was).as_slice();
+                        let is_new = blk == stamped(b, 0).as_slice();
+                        if !is_old && !is_new {
                             torn.fetch_add(1, Ordering::Relaxed);
                         }
+                        old &= is_old;
+                        new &= is_new;
                     }
-                    reads.fetch_add(1, Ordering::Relaxed);
+                    if !old && !new {
+                        mixed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    checked.fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
         .collect();
-    for round in 1..=4u64 {
+    for round in 1..=3u64 {
         {
             let f = open_rw(&path);
             let mut rng = Rng::new(round);
             for _ in 0..blocks / 2 {
                 let b = rng.below(blocks);
                 f.write_all_at(&stamped(b, round), b * BS).unwrap();
+                pre[b as usize].store(round, Ordering::SeqCst);
             }
         }
+        running.store(round, Ordering::SeqCst);
         let r = rollback(&m, &["s0", "--no-safety-snapshot"]);
+        running.store(0, Ordering::SeqCst);
+        for p in pre.iter() {
+            p.store(0, Ordering::SeqCst);
+        }
         assert!(r.blocks_written > 0);
     }
     stop.store(true, Ordering::Relaxed);
     for r in readers {
         r.join().unwrap();
     }
-    assert!(reads.load(Ordering::Relaxed) > 0);
+    eprintln!(
+        "reads checked during rollbacks: {}",
+        checked.load(Ordering::Relaxed)
+    );
     assert_eq!(torn.load(Ordering::Relaxed), 0, "a read saw a torn block");
+    assert_eq!(
+        mixed.load(Ordering::Relaxed),
+        0,
+        "a read saw blocks before and after the rollback at once"
+    );
     assert_eq!(blake3_file(&path), blake3_file(&snap(&m, "s0", "v.img")));
 }
 
@@ -307,7 +356,11 @@ fn a_volume_unknown_after_kill9_is_rolled_back_by_rescanning() {
     m.kill9();
     m.remount();
     let st = common::status_json(m.path());
-    let v = st.volumes.iter().find(|v| v.path.as_deref() == Some("a.img")).unwrap();
+    let v = st
+        .volumes
+        .iter()
+        .find(|v| v.path.as_deref() == Some("a.img"))
+        .unwrap();
     assert!(
         v.unknown_all || !v.unknown_partitions.is_empty(),
         "a.img should be unknown after kill -9: {v:?}"
@@ -347,7 +400,10 @@ fn a_qcow2_image_rolled_back_passes_qemu_img_check() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success() && !text.contains("fail"), "qemu-io {cmd}: {text}");
+        assert!(
+            out.status.success() && !text.contains("fail"),
+            "qemu-io {cmd}: {text}"
+        );
         text
     };
     let st = Command::new("qemu-img")
@@ -364,7 +420,11 @@ fn a_qcow2_image_rolled_back_passes_qemu_img_check() {
     qemu_io("write -P 0xcc 32M 4M");
     let r = rollback(&m, &["s1"]);
     assert!(r.blocks_written > 0);
-    let out = Command::new("qemu-img").arg("check").arg(&img).output().unwrap();
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(&img)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "qemu-img check: {}",

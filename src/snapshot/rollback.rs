@@ -570,7 +570,7 @@ impl Engine {
                 if blocks.contains(&b) {
                     continue;
                 }
-                if rescanned % 256 == 0 && job.cancelled() {
+                if rescanned.is_multiple_of(256) && job.cancelled() {
                     return Ok(Vec::new());
                 }
                 let off = b * bs;
