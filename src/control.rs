@@ -19,6 +19,7 @@ use crate::ids::SnapshotName;
 use crate::snapshot::diff::DiffReport;
 use crate::snapshot::job::{Job, JobProgress};
 use crate::snapshot::lifecycle::PruneReport;
+use crate::snapshot::rollback::{RollbackReport, RollbackRequest};
 use crate::snapshot::{CreateReport, CreateRequest};
 use crate::track::ChangeMap;
 
@@ -61,6 +62,8 @@ pub enum Request {
         #[serde(default)]
         paths: Vec<String>,
     },
+    /// Return the live volumes of a snapshot to its content (serialised with snapshots).
+    Rollback(RollbackRequest),
     /// Sent after a request on its connection: stop that request's work at its next safe
     /// point (nothing committed, nothing half-applied).
     Cancel,
@@ -128,6 +131,7 @@ pub enum Response {
         changes: Vec<String>,
     },
     Diff(DiffReport),
+    RolledBack(RollbackReport),
     Error {
         message: String,
     },

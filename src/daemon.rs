@@ -474,7 +474,8 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         threads: req.config.threads,
         cache,
     };
-    let mut mounted = session::mount(Arc::new(overlay), &settings).map_err(|e| match e {
+    let overlay = Arc::new(overlay);
+    let mut mounted = session::mount(overlay.clone(), &settings).map_err(|e| match e {
         MountError::DevFuse { uid } => DaemonError::DevFuse(req.mountpoint.clone(), uid),
         MountError::Mount(source) => DaemonError::Mount {
             mountpoint: req.mountpoint.clone(),
@@ -489,6 +490,9 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         store_dir.real().display()
     );
 
+    if let Some(e) = &engine {
+        e.set_invalidate(invalidator(overlay.clone(), mounted.invalidator()));
+    }
     let mut unmounter = mounted.unmounter();
     let mountpoint = req.mountpoint.clone();
     let reloader = lifecycle.clone();
@@ -730,6 +734,15 @@ fn start_control(
                 }
                 None => no_engine(),
             },
+            Request::Rollback(rb) => match &engine {
+                Some(e) => match e.rollback_with(&rb, job) {
+                    Ok(r) => Response::RolledBack(r),
+                    Err(err) => Response::Error {
+                        message: shown(&err),
+                    },
+                },
+                None => no_engine(),
+            },
             Request::Reload => match &lifecycle {
                 Some(l) => match l.reload() {
                     Ok(changes) => Response::Reloaded { changes },
@@ -739,6 +752,30 @@ fn start_control(
             },
         }),
     )
+}
+
+/// What drops the kernel's caches of files a rollback changed: backing inodes mapped to the
+/// inode numbers the kernel knows (one it never looked up has nothing cached).
+fn invalidator(
+    overlay: Arc<OverlayFs>,
+    kernel: session::Invalidator,
+) -> Arc<crate::snapshot::rollback::InvalidateFn> {
+    use crate::snapshot::rollback::Invalidate;
+    Arc::new(move |what: &Invalidate| {
+        let r = match what {
+            Invalidate::Content { dev, ino } => {
+                overlay.kernel_ino(*dev, *ino).map(|i| kernel.content(i))
+            }
+            Invalidate::Entry { dev, ino, name } => overlay
+                .kernel_ino(*dev, *ino)
+                .map(|i| kernel.entry(i, name)),
+        };
+        if let Some(Err(e)) = r {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                warn!("dropping the kernel's cache after a rollback ({what:?}): {e}");
+            }
+        }
+    })
 }
 
 fn no_engine() -> Response {

@@ -9,6 +9,7 @@ mod prune;
 mod recover;
 mod reload;
 mod restore;
+mod rollback;
 mod snapshot;
 mod status;
 mod umount;
@@ -24,6 +25,7 @@ pub use prune::PruneArgs;
 pub use recover::RecoverArgs;
 pub use reload::ReloadArgs;
 pub use restore::RestoreArgs;
+pub use rollback::RollbackArgs;
 pub use snapshot::{SnapshotArgs, SnapshotCommand};
 pub use status::StatusArgs;
 pub use umount::UmountArgs;
@@ -66,6 +68,9 @@ pub enum Command {
     Recover(RecoverArgs),
     /// What changed between two snapshots, or a snapshot and `live`: files and byte ranges.
     Diff(DiffArgs),
+    /// Return the live volumes of a snapshot (or those under PATHs) to its content, in place,
+    /// after a safety snapshot.
+    Rollback(RollbackArgs),
 }
 
 /// An error for the user: printed as `grainfs: <message>`, exit status 1.
@@ -175,6 +180,10 @@ pub fn run(args: Args) -> i32 {
         Command::Diff(d) => {
             init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
             diff::run(d)
+        }
+        Command::Rollback(r) => {
+            init_logging(args.verbose, args.quiet, None, "warn", LogTarget::Stderr);
+            rollback::run(r)
         }
     };
     match result {

@@ -2,7 +2,7 @@
 //! lseek, copy_file_range, release (`Files for Live`), after the public operations that forward
 //! each call to the tree owning its inode or handle (`tree.rs`). Every content change goes
 //! through the write gate (`gate.rs`); a read only waits for writes parked on its range during
-//! a capture.
+//! a capture, and for a rollback rewriting its volume (`track::hold`).
 //!
 //! It must never write to the backing file outside the gate, and never hand the backing open
 //! a flag that breaks tracking (`STRIPPED_OPEN_FLAGS`).
@@ -263,6 +263,14 @@ impl Files for Live<'_> {
         if let Some(v) = self.parked_on(&h) {
             v.settle(offset, size as u64);
         }
+        // While a rollback rewrites volumes, a read waits for it in the volume's gate (shared
+        // side), so it sees each block before or after the rollback, never a mix.
+        let pass = crate::track::ReadPass::begin();
+        let held = pass
+            .held()
+            .then(|| h.volume.clone().or_else(|| self.tracked_volume(&h.inode)))
+            .flatten();
+        let _gate = held.as_ref().map(|v| v.enter());
         sys::pread_into(h.file.as_raw_fd(), buf, size as usize, offset)
             .map_err(FsError::backing("read"))?;
         Ok(buf.len())

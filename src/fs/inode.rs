@@ -184,6 +184,12 @@ impl InodeTable {
             .ok_or(FsError::UnknownInode(ino))
     }
 
+    /// The inode number the kernel knows the backing inode `key` by, if it knows it.
+    pub fn ino_of(&self, key: BackingKey) -> Option<u64> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner.by_key.get(&key).copied()
+    }
+
     /// Record one kernel lookup of the backing inode `key`; `fd` is an O_PATH fd on it that is
     /// kept if the inode is new and closed otherwise.
     pub fn lookup(&self, key: BackingKey, kind: FileKind, fd: OwnedFd) -> Arc<Inode> {

@@ -134,6 +134,12 @@ impl OverlayFs {
         })
     }
 
+    /// The inode number the kernel knows backing inode (`dev`, `ino`) by, if it knows it (to
+    /// invalidate its cache after a change made beside the kernel: a rollback).
+    pub fn kernel_ino(&self, dev: u64, ino: u64) -> Option<u64> {
+        self.inodes.ino_of(BackingKey { dev, ino })
+    }
+
     /// Show the snapshots of the store in `store_dir` under `.snapshots` in the root, listed
     /// there only when `visible`. (A builder rather than an `OverlayOptions` field: the view
     /// opens the store, which can fail, and callers building options by hand stay unchanged.)

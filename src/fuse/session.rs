@@ -115,10 +115,33 @@ pub fn mount(fs: Arc<OverlayFs>, settings: &MountSettings) -> Result<Mounted, Mo
     Ok(Mounted { session })
 }
 
+/// Drops what the kernel caches of a file changed beside it (a rollback's writes). Never call
+/// it while holding a lock a request of this mount may wait for: dropping pages waits for the
+/// pages that reads in flight hold locked.
+#[derive(Clone)]
+pub struct Invalidator(fuser::Notifier);
+
+impl Invalidator {
+    /// Drop the attributes and every cached page of inode `ino`.
+    pub fn content(&self, ino: u64) -> io::Result<()> {
+        self.0.inval_inode(fuser::INodeNo(ino), 0, 0)
+    }
+
+    /// Drop the cached entry `name` in directory `parent` (negative ones too).
+    pub fn entry(&self, parent: u64, name: &std::ffi::OsStr) -> io::Result<()> {
+        self.0.inval_entry(fuser::INodeNo(parent), name)
+    }
+}
+
 impl Mounted {
     /// What unmounts this mount from another thread.
     pub fn unmounter(&mut self) -> Unmounter {
         Unmounter(self.session.unmount_callable())
+    }
+
+    /// What invalidates the kernel's caches of this mount from another thread.
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator(self.session.notifier())
     }
 
     /// Serve requests until the mount goes away.

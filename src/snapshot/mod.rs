@@ -22,6 +22,7 @@ pub mod lifecycle;
 mod plan;
 pub mod recover;
 mod report;
+pub mod rollback;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -90,6 +91,8 @@ pub struct Engine {
     /// The failure flag of the snapshot being captured, for `stop`.
     current: Mutex<Option<Arc<Failure>>>,
     stopping: AtomicBool,
+    /// Drops the kernel's caches of what a rollback changed (set once mounted).
+    invalidate: Mutex<Option<Arc<rollback::InvalidateFn>>>,
 }
 
 /// Everything the engine is built from.
@@ -179,6 +182,7 @@ impl Engine {
             deferred_dir,
             current: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            invalidate: Mutex::new(None),
         })
     }
 
@@ -261,6 +265,12 @@ impl Engine {
     /// nothing) when it is cancelled.
     pub fn create_with(&self, req: &CreateRequest, job: &Job) -> Result<CreateReport> {
         let _busy = self.lock_busy(false)?;
+        self.create_locked(req, job)
+    }
+
+    /// `create_with` for a caller that holds the busy lock already (a rollback's safety
+    /// snapshot).
+    fn create_locked(&self, req: &CreateRequest, job: &Job) -> Result<CreateReport> {
         if self.stopping.load(Ordering::Acquire) {
             return Err(SnapshotError::Request("the daemon is stopping".into()));
         }

@@ -17,6 +17,7 @@
 
 pub mod bitmap;
 pub mod counters;
+pub mod hold;
 pub mod intent;
 mod state;
 pub mod volume;
@@ -34,6 +35,7 @@ use log::info;
 
 use crate::ids::{Geometry, VolumeId};
 use crate::sys::{fsync_dir, now_ns};
+pub use hold::{hold_reads, ReadHold, ReadPass};
 use intent::IntentLog;
 use state::set_aside;
 pub use state::{load_state, restore, tracking_dir, Recovery, Restored, SavedState, STATE_FORMAT};

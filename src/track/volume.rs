@@ -301,6 +301,22 @@ impl Volume {
     pub fn is_dirty(&self, block: u64) -> bool {
         self.bitmap.is_dirty(block)
     }
+
+    /// The dirty bits, one per block, read without taking them (a rollback's plan).
+    pub fn dirty_words(&self) -> Vec<u64> {
+        self.bitmap.words()
+    }
+
+    /// What is unknown: the whole volume, and the partitions to rescan (read, not taken).
+    pub fn unknowns(&self) -> (bool, BTreeSet<u64>) {
+        (
+            self.unknown_all.load(Ordering::Relaxed),
+            self.unknown
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
 }
 
 #[cfg(test)]
