@@ -139,3 +139,91 @@ fn ctrl_c_on_snapshot_create_cancels_the_capture_and_keeps_the_daemon() {
     let snap = m.path().join(".snapshots/after/big.img");
     assert_eq!(blake3_file(&snap), blake3_file(&live));
 }
+
+#[test]
+fn ctrl_c_on_rollback_during_its_safety_snapshot_changes_nothing() {
+    let m = Mount::with_setup(big_volume, None);
+    let live = m.path().join("big.img");
+    let out = Command::new(grainfs_bin())
+        .args(["snapshot", "create", "--name", "s0", "-m"])
+        .arg(m.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cancelled = false;
+    for attempt in 0..3 {
+        // Every block changes: the safety snapshot has the whole volume to capture.
+        let chunk = Noise::named(format!("after {attempt}")).bytes(1 << 20);
+        let f = open_rw(&live);
+        for i in 0..BIG / chunk.len() as u64 {
+            f.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
+        }
+        drop(f);
+        let before = blake3_file(&live);
+        let listed = names(&m);
+        let mut child = Command::new(grainfs_bin())
+            .args(["rollback", "s0", "-m"])
+            .arg(m.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while temp_dirs(&m).is_empty()
+            && Instant::now() < deadline
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            // It beat the signal: the rollback is whole.
+            assert_eq!(
+                blake3_file(&live),
+                blake3_file(&m.path().join(".snapshots/s0/big.img"))
+            );
+            continue;
+        }
+        assert!(
+            stderr.contains("cancelled by the user") && stderr.contains("nothing was changed"),
+            "{stderr}\n{}",
+            m.log_text()
+        );
+        assert_eq!(
+            blake3_file(&live),
+            before,
+            "a cancelled rollback changed the volume"
+        );
+        assert_eq!(names(&m), listed, "a cancelled safety snapshot is listed");
+        assert!(temp_dirs(&m).is_empty(), "left behind: {:?}", temp_dirs(&m));
+        cancelled = true;
+        break;
+    }
+    assert!(
+        cancelled,
+        "no attempt was cancelled before its writes\n{}",
+        m.log_text()
+    );
+    // The daemon serves on, and the rollback runs to its end when let be.
+    let out = Command::new(grainfs_bin())
+        .args(["rollback", "s0", "--no-safety-snapshot", "-m"])
+        .arg(m.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        blake3_file(&live),
+        blake3_file(&m.path().join(".snapshots/s0/big.img"))
+    );
+}
