@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::super::progress::request_job;
+use super::super::progress::{request_job, Progress};
 use super::{locate, open_store, parse_name, store_error, CliError, Where};
 use crate::control::{self, Request, Response};
 use crate::ids::SnapshotName;
@@ -91,7 +91,16 @@ fn delete_one(
             "daemon: unexpected answer {other:?}"
         ))),
         // No daemon: nothing else can be writing the store.
-        Err(e) if control::no_daemon(&e) => store.delete(name).map_err(store_error),
+        Err(e) if control::no_daemon(&e) => {
+            // What a merge may copy: at most what the snapshot stores.
+            let total = store
+                .manifest(name)
+                .map_or(0, |m| m.volumes.iter().map(|v| v.stored_bytes).sum());
+            let bar = Progress::bytes("delete", total, false);
+            let r = store.delete_with(name, &mut |done| bar.set(done));
+            bar.finish();
+            r.map(|_| ()).map_err(store_error)
+        }
         Err(e) => Err(CliError::Usage(format!(
             "the daemon did not answer ({e}); {name} was not deleted"
         ))),
