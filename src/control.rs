@@ -206,13 +206,31 @@ fn serve_conn(conn: UnixStream, handle: &Handler) {
             return;
         }
     };
-    // A client gone (its progress line cannot be written) waits for nothing: cancel.
+    // One thread writes the lines, so the work never waits on the client: a progress line
+    // that finds the queue full (a client that stopped reading: Ctrl-Z, a stuck terminal) is
+    // dropped, not waited for, since work may report while it holds writers and readers.
     let gone = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Response>(8);
     let (o, g) = (out.clone(), gone.clone());
+    let writer = std::thread::Builder::new()
+        .name("control-out".into())
+        .spawn(move || {
+            for resp in rx {
+                // A client gone (a line cannot be written) waits for nothing: cancel.
+                if !g.load(Ordering::Acquire) && !send(&o, &resp) {
+                    g.store(true, Ordering::Release);
+                }
+                // The answer is the last line (the job, and so a sender, may live on).
+                if !matches!(resp, Response::Progress(_)) {
+                    return;
+                }
+            }
+        });
+    let Ok(writer) = writer else { return };
+    let progress = Mutex::new(tx.clone());
     let job = Arc::new(Job::watched(move |p| {
-        if !send(&o, &Response::Progress(p.clone())) {
-            g.store(true, Ordering::Release);
-        }
+        let tx = progress.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.try_send(Response::Progress(p.clone()));
     }));
     // The rest of the connection: a `cancel` line. A half-closed client (EOF) still waits
     // for its answer, so EOF alone cancels nothing.
@@ -244,7 +262,9 @@ fn serve_conn(conn: UnixStream, handle: &Handler) {
         drop(done);
         resp
     });
-    send(&out, &resp);
+    // After every progress line queued before it; then the writer ends.
+    let _ = tx.send(resp);
+    let _ = writer.join();
     // Ends the cancel reader (its read returns EOF).
     let _ = out
         .lock()
@@ -321,7 +341,9 @@ pub fn request_watching(
         if let Some(c) = cancel {
             if c.load(Ordering::Acquire) && !sent_cancel {
                 sent_cancel = true;
-                writer.write_all(b"{\"op\":\"cancel\"}\n")?;
+                // The daemon may have answered and closed its side already (EPIPE): the
+                // answer is still there to read, and it is what counts.
+                let _ = writer.write_all(b"{\"op\":\"cancel\"}\n");
             }
         }
     }

@@ -414,6 +414,16 @@ impl Files for Live<'_> {
         if let Some(v) = self.parked_on(&a) {
             v.settle(off_in, len);
         }
+        // The source is read here like any read: counted while no rollback holds reads (the
+        // pass lives until the copy is done). While one does, EXDEV makes the kernel copy by
+        // read and write, each of which waits for the rollback in its own volume's gate
+        // (entering two gates here could cross the rollback's id order).
+        let pass = crate::track::ReadPass::begin();
+        if pass.held() && (a.volume.is_some() || self.tracked_volume(&a.inode).is_some()) {
+            return Err(FsError::backing("copy_file_range")(
+                std::io::Error::from_raw_os_error(libc::EXDEV),
+            ));
+        }
         self.tracked(
             b.volume.as_ref(),
             || Ok((off_out, len)),

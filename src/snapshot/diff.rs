@@ -196,6 +196,11 @@ impl Engine {
     /// Diff two sides of this mount; the live side's changes come from the tracker, read
     /// while no snapshot operation runs (it waits for one being taken).
     pub fn diff(&self, from: &Side, to: &Side, paths: &[String]) -> Result<DiffReport> {
+        if matches!(from, Side::Live) || matches!(to, Side::Live) {
+            // What the kernel still holds for the mount (shared mappings, writeback cache)
+            // is written, so live means what programs wrote.
+            (self.flush)();
+        }
         let rules = self.rules();
         let states = |ids: &[VolumeId]| {
             // No barrier or commit may move bits between the live map, the pending take and

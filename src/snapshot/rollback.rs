@@ -116,6 +116,17 @@ struct LiveVolume {
     target_hashes: HashMap<u64, Option<[u8; 32]>>,
 }
 
+/// Notes a volume's ctime as the overlay's own when dropped: after a rollback changed it, on
+/// every way out (a failure part way included), so it is never taken for a change behind the
+/// overlay's back (which would cost the next snapshot a rescan of the whole volume).
+struct Touched<'a>(&'a Volume);
+
+impl Drop for Touched<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+    }
+}
+
 /// The blocks to write to one volume, found with its gate closed.
 struct Plan {
     blocks: Vec<u64>,
@@ -233,6 +244,9 @@ impl Engine {
         if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
             return Err(SnapshotError::Request("the daemon is stopping".into()));
         }
+        // Dirty pages the kernel holds for the mount (shared mappings, writeback cache) must
+        // reach the volumes now: landing after the rollback, they would undo part of it.
+        (self.flush)();
         let target = self.store.manifest(&req.name)?;
         let geometry = self.tracker.geometry();
         if target.geometry != geometry {
@@ -302,6 +316,32 @@ impl Engine {
                 w[0].entry.path, w[1].entry.path
             )));
         }
+        // Prove the blocks already known to differ (read, blake3-checked) before writers and
+        // readers wait: under the hold, their reads find the proofs and do not hash again. A
+        // damaged snapshot fails here, with nothing changed.
+        let bs = geometry.block_size;
+        let mut buf = Vec::new();
+        for l in &live {
+            let Some((_, differ)) = &l.differ else {
+                continue;
+            };
+            for (i, &b) in differ.iter().enumerate() {
+                if i % 256 == 0 && job.cancelled() {
+                    return Err(cancelled(&report));
+                }
+                let off = b * bs;
+                if off >= l.entry.size {
+                    continue;
+                }
+                buf.resize(bs.min(l.entry.size - off) as usize, 0);
+                l.reader.read_at(&mut buf, off).map_err(|e| {
+                    SnapshotError::Request(format!(
+                        "rollback to {}: reading block {b} of {} from the snapshot: {e}; nothing was changed",
+                        target.name, l.entry.path
+                    ))
+                })?;
+            }
+        }
         // The write phase: reads held out, then the gates in id order (as a barrier takes
         // them, so the two never deadlock).
         let held_at = Instant::now();
@@ -359,8 +399,25 @@ impl Engine {
                 }
             )));
         }
-        self.restore_namespace(&target, &ns, &missing, job, (&mut done, total), &mut report)?;
-        self.new_entries(&target, &sel, req, &mut report)?;
+        let after_blocks = |e: SnapshotError, report: &RollbackReport| {
+            SnapshotError::Request(format!(
+                "rollback to {}: the volumes were rolled back ({} block(s) written), but restoring the tree failed: {e}; {}",
+                target.name,
+                report.volumes.iter().map(|v| v.blocks_written).sum::<u64>(),
+                match &report.safety_snapshot {
+                    Some(s) => format!("the safety snapshot {s} holds the state before"),
+                    None => "no safety snapshot was taken".into(),
+                }
+            ))
+        };
+        if let Err(e) =
+            self.restore_namespace(&target, &ns, &missing, job, (&mut done, total), &mut report)
+        {
+            return Err(after_blocks(e, &report));
+        }
+        if let Err(e) = self.new_entries(&target, &sel, req, &mut report) {
+            return Err(after_blocks(e, &report));
+        }
         job.progress("rollback", total, total);
         report.blocks_written = report.volumes.iter().map(|v| v.blocks_written).sum();
         report.bytes_written = report.volumes.iter().map(|v| v.bytes_written).sum();
@@ -433,13 +490,32 @@ impl Engine {
                     ..CreateRequest::default()
                 })
                 .is_ok();
+        // The group as configured now may no longer select every file the rollback writes
+        // (its globs changed since): then the safety snapshot takes the group's globs and the
+        // snapshot's files, so that nothing is overwritten that it does not hold.
+        let covered = target.volumes.iter().all(|v| sel.matches(&v.path));
+        let paths = match (known, covered) {
+            (true, true) => Vec::new(),
+            (true, false) => {
+                let rules = self.rules();
+                let mut globs: Vec<String> = rules
+                    .groups
+                    .iter()
+                    .find(|g| g.name == target.group)
+                    .map(|g| g.volumes.clone())
+                    .unwrap_or_default();
+                globs.extend(self.own_globs(target));
+                notes.push(format!(
+                    "group {} no longer selects every file of {}: the safety snapshot is of the group's globs and the snapshot's files",
+                    target.group, target.name
+                ));
+                globs
+            }
+            (false, _) => self.own_globs(target),
+        };
         let req = CreateRequest {
-            group: known.then(|| target.group.clone()),
-            paths: if known {
-                Vec::new()
-            } else {
-                self.own_globs(target)
-            },
+            group: (known && covered).then(|| target.group.clone()),
+            paths,
             name: Some(name),
             ..CreateRequest::default()
         };
@@ -630,19 +706,25 @@ impl Engine {
             ..RolledBackVolume::default()
         };
         // Every block is read (and checked against its blake3) before the first write: a
-        // damaged snapshot fails here, with nothing of this volume written.
-        let mut data = Vec::with_capacity(blocks.len());
-        for &b in blocks {
+        // damaged snapshot fails here, with nothing of this volume written. Nothing is kept:
+        // the store's reader remembers what it proved, so the second read below is a read,
+        // and memory stays one block whatever the rollback's size.
+        let read = |b: u64, buf: &mut Vec<u8>| {
             let off = b * bs;
-            let len = bs.min(size - off) as usize;
-            let mut buf = vec![0u8; len];
+            buf.resize(bs.min(size - off) as usize, 0);
             let n = l
                 .reader
-                .read_at(&mut buf, off)
+                .read_at(buf, off)
                 .map_err(|e| format!("reading block {b} of {path} from the snapshot: {e}"))?;
             buf[n..].fill(0);
-            data.push(buf);
+            Ok::<(), String>(())
+        };
+        let mut buf = Vec::new();
+        for &b in blocks {
+            read(b, &mut buf)?;
         }
+        // From the first change on, the ctime moves: whatever happens, it was ours.
+        let touched = Touched(v);
         let now = now_ns();
         if old != size {
             let (lo, hi) = (old.min(size), old.max(size));
@@ -650,7 +732,8 @@ impl Engine {
             sys::ftruncate(fd, size).map_err(|e| format!("truncating {path}: {e}"))?;
             v.record_truncate(old, size, now);
         }
-        for (&b, buf) in blocks.iter().zip(&data) {
+        for &b in blocks {
+            read(b, &mut buf)?;
             let off = b * bs;
             let len = buf.len() as u64;
             intent(off, len)?;
@@ -660,7 +743,7 @@ impl Engine {
             if punched {
                 v.record_zero(off, len, now);
             } else {
-                sys::pwrite_all(fd, buf, off).map_err(|e| format!("writing {path}: {e}"))?;
+                sys::pwrite_all(fd, &buf, off).map_err(|e| format!("writing {path}: {e}"))?;
                 v.record_write(off, len, false, now);
             }
             out.blocks_written += 1;
@@ -695,8 +778,7 @@ impl Engine {
             warn!("rollback: setting the mtime of {path}: {err}");
         }
         sys::fsync(fd, true).map_err(|e| format!("fdatasync {path}: {e}"))?;
-        // The ctime our changes moved is ours: not a change behind the overlay's back.
-        v.touch();
+        drop(touched);
         Ok(out)
     }
 
