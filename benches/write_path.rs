@@ -3,74 +3,12 @@
 //! file for reference, interleaved in rounds. Run: `cargo bench --bench write_path`.
 //! Reports ns per write (median of the rounds) and the ratios.
 
-use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use grainfs::fs::{inode::ROOT_INO, Caller, OverlayFs, OverlayOptions};
-use grainfs::ids::Geometry;
-use grainfs::track::Tracker;
+mod common;
 
-const FILE_SIZE: u64 = 256 << 20;
-const ROUNDS: usize = 7;
-
-fn offsets(n: usize, size: u64, align: u64, seed: u64) -> Vec<u64> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % (size / align)) * align
-        })
-        .collect()
-}
-
-fn overlay(dir: &Path, tracking: bool) -> (OverlayFs, u64) {
-    let backing = dir.join(if tracking { "on" } else { "off" });
-    std::fs::create_dir_all(&backing).unwrap();
-    let store = backing.join(".grainfs");
-    let tracker = tracking.then(|| {
-        let geometry = Geometry {
-            block_size: 64 << 10,
-            partition_size: 64 << 20,
-        };
-        let (t, _) = Tracker::open(&backing, &store, geometry, Duration::from_secs(10)).unwrap();
-        Arc::new(t)
-    });
-    let fs = OverlayFs::new(
-        &backing,
-        OverlayOptions {
-            store: Some(store),
-            tracker,
-        },
-    )
-    .unwrap();
-    let caller = Caller {
-        uid: 0,
-        gid: 0,
-        pid: 0,
-    };
-    let (_, opened) = fs
-        .create(
-            caller,
-            ROOT_INO,
-            OsStr::new("vol.img"),
-            0o644,
-            0,
-            libc::O_RDWR,
-        )
-        .unwrap();
-    fs.write(opened.fh, FILE_SIZE - 1, &[0]).unwrap();
-    (fs, opened.fh)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+use common::{median, offsets, overlay, FILE_SIZE, ROUNDS};
 
 fn main() {
     let dir = tempfile::Builder::new()

@@ -28,22 +28,7 @@ fn big_volume(backing: &Path) {
 }
 
 fn names(m: &Mount) -> Vec<String> {
-    let out = Command::new(grainfs_bin())
-        .args(["snapshot", "list", "--json", "-m"])
-        .arg(m.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
+    common::snapshot_names(m.path())
 }
 
 fn temp_dirs(m: &Mount) -> Vec<String> {

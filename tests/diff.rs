@@ -14,7 +14,6 @@ use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,23 +37,10 @@ interval = "1s"
 /// The files a history plays with.
 const NAMES: [&str; 5] = ["a.img", "b.img", "c.img", "d/x.img", "d/y.img"];
 
-fn grainfs(args: &[&str], at: &Path) -> std::process::Output {
-    Command::new(common::grainfs_bin())
-        .args(args)
-        .arg("-m")
-        .arg(at)
-        .output()
-        .unwrap_or_else(|e| panic!("run grainfs {args:?}: {e}"))
-}
+use common::grainfs_at as grainfs;
 
 fn snapshot(m: &Mount, name: &str) {
-    let out = grainfs(&["snapshot", "create", "--name", name, "--json"], m.path());
-    assert!(
-        out.status.success(),
-        "snapshot create {name}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        m.log_text()
-    );
+    common::create_snapshot(m, name);
 }
 
 /// `grainfs diff FROM TO --json` (run against `at`: the mount, or a backing dir offline).

@@ -24,19 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{blake3_file, open_rw, Mount, Noise, Rng};
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-
-/// Small blocks and partitions, so that a few MiB span several partitions and a chain mixes
-/// FULL and INCREMENTAL ones.
-const SMALL_GEOMETRY: &str = r#"
-[tracking]
-block_size = "4KiB"
-partition_size = "1MiB"
-interval = "1s"
-"#;
+use common::{blake3_file, open_rw, Mount, Noise, Rng, KIB, MIB, SMALL_GEOMETRY};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -63,8 +51,7 @@ fn assert_ok(o: &Output, what: &str) {
 }
 
 fn snapshot(m: &Mount, name: &str) {
-    let o = grainfs(&[&"snapshot", &"create", &"--name", &name, &"-m", &m.path()]);
-    assert_ok(&o, &format!("snapshot create {name}"));
+    common::create_snapshot(m, name);
 }
 
 /// `grainfs restore NAME ARGS... --to TO -m AT`.

@@ -14,39 +14,18 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{blake3_file, open_rw, Mount, Rng};
+use common::{blake3_file, open_rw, Mount, Rng, KIB, MIB, SMALL_GEOMETRY};
 use grainfs::snapshot::rollback::RollbackReport;
 use grainfs::snapshot::CreateReport;
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
 const BS: u64 = 4 * KIB;
 
-const SMALL_GEOMETRY: &str = r#"
-[tracking]
-block_size = "4KiB"
-partition_size = "1MiB"
-interval = "1s"
-"#;
-
 fn run(m: &Mount, args: &[&str]) -> Output {
-    Command::new(common::grainfs_bin())
-        .args(args)
-        .arg("-m")
-        .arg(m.path())
-        .output()
-        .unwrap_or_else(|e| panic!("run grainfs {args:?}: {e}"))
+    common::grainfs_at(args, m.path())
 }
 
 fn create(m: &Mount, name: &str) -> CreateReport {
-    let out = run(m, &["snapshot", "create", "--json", "--name", name]);
-    assert!(
-        out.status.success(),
-        "snapshot create {name}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        m.log_text()
-    );
-    serde_json::from_slice(&out.stdout).expect("CreateReport")
+    serde_json::from_value(common::create_snapshot(m, name)).expect("CreateReport")
 }
 
 /// `grainfs rollback --json ARGS`, which must succeed.

@@ -20,20 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{open_rw, Mount, Noise, Rng};
+use common::{open_rw, Mount, Noise, Rng, KIB, MIB, SMALL_GEOMETRY};
 use grainfs::snapshot::CreateReport;
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-
-/// Small blocks and partitions, so that a few MiB span several partitions and a snapshot mixes
-/// FULL and INCREMENTAL ones.
-const SMALL_GEOMETRY: &str = r#"
-[tracking]
-block_size = "4KiB"
-partition_size = "1MiB"
-interval = "1s"
-"#;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

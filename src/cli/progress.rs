@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use super::CliError;
 use crate::control::{self, Request, Response};
 
 /// A bytes progress bar, or nothing.
@@ -136,4 +137,58 @@ pub(crate) fn request_job(
         response: r?,
         cancelled,
     })
+}
+
+/// What a long request's command says when the daemon does not give the answer it wants.
+pub(crate) struct Unanswered<'a> {
+    pub backing: &'a Path,
+    pub store: &'a Path,
+    /// The work, as in "the daemon ... ended {during}" ("while it took the snapshot").
+    pub during: &'a str,
+    /// What that leaves, after a colon ("nothing was committed").
+    pub leaves: &'a str,
+    /// Why a daemon is needed, after "mount it first" is said.
+    pub needs: &'a str,
+}
+
+/// The answer of `request_job` as `pick` takes it (Err: the daemon's error, or an answer of
+/// another kind, or no daemon, each said for a user); `too_late` is said on stderr when Ctrl-C
+/// came after the work could still be cancelled.
+pub(crate) fn job_answer<T>(
+    answer: std::io::Result<Answer>,
+    pick: impl FnOnce(Response) -> Result<T, Box<Response>>,
+    too_late: impl FnOnce(&T) -> String,
+    say: Unanswered,
+) -> Result<T, CliError> {
+    match answer {
+        Ok(Answer {
+            response,
+            cancelled,
+        }) => match pick(response) {
+            Ok(r) => {
+                if cancelled {
+                    eprintln!("grainfs: too late to cancel: {}", too_late(&r));
+                }
+                Ok(r)
+            }
+            Err(other) => match *other {
+                Response::Error { message } => Err(CliError::Usage(message)),
+                other => Err(CliError::Usage(format!(
+                    "daemon: unexpected answer {other:?}"
+                ))),
+            },
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(CliError::Usage(format!(
+            "the daemon serving {} ended {} (killed or crashed; its log is {} when it ran in the background): {}",
+            say.backing.display(),
+            say.during,
+            say.store.join("grainfs.log").display(),
+            say.leaves
+        ))),
+        Err(e) => Err(CliError::Usage(format!(
+            "no grainfs daemon answers for {} ({e}); {}: mount it first",
+            say.backing.display(),
+            say.needs
+        ))),
+    }
 }

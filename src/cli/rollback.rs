@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args as ClapArgs;
 
-use super::progress::{request_job, Answer};
+use super::progress::{job_answer, request_job, Unanswered};
 use super::snapshot::{locate, print_json, Where};
 use super::status::human;
 use super::CliError;
@@ -80,39 +80,21 @@ pub(super) fn run(a: &RollbackArgs) -> Result<(), CliError> {
         no_safety_snapshot: a.no_safety_snapshot,
         prune: a.prune,
     });
-    let report = match request_job(&store, &req, "rollback", a.json, true) {
-        Ok(Answer {
-            response: Response::RolledBack(r),
-            cancelled,
-        }) => {
-            if cancelled {
-                eprintln!(
-                    "grainfs: too late to cancel: the rollback had started writing, and a rollback is never left half done; it completed"
-                );
-            }
-            r
-        }
-        Ok(Answer {
-            response: Response::Error { message },
-            ..
-        }) => return Err(CliError::Usage(message)),
-        Ok(Answer {
-            response: other, ..
-        }) => return Err(CliError::Usage(format!("daemon: unexpected answer {other:?}"))),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(CliError::Usage(format!(
-                "the daemon serving {} ended during the rollback (killed or crashed; its log is {} when it ran in the background): the volumes may be partly rolled back, and their tracking rescans what it wrote; run the rollback again after mounting",
-                backing.display(),
-                store.join("grainfs.log").display()
-            )))
-        }
-        Err(e) => {
-            return Err(CliError::Usage(format!(
-                "no grainfs daemon answers for {} ({e}); a rollback runs in the daemon, which holds the volumes' writers while it rewrites them: mount it first, or copy the snapshot's files out with grainfs restore",
-                backing.display()
-            )))
-        }
-    };
+    let report = job_answer(
+        request_job(&store, &req, "rollback", a.json, true),
+        |r| match r {
+            Response::RolledBack(r) => Ok(r),
+            other => Err(Box::new(other)),
+        },
+        |_| "the rollback had started writing, and a rollback is never left half done; it completed".into(),
+        Unanswered {
+            backing: &backing,
+            store: &store,
+            during: "during the rollback",
+            leaves: "the volumes may be partly rolled back, and their tracking rescans what it wrote; run the rollback again after mounting",
+            needs: "a rollback runs in the daemon, which holds the volumes' writers while it rewrites them (or copy the snapshot's files out with grainfs restore)",
+        },
+    )?;
     if a.json {
         print_json(&report)
     } else {

@@ -2,7 +2,7 @@
 //! one) and prints its report. It never takes a snapshot itself: only the daemon sees every
 //! write.
 
-use super::super::progress::{request_job, Answer};
+use super::super::progress::{job_answer, request_job, Unanswered};
 use super::super::status::human;
 use super::{locate, parse_name, print_json, CliError, CreateArgs};
 use crate::control::{Request, Response};
@@ -17,37 +17,21 @@ pub(super) fn run(c: &CreateArgs) -> Result<(), CliError> {
         dry_run: c.dry_run,
         full: c.full,
     });
-    let report = match request_job(&store, &req, "snapshot", c.json || c.dry_run, !c.dry_run) {
-        Ok(Answer {
-            response: Response::Snapshot(r),
-            cancelled,
-        }) => {
-            if cancelled {
-                eprintln!("grainfs: too late to cancel: snapshot {} was already committed", r.name);
-            }
-            r
-        }
-        Ok(Answer {
-            response: Response::Error { message },
-            ..
-        }) => return Err(CliError::Usage(message)),
-        Ok(Answer {
-            response: other, ..
-        }) => return Err(CliError::Usage(format!("daemon: unexpected answer {other:?}"))),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(CliError::Usage(format!(
-                "the daemon serving {} ended while it took the snapshot (killed or crashed; its log is {} when it ran in the background): nothing was committed, and what it had stored is swept at its next start",
-                backing.display(),
-                store.join("grainfs.log").display()
-            )))
-        }
-        Err(e) => {
-            return Err(CliError::Usage(format!(
-                "no grainfs daemon answers for {} ({e}); snapshots are taken by the daemon, which sees every write: mount it first",
-                backing.display()
-            )))
-        }
-    };
+    let report = job_answer(
+        request_job(&store, &req, "snapshot", c.json || c.dry_run, !c.dry_run),
+        |r| match r {
+            Response::Snapshot(r) => Ok(r),
+            other => Err(Box::new(other)),
+        },
+        |r| format!("snapshot {} was already committed", r.name),
+        Unanswered {
+            backing: &backing,
+            store: &store,
+            during: "while it took the snapshot",
+            leaves: "nothing was committed, and what it had stored is swept at its next start",
+            needs: "snapshots are taken by the daemon, which sees every write",
+        },
+    )?;
     if c.json {
         print_json(&report)
     } else {
