@@ -761,3 +761,48 @@ fn a_restore_reads_on_while_a_delete_rewrites_the_snapshot() {
         contents(&tree(&m.path().join(".snapshots/r2")))
     );
 }
+
+/// A restore killed part way (SIGKILL: no handler runs) leaves no file in DIR: a file gets a
+/// name only once its data, attributes and fsync are done.
+#[test]
+fn a_restore_killed_part_way_leaves_no_partial_file() {
+    let m = Mount::new();
+    let chunk = Noise::named("killed restore").bytes(1 << 20);
+    {
+        let f = std::fs::File::create(m.path().join("big.img")).unwrap();
+        for i in 0..512u64 {
+            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20).unwrap();
+        }
+    }
+    snapshot(&m, "big");
+    let mut killed = false;
+    for attempt in 0..4 {
+        let out = m.scratch().join(format!("out{attempt}"));
+        let mut child = Command::new(common::grainfs_bin())
+            .args(["restore", "big", "--to"])
+            .arg(&out)
+            .arg("-m")
+            .arg(m.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150 + 100 * attempt));
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let status = child.wait().unwrap();
+        let left: Vec<String> = std::fs::read_dir(&out)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if status.success() {
+            assert_eq!(left, vec!["big.img".to_string()]);
+            continue;
+        }
+        assert!(left.is_empty(), "a killed restore left {left:?}");
+        killed = true;
+        break;
+    }
+    assert!(killed, "no restore was killed part way");
+}

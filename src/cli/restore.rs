@@ -668,14 +668,39 @@ impl Restore<'_> {
         let vol = self.extents(id)?;
         let dir = dir_fd(self.root, split(rel).0).map_err(err)?;
         let name = temp_name(tmp);
-        let fd = sys::openat(
+        // An unnamed file (O_TMPFILE) while its data goes in: whatever stops the restore (a
+        // second Ctrl-C, SIGKILL, a crash) leaves nothing in DIR. It gets the temp name only
+        // once complete, for the rename. A filesystem without O_TMPFILE gets the temp name
+        // from the start (and an error removes it).
+        let unnamed = sys::openat(
             dir.as_raw_fd(),
-            &name,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            c".",
+            libc::O_WRONLY | libc::O_TMPFILE,
             0o600,
-        )
-        .map_err(err)?;
+        );
+        let (fd, named) = match unnamed {
+            Ok(fd) => (fd, false),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                let fd = sys::openat(
+                    dir.as_raw_fd(),
+                    &name,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+                    0o600,
+                )
+                .map_err(err)?;
+                (fd, true)
+            }
+            Err(e) => return Err(err(e)),
+        };
         let built = self.fill(rel, &vol, fd, meta, bar).and_then(|file| {
+            if !named {
+                sys::link_fd(file.as_raw_fd(), dir.as_raw_fd(), &name).map_err(err)?;
+            }
             drop(file);
             self.rename_into_place(&dir, &name, rel)
         });
