@@ -80,9 +80,12 @@ fn rollback_returns_the_volumes_and_the_next_snapshot_matches_the_live_files() {
     std::fs::write(&b, random_bytes(&mut rng, (2 * MIB) as usize)).unwrap();
     std::fs::write(&d, random_bytes(&mut rng, (200 * KIB) as usize)).unwrap();
     std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let link = m.path().join("current");
+    std::os::unix::fs::symlink("a.img", &link).unwrap();
     create(&m, "s1");
 
-    // Changes: random writes, a grow of a, a truncate of b, d deleted, c new.
+    // Changes: random writes, a grow of a, a truncate of b, d deleted, c new, the symlink
+    // pointed elsewhere.
     scribble(&a, &mut rng, 50);
     open_rw(&a).set_len(5 * MIB).unwrap();
     scribble(&a, &mut rng, 10);
@@ -91,6 +94,8 @@ fn rollback_returns_the_volumes_and_the_next_snapshot_matches_the_live_files() {
     std::fs::remove_file(&d).unwrap();
     let c = m.path().join("c.img");
     std::fs::write(&c, b"new since s1").unwrap();
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("b.img", &link).unwrap();
     let before = (blake3_file(&a), blake3_file(&b));
 
     let r = rollback(&m, &["s1"]);
@@ -107,7 +112,14 @@ fn rollback_returns_the_volumes_and_the_next_snapshot_matches_the_live_files() {
         std::fs::metadata(&d).unwrap().permissions().mode() & 0o777,
         0o640
     );
-    assert_eq!(r.restored, vec!["dir/d.img".to_string()]);
+    assert_eq!(
+        r.restored,
+        vec!["current".to_string(), "dir/d.img".to_string()]
+    );
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        std::path::Path::new("a.img")
+    );
     assert_eq!(r.kept, vec!["c.img".to_string()]);
     assert!(c.exists(), "a file newer than the snapshot is kept");
     let va = r.volumes.iter().find(|v| v.path == "a.img").unwrap();

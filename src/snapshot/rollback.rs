@@ -852,12 +852,35 @@ impl Engine {
             let (parent, name) = split(&e.path);
             let pfd = self.dir_fd(parent)?;
             let cname = cstr(name).map_err(io_err(e.path.clone()))?;
-            if sys::fstatat(pfd.as_raw_fd(), &cname).is_ok() {
-                continue;
+            let want = e.target.as_deref().unwrap_or("");
+            let t = cstr(want).map_err(io_err(e.path.clone()))?;
+            // A symlink there with the same target stays; another target is replaced in one
+            // rename; anything else there now (a file, a dir) is left and said.
+            let mut made = cname.clone();
+            if let Ok(st) = sys::fstatat(pfd.as_raw_fd(), &cname) {
+                if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                    report.notes.push(format!(
+                        "{} is a symlink in the snapshot and something else now: left as it is",
+                        e.path
+                    ));
+                    continue;
+                }
+                let now = sys::open_path(pfd.as_raw_fd(), &cname)
+                    .and_then(|fd| sys::readlink_fd(fd.as_raw_fd()))
+                    .map_err(io_err(format!("reading symlink {}", e.path)))?;
+                if now == want.as_bytes() {
+                    continue;
+                }
+                made = cstr(&format!(".grainfs-rollback.{}", std::process::id()))
+                    .map_err(io_err(e.path.clone()))?;
+                let _ = sys::unlinkat(pfd.as_raw_fd(), &made, 0);
             }
-            let t = cstr(e.target.as_deref().unwrap_or("")).map_err(io_err(e.path.clone()))?;
-            sys::symlinkat(&t, pfd.as_raw_fd(), &cname)
+            sys::symlinkat(&t, pfd.as_raw_fd(), &made)
                 .map_err(io_err(format!("creating symlink {}", e.path)))?;
+            if made != cname {
+                sys::renameat2(pfd.as_raw_fd(), &made, pfd.as_raw_fd(), &cname, 0)
+                    .map_err(io_err(format!("replacing symlink {}", e.path)))?;
+            }
             if let Ok(fd) = sys::open_path(pfd.as_raw_fd(), &cname) {
                 if sys::geteuid() == 0 {
                     let _ = sys::fchown_fd(fd.as_raw_fd(), e.uid, e.gid);
