@@ -28,6 +28,7 @@ pub struct RollbackArgs {
     /// Remove the group's files the snapshot lacks (default: keep and list them).
     #[arg(long)]
     pub prune: bool,
+    /// Print the report as JSON (no progress bar).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

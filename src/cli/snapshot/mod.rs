@@ -63,6 +63,7 @@ pub struct CreateArgs {
     /// each would store, and take nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print the report as JSON (no progress bar).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
