@@ -333,6 +333,14 @@ pub fn lseek(fd: RawFd, offset: i64, whence: libc::c_int) -> io::Result<i64> {
 /// is read; a filesystem without holes reports the whole range).
 pub fn data_bytes(fd: RawFd, start: u64, end: u64) -> io::Result<u64> {
     let mut total = 0;
+    data_ranges(fd, start, end, |a, b| total += b - a)?;
+    Ok(total)
+}
+
+/// Call `f(from, to)` for each run of `start..end` of the file open at `fd` that holds data,
+/// in order (SEEK_DATA/SEEK_HOLE: two calls per run, none per hole; no data is read). A
+/// filesystem without holes reports the whole range as one run.
+pub fn data_ranges(fd: RawFd, start: u64, end: u64, mut f: impl FnMut(u64, u64)) -> io::Result<()> {
     let mut at = start;
     while at < end {
         let data = match lseek(fd, at as i64, libc::SEEK_DATA) {
@@ -345,11 +353,13 @@ pub fn data_bytes(fd: RawFd, start: u64, end: u64) -> io::Result<u64> {
             break;
         }
         let hole = lseek(fd, data as i64, libc::SEEK_HOLE)? as u64;
-        total += hole.min(end) - data;
+        if hole > data {
+            f(data, hole.min(end));
+        }
         // A file that changed between the two calls must not stall the loop.
         at = hole.max(data + 1);
     }
-    Ok(total)
+    Ok(())
 }
 
 pub fn copy_file_range(

@@ -42,7 +42,7 @@ use crate::sys::{now_ns, utc_stamp};
 use crate::track::{ChangeMap, Taken, Tracker, Volume};
 use capture::{BlockAction, Capture, CaptureSpec, CaptureStats, Failure};
 use group::{GroupTree, Selection};
-use plan::{dry_view, estimate, pending_blocks, plan};
+use plan::{data_blocks, dry_view, estimate, pending_blocks, plan};
 use report::{estimated_volume, partition_report};
 pub use report::{CreateReport, CreateRequest, PartitionReport, VolumeReport};
 
@@ -117,6 +117,10 @@ struct Prepared {
     /// The change map before the barrier (its rates feed the policy).
     map: ChangeMap,
     parent_hashes: Option<HashMap<u64, Option<[u8; 32]>>>,
+    /// The blocks that held data when the engine looked, before the barrier (None: unknown):
+    /// a FULL partition's capture copies these and the blocks dirtied since, never its holes
+    /// (`plan::pending_blocks`).
+    data: Option<Vec<u64>>,
 }
 
 /// What the engine did inside the barrier.
@@ -386,6 +390,19 @@ impl Engine {
                 }),
                 _ => None,
             };
+            // Where its data lies, to spare a FULL partition's holes; on an error, every
+            // block counts (a partial look must not hide data).
+            let mut looked = Ok(());
+            let data = data_blocks(st.st_size as u64, self.tracker.geometry(), |f| {
+                looked = sys::data_ranges(fd.as_raw_fd(), 0, st.st_size as u64, f);
+            });
+            let data = match looked {
+                Ok(()) => Some(data),
+                Err(err) => {
+                    warn!("{}: where its data lies (SEEK_DATA): {err}", e.path);
+                    None
+                }
+            };
             out.insert(
                 *id,
                 Prepared {
@@ -393,6 +410,7 @@ impl Engine {
                     deferred,
                     map,
                     parent_hashes,
+                    data,
                 },
             );
         }
@@ -699,7 +717,7 @@ impl Engine {
                 source,
                 size,
                 geometry,
-                pending: pending_blocks(t, size, geometry, &plan),
+                pending: pending_blocks(t, size, geometry, &plan, prep.data.as_deref()),
                 actions: plan
                     .iter()
                     .map(|d| match (d.kind, d.rescan) {
