@@ -172,7 +172,10 @@ fn tune_bdi(mountpoint: &Path, root: bool, writeback: bool) {
         return;
     }
     let Some(dev) = mount_device(mountpoint) else {
-        log::info!("no mountinfo line for {}: bdi limits left alone", mountpoint.display());
+        log::info!(
+            "no mountinfo line for {}: bdi limits left alone",
+            mountpoint.display()
+        );
         return;
     };
     let bdi = Path::new("/sys/class/bdi").join(&dev);
