@@ -424,7 +424,8 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         &store,
         req.config.snapdir == crate::config::SnapDir::Visible,
         req.config.snapshot_setuid,
-    )?;
+    )?
+    .with_writeback_cache(req.config.fuse.writeback_cache);
     let engine = match &tracker {
         Some(t) => Some(Arc::new(start_engine(&req, &store, t.clone())?)),
         None => None,
@@ -466,6 +467,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
     let cache = KernelCache {
         attr_ttl: req.config.cache.attr_timeout,
         entry_ttl: req.config.cache.entry_timeout,
+        writeback: req.config.fuse.writeback_cache,
     };
     let settings = MountSettings {
         backing: req.backing.clone(),

@@ -33,6 +33,7 @@ pub(super) struct ConfigFile {
     pub timezone: Option<Field<String>>,
     pub max_store_bytes: Option<Field<Size>>,
     pub cache: Table<CacheFile>,
+    pub fuse: Table<FuseFile>,
     pub tracking: Table<TrackingFile>,
     pub policy: Table<PolicyFile>,
     pub group: Groups,
@@ -44,6 +45,13 @@ pub(super) struct ConfigFile {
 pub(super) struct CacheFile {
     pub attr_timeout: Option<Field<Duration>>,
     pub entry_timeout: Option<Field<Duration>>,
+}
+
+/// `[fuse]`.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct FuseFile {
+    pub writeback_cache: Option<Field<bool>>,
 }
 
 /// `[tracking]`.

@@ -38,6 +38,7 @@ fn example_config_loads_with_documented_values() {
     assert_eq!(store, Path::new("/srv/volumes/.grainfs"));
     let defaults = Config::default();
     assert_eq!(c.cache, defaults.cache);
+    assert_eq!(c.fuse, defaults.fuse);
     assert_eq!(c.tracking, defaults.tracking);
     assert_eq!(c.policy, defaults.policy);
     assert_eq!(c.tracking.block_size, 65536);
@@ -372,6 +373,12 @@ fn bad_values_are_named_with_their_line() {
     error_at(part, "tracking.partition_size", 3);
     error_at("[cache]\nattr_timeout = \"2h\"\n", "cache.attr_timeout", 2);
     error_at(
+        "[fuse]\nwriteback_cache = \"yes\"\n",
+        "fuse.writeback_cache",
+        2,
+    );
+    error_at("[fuse]\nwrite_back = true\n", "fuse.write_back", 2);
+    error_at(
         "[policy]\nfull_dirty_fraction = 0.0\n",
         "policy.full_dirty_fraction",
         2,
@@ -515,6 +522,22 @@ fn a_reload_that_needs_a_remount_is_refused_naming_key_and_line() {
     refused(MOUNTED, &snapdir, "snapdir", 1);
     let untracked = MOUNTED.replace("[tracking]\n", "[tracking]\nenabled = false\n");
     refused(MOUNTED, &untracked, "tracking.enabled", 4);
+}
+
+#[test]
+fn writeback_cache_true_is_refused_until_snapshots_can_flush_it() {
+    let shown = error_at(
+        "[fuse]\nwriteback_cache = true\n",
+        "fuse.writeback_cache",
+        2,
+    );
+    assert!(shown.contains("not available yet"), "{shown}");
+    assert!(
+        !parse("[fuse]\nwriteback_cache = false\n")
+            .unwrap()
+            .fuse
+            .writeback_cache
+    );
 }
 
 #[test]

@@ -157,7 +157,11 @@ impl Files for Live<'_> {
                 Ok((0, old.get()))
             },
             || {
-                let reopen = || sys::reopen(inode.raw_fd(), flags & !STRIPPED_OPEN_FLAGS);
+                let reopen = || {
+                    self.open_for_kernel(flags & !STRIPPED_OPEN_FLAGS, |f| {
+                        sys::reopen(inode.raw_fd(), f)
+                    })
+                };
                 match caller {
                     Some(c) if truncate => self.as_caller(c, reopen),
                     _ => reopen(),
@@ -203,12 +207,9 @@ impl Files for Live<'_> {
         let existed = sys::fstatat(parent_inode.raw_fd(), &c).is_ok();
         let fd = self
             .as_caller(caller, || {
-                sys::openat(
-                    parent_inode.raw_fd(),
-                    &c,
-                    open_flags,
-                    (mode & !umask) & 0o7777,
-                )
+                self.open_for_kernel(open_flags, |f| {
+                    sys::openat(parent_inode.raw_fd(), &c, f, (mode & !umask) & 0o7777)
+                })
             })
             .map_err(FsError::backing("create"))?;
         if truncate_after {

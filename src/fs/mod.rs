@@ -26,7 +26,7 @@ use crate::sys;
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,6 +100,8 @@ pub struct OverlayFs {
     tracker: Option<Arc<Tracker>>,
     /// The read-only `.snapshots` view; None without a store to show.
     snapview: Option<SnapView>,
+    /// The kernel caches writes (`with_writeback_cache`): write-only opens are made read-write.
+    writeback_cache: bool,
 }
 
 thread_local! {
@@ -131,7 +133,45 @@ impl OverlayFs {
             chown_new: sys::geteuid() == 0,
             tracker: options.tracker,
             snapview: None,
+            writeback_cache: false,
         })
+    }
+
+    /// Serve a mount whose kernel caches writes (config `fuse.writeback_cache`). The kernel
+    /// then reads a page through whichever handle it writes back with, to fill the part of a
+    /// page a write did not cover, so a write-only open gets a read-write backing fd where the
+    /// backing file lets the daemon read it (otherwise it stays write-only, and a write that
+    /// covers part of a page fails with EIO, as in libfuse's passthrough examples). A user
+    /// cannot read through it: the kernel checks the user's own open mode before any read.
+    pub fn with_writeback_cache(mut self, on: bool) -> OverlayFs {
+        self.writeback_cache = on;
+        self
+    }
+
+    /// Open flags for the backing open of a file the kernel asked to open with `flags`, and the
+    /// flags to fall back to when the backing file refuses them (EACCES), if they differ.
+    fn backing_open_flags(&self, flags: i32) -> (i32, Option<i32>) {
+        if self.writeback_cache && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            ((flags & !libc::O_ACCMODE) | libc::O_RDWR, Some(flags))
+        } else {
+            (flags, None)
+        }
+    }
+
+    /// `open` with `backing_open_flags(flags)`: read-write where the write-back cache needs
+    /// it, as asked where the backing file does not allow reading.
+    fn open_for_kernel(
+        &self,
+        flags: i32,
+        open: impl Fn(i32) -> std::io::Result<OwnedFd>,
+    ) -> std::io::Result<OwnedFd> {
+        match self.backing_open_flags(flags) {
+            (wide, Some(asked)) => match open(wide) {
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => open(asked),
+                r => r,
+            },
+            (flags, None) => open(flags),
+        }
     }
 
     /// The inode number the kernel knows backing inode (`dev`, `ino`) by, if it knows it (to

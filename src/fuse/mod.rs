@@ -18,7 +18,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     TimeOrNow, WriteFlags,
 };
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use crate::fs::{
     Attr, Caller, Changed, Entry, FileKind, FsError, OverlayFs, SetAttr, SetTime, Validity,
@@ -29,11 +29,18 @@ pub mod session;
 
 /// Kernel cache settings, chosen on purpose:
 ///
-/// - Writeback cache is OFF. With it, a write() returns once it is in the kernel's page cache and
-///   reaches the daemon later; the snapshot barrier (DESIGN.md) must see every write that
-///   returned before it, and a page-cache flush cannot be forced from the daemon's side. Without
-///   it, every write is a synchronous request, so draining the daemon's in-flight requests is
-///   enough.
+/// - Writeback cache is a choice (config `fuse.writeback_cache`, off by default). Off, every
+///   write is a synchronous request: a write() returns after the daemon wrote the backing file,
+///   so draining the daemon's in-flight requests is enough for the snapshot barrier (DESIGN.md)
+///   to see every write that returned before it. On (FUSE_WRITEBACK_CACHE), a write() returns
+///   once it is in the kernel's page cache and reaches the daemon later, in large requests,
+///   through any writable handle of the inode; the barrier then sees what returned before it
+///   only because the engine's flush (a `syncfs` of the mount, `daemon::start_engine`) writes
+///   back every dirty page of the mount and waits for the daemon's replies before it. What the
+///   kernel then does itself: O_APPEND offsets (the backing open never gets O_APPEND anyway),
+///   mtime and ctime (sent back as setattr), and the page reads that fill a page a write covers
+///   in part (so write-only opens are read-write in the backing, `OverlayFs::
+///   with_writeback_cache`). Tracking stays exact per block: a page never straddles a block.
 /// - Attribute and entry timeouts default to 1 s (config `[cache]`): stat-heavy programs (git,
 ///   tar) stop paying a round trip per stat, while a change made behind the overlay's back is
 ///   seen within a second. Changes made through the mount are always seen at once, because the
@@ -48,6 +55,8 @@ pub mod session;
 pub struct KernelCache {
     pub attr_ttl: Duration,
     pub entry_ttl: Duration,
+    /// Ask the kernel for FUSE_WRITEBACK_CACHE (config `fuse.writeback_cache`).
+    pub writeback: bool,
 }
 
 /// Entry and attribute timeout of what a snapshot holds. Any long value is right for content
@@ -294,6 +303,17 @@ impl Filesystem for FuseAdapter {
         ] {
             if config.add_capabilities(cap).is_err() {
                 debug!("kernel lacks {cap:?}");
+            }
+        }
+        if self.cache.writeback {
+            // Without it the mount simply stays write-through: every guarantee of that mode
+            // holds, only the speed of write-back is lost.
+            match config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                Ok(()) => info!("kernel write-back cache on (fuse.writeback_cache = true)"),
+                Err(_) => warn!(
+                    "fuse.writeback_cache = true, but the kernel lacks FUSE_WRITEBACK_CACHE: \
+                     writes stay write-through"
+                ),
             }
         }
         Ok(())

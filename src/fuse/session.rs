@@ -1,5 +1,5 @@
 //! The FUSE session of one mount: the mount options, /dev/fuse, fuser's `Session` and its
-//! threads, the mount's readahead, and how the mount names itself in mountinfo. This is where
+//! threads, the mount's readahead and dirty page limits, and how the mount names itself in mountinfo. This is where
 //! a faster request path (our own /dev/fuse or io_uring loop) will replace fuser's.
 //!
 //! It owns the kernel side of a mount's life, from mounting to the end of `run`; it never
@@ -109,9 +109,7 @@ pub fn mount(fs: Arc<OverlayFs>, settings: &MountSettings) -> Result<Mounted, Mo
     let session =
         fuser::Session::new(adapter, &settings.mountpoint, &options).map_err(MountError::Mount)?;
     let _ = notifier.set(session.notifier());
-    if root {
-        set_read_ahead(&settings.mountpoint);
-    }
+    tune_bdi(&settings.mountpoint, root, settings.cache.writeback);
     Ok(Mounted { session })
 }
 
@@ -150,24 +148,71 @@ impl Mounted {
     }
 }
 
-/// Raise the readahead of the mount's backing device info (root only; best effort). The device
-/// is read from mountinfo: a stat of the mount point here would wait on our own session.
-fn set_read_ahead(mountpoint: &Path) {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+/// Share of the system's dirty page limit (vm.dirty_ratio or vm.dirty_bytes) the mount's dirty
+/// pages may take in write-back mode, in percent: the bound of what the daemon raises. The
+/// kernel gives a FUSE mount 1 % (about 50 MB on this machine kind) and a strict limit of its
+/// own (`strict_limit`), which throttles a writer as soon as that is full, so write-back gains
+/// nothing for large writes. Half the system's limit lets a mount absorb a burst while another
+/// disk (or the backing filesystem, which needs dirty pages of its own to take our writes)
+/// still gets the other half.
+pub const WRITEBACK_MAX_RATIO: u32 = 50;
+
+/// Raise the readahead of the mount's backing device info, and in write-back mode its dirty
+/// limits (`WRITEBACK_MAX_RATIO`, `strict_limit` off): root only, best effort, each step
+/// logged. The device is read from mountinfo: a stat of the mount point here would wait on our
+/// own session.
+fn tune_bdi(mountpoint: &Path, root: bool, writeback: bool) {
+    if !root {
+        if writeback {
+            log::info!(
+                "not root: the mount's dirty page limits stay at the kernel's FUSE defaults \
+                 (1 % of the dirty limit, strict), so large writes gain little from write-back"
+            );
+        }
+        return;
+    }
+    let Some(dev) = mount_device(mountpoint) else {
+        log::info!(
+            "no mountinfo line for {}: bdi limits left alone",
+            mountpoint.display()
+        );
         return;
     };
-    let dev = text.lines().rev().find_map(|line| {
+    let bdi = Path::new("/sys/class/bdi").join(&dev);
+    let set = |name: &str, value: String| {
+        let path = bdi.join(name);
+        match std::fs::write(&path, &value) {
+            Ok(()) => true,
+            Err(e) => {
+                log::info!("cannot set {} to {value}: {e}", path.display());
+                false
+            }
+        }
+    };
+    set("read_ahead_kb", READ_AHEAD_KB.to_string());
+    if !writeback {
+        return;
+    }
+    if set("max_ratio", WRITEBACK_MAX_RATIO.to_string()) & set("strict_limit", "0".into()) {
+        let max_bytes = std::fs::read_to_string(bdi.join("max_bytes"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        log::info!(
+            "write-back: bdi {dev}: max_ratio {WRITEBACK_MAX_RATIO} % (max_bytes {max_bytes}), \
+             strict_limit 0, read_ahead_kb {READ_AHEAD_KB}"
+        );
+    }
+}
+
+/// The device number (`major:minor`) of the mount at `mountpoint`, from mountinfo.
+fn mount_device(mountpoint: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().rev().find_map(|line| {
         let mut f = line.split(' ');
         let dev = f.nth(2)?;
         let mp = f.nth(1)?;
         (Path::new(&unescape_mountinfo(mp)) == mountpoint).then(|| dev.to_string())
-    });
-    if let Some(dev) = dev {
-        let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
-        if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
-            log::debug!("cannot set {path}: {e}");
-        }
-    }
+    })
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.

@@ -31,10 +31,32 @@ pub fn is_mounted(path: &Path) -> bool {
     text.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
 }
 
+/// The config of write-back mode: the kernel's page cache absorbs writes.
+pub const WRITEBACK: &str = "\n[fuse]\nwriteback_cache = true\n";
+
+/// Whether every mount of this run is in write-back mode (`GRAINFS_TEST_WRITEBACK=1`: the
+/// whole real-mount suite in that mode; by default only the tests that ask for it are).
+pub fn writeback_everywhere() -> bool {
+    std::env::var("GRAINFS_TEST_WRITEBACK").is_ok_and(|v| v == "1")
+}
+
 impl Mount {
     /// Mount an empty backing dir with the embedded defaults.
     pub fn new() -> Mount {
         Mount::with_setup(|_| {}, None)
+    }
+
+    /// Mount an empty backing dir in write-back mode.
+    pub fn writeback() -> Mount {
+        Mount::with_setup(|_| {}, Some(WRITEBACK))
+    }
+
+    /// `with_setup` with `config` (or none) plus `WRITEBACK` when `writeback`.
+    pub fn in_mode(writeback: bool, setup: impl FnOnce(&Path), config: Option<&str>) -> Mount {
+        match (writeback, config) {
+            (false, c) => Mount::with_setup(setup, c),
+            (true, c) => Mount::with_setup(setup, Some(&format!("{}{WRITEBACK}", c.unwrap_or("")))),
+        }
     }
 
     /// Mount after `setup` populated the backing dir, optionally with a config file's text
@@ -53,7 +75,9 @@ impl Mount {
         let log = root.join("daemon.log");
         let mut cmd = Command::new(grainfs_bin());
         cmd.arg("mount").arg(&backing).arg(&mnt).arg("-f");
-        if let Some(text) = config {
+        let everywhere = (writeback_everywhere() && !config.is_some_and(|c| c.contains("[fuse]")))
+            .then(|| format!("{}{WRITEBACK}", config.unwrap_or("")));
+        if let Some(text) = everywhere.as_deref().or(config) {
             let cfg = root.join("grainfs.toml");
             std::fs::write(&cfg, text).expect("write config");
             cmd.arg("-c").arg(&cfg);

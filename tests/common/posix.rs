@@ -42,8 +42,13 @@ pub struct Pair {
 
 impl Pair {
     pub fn new() -> Pair {
+        Pair::in_mode(false)
+    }
+
+    /// A pair whose mount is in write-back mode when `writeback`.
+    pub fn in_mode(writeback: bool) -> Pair {
         Pair {
-            mount: Mount::new(),
+            mount: Mount::in_mode(writeback, |_| {}, None),
             plain: super::plain_dir(),
         }
     }
