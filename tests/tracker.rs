@@ -635,6 +635,8 @@ fn clean_restart_restores_the_same_change_maps() {
 fn state_files_are_private() {
     let fx = Fx::new();
     let (_, fh) = fx.create("a.img");
+    // Saved once, so its writes need intents (a new volume's do not: see below).
+    fx.tracker().tick().unwrap();
     fx.write(fh, 0, 1);
     let dir = fx.store.join("tracking");
     assert!(
@@ -661,6 +663,7 @@ fn intent_is_durable_before_the_write_and_cleared_by_the_tick() {
     let fx = Fx::new();
     let (_, fh) = fx.create("a.img");
     let id = fx.id("a.img");
+    fx.tracker().tick().unwrap();
     fx.write(fh, 0, 1);
     fx.write(fh, 2 * PS, 2 * PS);
     let want: BTreeSet<(VolumeId, u64)> = [(id, 0), (id, 2), (id, 3)].into();
@@ -785,12 +788,36 @@ fn crash_before_any_tick_leaves_the_whole_volume_unknown() {
     let (_, a) = fx.create("a.img");
     fx.write(a, 0, BS);
     fx.write(a, 2 * PS, BS);
+    // A volume no save holds yet writes no intent (an untar pays no fsync per file)...
+    assert!(fx.tracker().pending_intents().is_empty());
+    assert!(!fx.intent_file().exists());
+    let id = fx.id("a.img");
     let fx = fx.crash();
     assert!(fx.recovery.unclean, "{:?}", fx.recovery);
-    let m = fx.map("a.img");
+    // ...so after a crash nothing records it, and it is unknown as a whole when the next
+    // snapshot (or open) takes it up.
+    assert!(fx.maybe_map("a.img").is_none());
+    let size = std::fs::metadata(fx.backing.join("a.img")).unwrap().len();
+    let m = fx.tracker().volume(id, size, false).change_map(None, 0);
     assert!(m.unknown_all, "{m:?}");
     assert_eq!(m.unknown_partitions, vec![0, 1, 2]);
     assert!(m.partitions.iter().all(|p| p.unknown));
+}
+
+#[test]
+fn a_volume_saved_once_records_intents_from_then_on() {
+    let fx = Fx::new();
+    let (_, a) = fx.create("a.img");
+    let id = fx.id("a.img");
+    fx.write(a, 0, BS);
+    assert!(fx.tracker().pending_intents().is_empty());
+    fx.tracker().tick().unwrap();
+    fx.write(a, 2 * PS, BS);
+    assert_eq!(fx.tracker().pending_intents(), [(id, 2)].into());
+    let fx = fx.crash();
+    let m = fx.map("a.img");
+    assert!(!m.unknown_all, "{m:?}");
+    assert_eq!(m.unknown_partitions, vec![2]);
 }
 
 #[test]
@@ -1168,6 +1195,7 @@ fn a_steady_writer_keeps_its_intent_record_across_ticks() {
     let fx = Fx::new();
     let (_, a) = fx.create("a.img");
     let id = fx.id("a.img");
+    fx.tracker().tick().unwrap();
     fx.write(a, 0, BS);
     for _ in 0..3 {
         fx.tracker().tick().unwrap();

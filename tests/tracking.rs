@@ -451,10 +451,13 @@ fn the_control_socket_and_tracking_files_are_private() {
     assert_eq!(mode(&store), 0o700);
     assert_eq!(mode(&store.join("control.sock")), 0o600);
     let tracking = store.join("tracking");
-    assert!(tracking.join("intent.json").exists());
-    wait_for(20, "a tick to save state.json", || {
-        tracking.join("state.json").exists()
+    // A new volume writes its first intent once a tick has saved it.
+    wait_for(20, "a tick to save the volume in state.json", || {
+        std::fs::read_to_string(tracking.join("state.json"))
+            .is_ok_and(|t| !t.contains("\"volumes\":[]"))
     });
+    f.write_all_at(b"y", 0).unwrap();
+    assert!(tracking.join("intent.json").exists());
     assert_eq!(mode(&tracking) & 0o077, 0, "tracking dir is private");
     for e in std::fs::read_dir(&tracking).unwrap() {
         let p = e.unwrap().path();

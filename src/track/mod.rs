@@ -217,7 +217,15 @@ impl Tracker {
 
     /// Make the write intent of `offset..offset+len` durable; call inside the volume's gate,
     /// before the change reaches the backing file.
+    ///
+    /// A volume no saved state holds yet (a file created or first opened since the last save:
+    /// an untar, a package install) needs none: after a crash it has no record, so the next
+    /// start finds it unknown as a whole (`restore`, `volume`), which is what its intents would
+    /// have said. That saves two fsyncs and a rewrite of the whole record per new file.
     pub fn before_change(&self, v: &Volume, offset: u64, len: u64) -> io::Result<()> {
+        if !v.recorded() {
+            return Ok(());
+        }
         let epoch = self.intents.epoch();
         v.ensure_intent(offset, len, epoch, |parts| {
             self.intents.record_many(v.id, parts)

@@ -221,6 +221,7 @@ impl Tracker {
         let vols = self.all_volumes();
         let mut saved = Vec::with_capacity(vols.len());
         for v in &vols {
+            v.mark_recorded();
             if v.check_stamp() {
                 warn!(
                     "volume {} changed behind the overlay's back: marked unknown",

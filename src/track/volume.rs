@@ -78,6 +78,10 @@ pub struct Volume {
     base: Mutex<Option<(String, u64)>>,
     /// errno of a taken-over write that failed after it returned (0: none).
     write_error: AtomicI32,
+    /// Whether a saved state (`state.json`) holds a record of this volume (`Tracker::save`
+    /// sets it, inside the gate, before it saves the volume). Until then its writes need no
+    /// write intent: after a crash a volume without a record starts unknown as a whole.
+    recorded: AtomicBool,
 }
 
 impl Volume {
@@ -103,6 +107,21 @@ impl Volume {
             capture: CaptureSlot::default(),
             base: Mutex::new(None),
             write_error: AtomicI32::new(0),
+            recorded: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a saved state may hold a record of this volume (see `recorded`).
+    pub fn recorded(&self) -> bool {
+        self.recorded.load(Ordering::Acquire)
+    }
+
+    /// From now on the saved state holds this volume: writers already inside the gate (which
+    /// skipped the write intent) leave first, so their bits are in the save that follows.
+    pub fn mark_recorded(&self) {
+        if !self.recorded() {
+            let _gate = self.close_gate();
+            self.recorded.store(true, Ordering::Release);
         }
     }
 
