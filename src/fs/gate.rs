@@ -94,12 +94,25 @@ impl OverlayFs {
         self.tracker.as_ref()?.get(volume_id(inode.key))
     }
 
-    /// The volume id of the regular file `name` in `dir` if its last link is about to go.
-    pub(super) fn last_link(&self, dir: &Inode, name: &CString) -> Option<VolumeId> {
-        self.tracker.as_ref()?;
-        let st = sys::fstatat(dir.raw_fd(), name).ok()?;
-        (st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1)
-            .then(|| volume_id(BackingKey::of(&st)))
+    /// What a change of the name `name` in `dir` (unlink, rename) needs to know of the inode it
+    /// names now, from one fstatat: its key (for `metadata_change`) and, if its last link is
+    /// about to go, its volume id (for `drop_volume`). Nothing without tracking: no stat then.
+    pub(super) fn name_target(
+        &self,
+        dir: &Inode,
+        name: &CString,
+    ) -> (Option<BackingKey>, Option<VolumeId>) {
+        if self.tracker.is_none() {
+            return (None, None);
+        }
+        match sys::fstatat(dir.raw_fd(), name) {
+            Ok(st) => {
+                let key = BackingKey::of(&st);
+                let last = st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1;
+                (Some(key), last.then(|| volume_id(key)))
+            }
+            Err(_) => (None, None),
+        }
     }
 
     /// Run a metadata change (chmod, utimens, link, rename, xattrs: no content change, but the
@@ -128,13 +141,6 @@ impl OverlayFs {
         }
         drop(gates);
         r
-    }
-
-    /// The backing key of `name` in `dir`, if it exists.
-    pub(super) fn key_at(dir: &Inode, name: &CString) -> Option<BackingKey> {
-        sys::fstatat(dir.raw_fd(), name)
-            .ok()
-            .map(|st| BackingKey::of(&st))
     }
 
     /// Stop tracking a volume whose last link went, unless a concurrent link() gave it a new

@@ -497,9 +497,8 @@ impl Names for Live<'_> {
         let parent = self.inodes.get(parent)?;
         self.check_not_store(&parent, name)?;
         let c = sys::name_cstr(name).map_err(FsError::backing("unlink"))?;
-        let gone = self.last_link(&parent, &c);
-        let keys: Vec<BackingKey> = OverlayFs::key_at(&parent, &c).into_iter().collect();
-        self.metadata_change(&keys, || {
+        let (key, gone) = self.name_target(&parent, &c);
+        self.metadata_change(key.as_slice(), || {
             sys::unlinkat(parent.raw_fd(), &c, 0).map_err(FsError::backing("unlink"))
         })?;
         self.drop_volume(gone);
@@ -527,18 +526,11 @@ impl Names for Live<'_> {
         self.check_not_store(&newparent, newname)?;
         let a = sys::name_cstr(name).map_err(FsError::backing("rename"))?;
         let b = sys::name_cstr(newname).map_err(FsError::backing("rename"))?;
-        let replaced = if flags & libc::RENAME_EXCHANGE == 0 {
-            self.last_link(&newparent, &b)
-        } else {
-            None
-        };
-        let keys: Vec<BackingKey> = [
-            OverlayFs::key_at(&parent, &a),
-            OverlayFs::key_at(&newparent, &b),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let (from, _) = self.name_target(&parent, &a);
+        let (to, last) = self.name_target(&newparent, &b);
+        // An exchange keeps both names: nothing loses its last link.
+        let replaced = last.filter(|_| flags & libc::RENAME_EXCHANGE == 0);
+        let keys: Vec<BackingKey> = [from, to].into_iter().flatten().collect();
         self.metadata_change(&keys, || {
             sys::renameat2(parent.raw_fd(), &a, newparent.raw_fd(), &b, flags)
                 .map_err(FsError::backing("rename"))

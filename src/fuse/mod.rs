@@ -44,7 +44,11 @@ pub mod session;
 /// - Attribute and entry timeouts default to 1 s (config `[cache]`): stat-heavy programs (git,
 ///   tar) stop paying a round trip per stat, while a change made behind the overlay's back is
 ///   seen within a second. Changes made through the mount are always seen at once, because the
-///   kernel updates or invalidates its own cache on them.
+///   kernel updates or invalidates its own cache on them. A name that does not exist is
+///   answered with a negative entry for the same entry timeout (not an ENOENT, which the
+///   kernel cannot cache), except where the directory's entries are not cached at all
+///   (`.snapshots` and each `<name>` in it); a create, link or rename through the mount
+///   replaces the kernel's negative entry at once.
 /// - keep_cache is set on open only when the file's size, mtime and ctime are the same as at its
 ///   previous open, so re-reading an unchanged volume is served from the page cache, and a file
 ///   changed behind our back is never served stale.
@@ -142,6 +146,28 @@ fn attr(a: &Attr) -> FileAttr {
         gid: a.gid,
         rdev: a.rdev,
         blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+/// The attributes of a negative entry: node id 0 tells the kernel the name does not exist,
+/// and the entry timeout says how long it may believe so; the rest is ignored.
+fn negative() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
         flags: 0,
     }
 }
@@ -320,12 +346,15 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(
-            "lookup",
-            On::Name(parent, name),
-            reply,
-            self.fs.lookup(parent.0, name),
-        )
+        match self.fs.lookup(parent.0, name) {
+            // A negative entry (node id 0) the kernel may keep as long as the directory's
+            // entries (`KernelCache`): a name looked up again and again while missing (git's
+            // .gitignore per directory, include and module search paths) costs one request.
+            Err(e) if e.errno() == libc::ENOENT && !self.ttl(parent.0).1.is_zero() => {
+                reply.entry(&self.ttl(parent.0).1, &negative(), Generation(0))
+            }
+            r => self.entry("lookup", On::Name(parent, name), reply, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -521,11 +550,15 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.empty("flush", On::Fh(fh), reply, self.fs.flush(fh.0))
+        // Nothing is buffered in the daemon and it keeps no locks, so a close has nothing to
+        // wait for here: ENOSYS makes the kernel stop sending FLUSH (one round trip less per
+        // close). The kernel still writes back a write-back mount's dirty pages of the file
+        // before the close returns (`fuse_flush` does that before it looks at `no_flush`).
+        reply.error(Errno::ENOSYS)
     }
 
     fn release(
