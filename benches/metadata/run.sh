@@ -24,8 +24,8 @@ SKIP_BUILD="${SKIP_BUILD:-0}"
 GRAINFS_BIN="${GRAINFS_BIN:-$REPO/target/release/grainfs}"
 # A second grainfs binary measured in the same rounds (before/after), column "grainfs-base".
 GRAINFS_BASE_BIN="${GRAINFS_BASE_BIN:-}"
-# Extra grainfs columns: "label|extra mount args" (args split on spaces).
-read -ra EXTRA_VARIANTS <<<"${GRAINFS_VARIANTS:-}"
+# Extra grainfs columns: "label|extra mount args" (args split on spaces), separated by ';'.
+IFS=';' read -ra EXTRA_VARIANTS <<<"${GRAINFS_VARIANTS:-}"
 
 log() { printf '[meta-bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -110,7 +110,8 @@ HEADER="# grainfs metadata benchmark
 - $(stress-ng --version | head -1), $(bindfs --version 2>&1 | head -1), grainfs $git_rev${GRAINFS_BASE_BIN:+, base: $GRAINFS_BASE_BIN}
 - small-file jobs: $FILES files in one directory; tree: $TREE_DESC: $TREE_ENTRIES entries ($TREE_REGS files), $TREE_MB MB
 - stress-ng ops: dir $DIR_OPS, filename $FILENAME_OPS, link $LINK_OPS, xattr $XATTR_OPS (one instance each)
-- cells: ops/s, median of $REPEAT interleaved round(s), page cache dropped before every job; ratio = target / plain
+- cells: ops/s, median of $REPEAT round(s); in a round each job runs on every target back to back; page cache
+  dropped before every job; ratio = median over rounds of target/plain in the same round
 "
 
 # ---- jobs ---------------------------------------------------------------------------------
@@ -154,10 +155,13 @@ run_job() {  # run_job JOB DIR OUTFILE
     stress-xattr) stress xattr "$XATTR_OPS" "$dir" "$out" ;;
     *) die "unknown job $job" ;;
   esac
-  log "  $(printf '%-16s' "$job") $(awk '{printf "%10.1f ops/s (%s ops in %.2f s)", $1/$2, $1, $2}' "$out")"
+  awk '{printf "%10.1f ops/s (%s ops in %.2f s)\n", $1/$2, $1, $2}' "$out" >&2
 }
 
 for rep in $(seq "$REPEAT"); do
+  # Every target gets a fresh backing dir and mount for the round; then each job runs on every
+  # target back to back, so a job's numbers on the targets are seconds apart, not minutes.
+  DIRS=()
   for t in "${TARGETS[@]}"; do
     IFS='|' read -r label kind bin extra <<<"$t"
     s="$(slug "$label")"; backing="$BENCH_DIR/backing-$s"; mnt="$BENCH_DIR/mnt-$s"
@@ -173,9 +177,13 @@ for rep in $(seq "$REPEAT"); do
         bindfs "$backing" "$mnt" || die "bindfs mount failed"
         wait_mounted "$mnt" || die "no bindfs mount at $mnt"; dir="$mnt" ;;
     esac
-    log "round $rep/$REPEAT: $label in $dir"
     mkdir -p "$dir/tree"
-    for job in $JOBS; do
+    DIRS+=("$dir")
+  done
+  for job in $JOBS; do
+    log "round $rep/$REPEAT: $job"
+    for i in "${!TARGETS[@]}"; do
+      label="${TARGETS[$i]%%|*}"; dir="${DIRS[$i]}"
       if [[ "$job" == git-status && ! -d "$dir/tree/.git" ]]; then
         # The repository of the tree (untimed): its .git copied in, the index refreshed by a
         # first status (it holds the stat data of the copy git made it from).
@@ -183,41 +191,21 @@ for rep in $(seq "$REPEAT"); do
         cp -a "$BENCH_DIR/gitsrc/.git" "$dir/tree/.git"
         git -C "$dir/tree" status --porcelain >/dev/null
       fi
-      run_job "$job" "$dir" "$RESULTS/$s/$job.$rep"
+      printf '[meta-bench]   %-14s' "$label" >&2
+      run_job "$job" "$dir" "$RESULTS/$(slug "$label")/$job.$rep"
     done
-    [[ "$kind" == plain ]] || unmount "$mnt" "$bin"
-    rm -rf "$backing"
+  done
+  for t in "${TARGETS[@]}"; do
+    IFS='|' read -r label kind bin extra <<<"$t"
+    s="$(slug "$label")"
+    [[ "$kind" == plain ]] || unmount "$BENCH_DIR/mnt-$s" "$bin"
+    rm -rf "$BENCH_DIR/backing-$s"
   done
 done
 
 # ---- report -------------------------------------------------------------------------------
 spec=""; for t in "${TARGETS[@]}"; do spec+="${spec:+,}${t%%|*}=$(slug "${t%%|*}")"; done
-table="$(python3 - "$RESULTS" "$spec" $JOBS <<'EOF'
-import os, statistics, sys
-res, spec, jobs = sys.argv[1], sys.argv[2], sys.argv[3:]
-targets = [t.split("=", 1) for t in spec.split(",")]
-def rate(slug, job):
-    vals = []
-    d = os.path.join(res, slug)
-    for f in sorted(os.listdir(d)):
-        if f.rsplit(".", 1)[0] == job:
-            ops, secs = map(float, open(os.path.join(d, f)).read().split())
-            vals.append(ops / secs)
-    return (statistics.median(vals), min(vals), max(vals)) if vals else None
-head = ["job"] + [f"{l} ops/s" for l, _ in targets] + [f"{l}/plain" for l, _ in targets[1:]]
-print("| " + " | ".join(head) + " |")
-print("|" + "---|" * len(head))
-spread = []
-for job in jobs:
-    r = {l: rate(s, job) for l, s in targets}
-    plain = r[targets[0][0]]
-    row = [job] + [f"{r[l][0]:,.1f}" if r[l] else "-" for l, _ in targets]
-    row += [f"{r[l][0] / plain[0]:.3f}" if r[l] and plain else "-" for l, _ in targets[1:]]
-    print("| " + " | ".join(row) + " |")
-    spread += [f"{job}/{l} {100 * (r[l][2] - r[l][1]) / r[l][0]:.0f}%" for l, _ in targets if r[l]]
-print()
-print("spread (max-min)/median: " + ", ".join(spread))
-EOF
-)"
+table="$(python3 "$HERE/report.py" "$RESULTS" "$spec" $JOBS)"
 printf '%s\n%s\n' "$HEADER" "$table" | tee "$OUT"
+[[ -z "${KEEP_RESULTS:-}" ]] || { mkdir -p "$KEEP_RESULTS"; cp -r "$RESULTS/." "$KEEP_RESULTS/"; }
 log "written to $OUT"

@@ -15,10 +15,13 @@
 //! numbers with the top two bits set are the snapshot view's (`SNAPVIEW`); this table never
 //! hands them out.
 //!
-//! Lock order: `InodeTable::inner` is a leaf lock; nothing else is taken while it is held.
+//! Lock order: `InodeTable::inner` is a leaf lock; nothing else is taken while it is held. A
+//! lookup of an inode the table holds takes it shared (the count is atomic); only a new inode
+//! and a forget take it exclusively.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::{FileKind, FsError, FsResult};
@@ -97,7 +100,10 @@ impl Inode {
 
 struct Slot {
     inode: Arc<Inode>,
-    nlookup: u64,
+    /// Kernel lookups not yet forgotten. Raised under the read lock (a lookup of a known
+    /// inode, the common case, takes no write lock); lowered, and the slot removed at 0, only
+    /// under the write lock, so no raise can race the removal.
+    nlookup: AtomicU64,
 }
 
 struct Inner {
@@ -160,7 +166,7 @@ impl InodeTable {
             Slot {
                 inode: root,
                 // The kernel holds the root for the whole mount; one extra so forget never drops it.
-                nlookup: u64::MAX / 2,
+                nlookup: AtomicU64::new(u64::MAX / 2),
             },
         );
         let mut by_key = HashMap::new();
@@ -193,13 +199,16 @@ impl InodeTable {
     /// Record one kernel lookup of the backing inode `key`; `fd` is an O_PATH fd on it that is
     /// kept if the inode is new and closed otherwise.
     pub fn lookup(&self, key: BackingKey, kind: FileKind, fd: OwnedFd) -> Arc<Inode> {
+        if let Some(inode) = self.known(key, kind) {
+            return inode;
+        }
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if let Some(&ino) = inner.by_key.get(&key) {
             if let Some(slot) = inner.by_ino.get_mut(&ino) {
                 // An inode can change kind only if the backing inode number was reused after the
                 // old file was deleted behind our back; then the old entry is stale.
                 if slot.inode.kind == kind {
-                    slot.nlookup += 1;
+                    *slot.nlookup.get_mut() += 1;
                     return slot.inode.clone();
                 }
             }
@@ -217,7 +226,7 @@ impl InodeTable {
             ino,
             Slot {
                 inode: inode.clone(),
-                nlookup: 1,
+                nlookup: AtomicU64::new(1),
             },
         );
         inner.by_key.insert(key, ino);
@@ -226,13 +235,25 @@ impl InodeTable {
         inode
     }
 
+    /// One more kernel lookup of `key`, if the table holds it with kind `kind`: under the read
+    /// lock only.
+    fn known(&self, key: BackingKey, kind: FileKind) -> Option<Arc<Inode>> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let slot = inner.by_ino.get(inner.by_key.get(&key)?)?;
+        (slot.inode.kind == kind).then(|| {
+            slot.nlookup.fetch_add(1, Ordering::Relaxed);
+            slot.inode.clone()
+        })
+    }
+
     /// Drop `n` kernel references; the inode goes when none are left.
     pub fn forget(&self, ino: u64, n: u64) {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let gone = match inner.by_ino.get_mut(&ino) {
             Some(slot) => {
-                slot.nlookup = slot.nlookup.saturating_sub(n);
-                slot.nlookup == 0
+                let left = slot.nlookup.get_mut();
+                *left = left.saturating_sub(n);
+                *left == 0
             }
             None => false,
         };
@@ -268,7 +289,7 @@ impl InodeTable {
             .unwrap_or_else(|p| p.into_inner())
             .by_ino
             .get(&ino)
-            .map_or(0, |s| s.nlookup)
+            .map_or(0, |s| s.nlookup.load(Ordering::Relaxed))
     }
 }
 
