@@ -135,7 +135,10 @@ fn a_file_made_behind_the_overlays_back_shows_within_the_entry_timeout() {
     let p = m.path().join("outside");
     look_up_while_missing(&p);
     fs::write(m.backing().join("outside"), b"x").unwrap();
-    assert!(p.exists(), "entry_timeout = 0s must cache no negative entry");
+    assert!(
+        p.exists(),
+        "entry_timeout = 0s must cache no negative entry"
+    );
 }
 
 #[test]
