@@ -643,7 +643,7 @@ impl Drop for AsCaller {
 /// Supplementary groups of `pid` from /proc (the kernel checked the caller with them); just
 /// `gid` when they cannot be read (the process is gone, or in another pid namespace).
 fn caller_groups(pid: u32, gid: u32) -> Vec<libc::gid_t> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let text = read_proc(&format!("/proc/{pid}/status")).unwrap_or_default();
     let mut groups: Vec<libc::gid_t> = text
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
@@ -657,6 +657,29 @@ fn caller_groups(pid: u32, gid: u32) -> Vec<libc::gid_t> {
         groups = vec![gid];
     }
     groups
+}
+
+/// A /proc file as text. A /proc file says its size is 0, so `read_to_string` probes it with
+/// reads of 32, 32, 64, 128... bytes (eight calls for a status file on every create, mkdir and
+/// mknod); one 4 KiB read gets the status of a process whole.
+fn read_proc(path: &str) -> io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        if buf.len() == buf.capacity() {
+            buf.reserve(4096);
+        }
+        let spare = buf.capacity() - buf.len();
+        let start = buf.len();
+        buf.resize(start + spare, 0);
+        let n = f.read(&mut buf[start..])?;
+        buf.truncate(start + n);
+        if n == 0 {
+            break;
+        }
+    }
+    String::from_utf8(buf).map_err(io::Error::other)
 }
 
 /// Unix time in nanoseconds.
