@@ -543,13 +543,14 @@ impl Filesystem for FuseAdapter {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.empty("fsync", On::Fh(fh), reply, self.fs.fsync(fh.0, datasync))
+        let r = self.fs.fsync_by(req.pid(), fh.0, datasync);
+        self.empty("fsync", On::Fh(fh), reply, r)
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
