@@ -59,13 +59,18 @@ def main():
     header = ["job", "unit"] + [label for label, _ in targets]
     for label, _ in variants:
         header += [f"{label}/plain", f"{label}/bindfs"]
-    # With a tracking-off variant, the cost of tracking: tracking on / tracking off.
+    # With a tracking-off variant, the cost of tracking: tracking on / tracking off (both
+    # write-through).
     off = [label for label, _ in variants if "tracking off" in label]
     on = [label for label, _ in variants if "tracking off" not in label]
+    on = [label for label in on if "write-back" not in label] + [
+        label for label in on if "write-back" in label
+    ]
     if off and on:
         header += [f"{on[0]}/{off[0]}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
+    ratios_to_plain = {}
 
     for job_name in jobs:
         unit = "MB/s" if job_name.startswith("seq") else "IOPS"
@@ -86,6 +91,11 @@ def main():
                 notes.append(
                     f"{job_name} on {label}: stopped by the runtime cap before the full size"
                 )
+        ratios_to_plain[job_name] = {
+            label: values[label] / values[plain[0]]
+            for label, _ in variants
+            if values[label] is not None and values[plain[0]]
+        }
         row = [job_name, unit] + [fmt(values[label], unit) for label, _ in targets]
         for label, _ in variants:
             row += [ratio(values[label], values[plain[0]]), ratio(values[label], values[bindfs[0]])]
@@ -96,6 +106,41 @@ def main():
     print("\n".join(lines))
     for n in notes:
         print(f"\nNote: {n}")
+    print_targets(ratios_to_plain, on, [label for label, _ in variants if "write-back" in label])
+
+
+# Issue 13's targets: the least ratio to the plain directory, write-through and write-back.
+TARGETS = {
+    "seq-write": (0.55, 0.75),
+    "seq-read": (0.90, 0.90),
+    "rand-write": (0.40, 0.65),
+    "rand-read": (0.85, 0.85),
+}
+
+
+def print_targets(ratios, on, writeback):
+    """The targets table: per job, each mode's ratio to the plain dir against its target."""
+    through = [label for label in on if "write-back" not in label]
+    if not through:
+        return
+    cols = [("write-through", through[0], 0)]
+    if writeback:
+        cols.append(("write-back", writeback[0], 1))
+    header = ["job"]
+    for mode, _, _ in cols:
+        header += [f"{mode} target", f"{mode} /plain"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for job_name, r in ratios.items():
+        if job_name not in TARGETS:
+            continue
+        row = [job_name]
+        for _, label, i in cols:
+            want, got = TARGETS[job_name][i], r.get(label)
+            mark = "n/a" if got is None else f"{got:.2f} {'met' if got >= want else 'missed'}"
+            row += [f">= {want:.2f}", mark]
+        lines.append("| " + " | ".join(row) + " |")
+    print("\nTargets (issue 13; ratio to the plain dir, medians):\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ GRAINFS_BIN="${GRAINFS_BIN:-$REPO/target/release/grainfs}"
 # e.g. "grainfs (tracking off)|-c $HERE/conf/tracking-off.toml"
 GRAINFS_VARIANTS=(
   "grainfs|"
+  "grainfs (write-back)|-c $HERE/conf/writeback.toml"
   "grainfs (tracking off)|-c $HERE/conf/tracking-off.toml"
 )
 
