@@ -7,8 +7,11 @@ usage: report.py RESULTS_DIR JOBS TARGETS
   TARGETS      comma-separated label=slug pairs in column order; the first is the
                plain directory, the last is bindfs, the ones between are grainfs variants.
 
-Each cell is the median over the repetitions. seq-* jobs are reported in MB/s
-(10^6 bytes per second), rand-* jobs in IOPS. Prints the table on stdout.
+Each value cell is the median over the repetitions; each ratio the median over the
+repetitions of the two targets' ratio within that repetition (run.sh runs a job on every
+target in turn, so those are minutes apart at most). seq-* jobs are reported in MB/s
+(10^6 bytes per second), rand-* jobs in IOPS. Prints the table on stdout, then issue 13's
+targets table (ratios to the plain dir, write-through and write-back).
 """
 import glob
 import json
@@ -45,10 +48,8 @@ def fmt(v, unit):
     return f"{v:,.1f}" if unit == "MB/s" else f"{v:,.0f}"
 
 
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return "n/a"
-    return f"{a / b:.2f}"
+def fmt_ratio(r):
+    return "n/a" if r is None else f"{r:.2f}"
 
 
 def main():
@@ -74,13 +75,15 @@ def main():
 
     for job_name in jobs:
         unit = "MB/s" if job_name.startswith("seq") else "IOPS"
-        values = {}
+        values, by_rep = {}, {}
         for label, slug in targets:
             files = sorted(glob.glob(os.path.join(results, slug, f"{job_name}.*.fio.json")))
             samples, short = [], False
+            by_rep[label] = {}
             for path in files:
                 v, io_bytes = metric(job_name, load(path))
                 samples.append(v)
+                by_rep[label][os.path.basename(path).split(".")[1]] = v
                 expected = os.environ.get(
                     "SEQ_BYTES" if job_name.startswith("seq") else "RAND_IO_BYTES"
                 )
@@ -91,16 +94,26 @@ def main():
                 notes.append(
                     f"{job_name} on {label}: stopped by the runtime cap before the full size"
                 )
+        def rep_ratio(a, b):
+            """Median over the reps of a/b measured in the same rep (None without a pair)."""
+            pairs = [
+                by_rep[a][r] / by_rep[b][r]
+                for r in by_rep[a]
+                if r in by_rep[b] and by_rep[b][r]
+            ]
+            return statistics.median(pairs) if pairs else None
+
         ratios_to_plain[job_name] = {
-            label: values[label] / values[plain[0]]
-            for label, _ in variants
-            if values[label] is not None and values[plain[0]]
+            label: rep_ratio(label, plain[0]) for label, _ in variants
         }
         row = [job_name, unit] + [fmt(values[label], unit) for label, _ in targets]
         for label, _ in variants:
-            row += [ratio(values[label], values[plain[0]]), ratio(values[label], values[bindfs[0]])]
+            row += [
+                fmt_ratio(rep_ratio(label, plain[0])),
+                fmt_ratio(rep_ratio(label, bindfs[0])),
+            ]
         if off and on:
-            row += [ratio(values[on[0]], values[off[0]])]
+            row += [fmt_ratio(rep_ratio(on[0], off[0]))]
         lines.append("| " + " | ".join(row) + " |")
 
     print("\n".join(lines))
