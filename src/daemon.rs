@@ -426,8 +426,14 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         req.config.snapshot_setuid,
     )?
     .with_writeback_cache(req.config.fuse.writeback_cache);
+    let overlay = Arc::new(overlay);
     let engine = match &tracker {
-        Some(t) => Some(Arc::new(start_engine(&req, &store, t.clone())?)),
+        Some(t) => Some(Arc::new(start_engine(
+            &req,
+            &store,
+            t.clone(),
+            overlay.clone(),
+        )?)),
         None => None,
     };
     let lifecycle = match &engine {
@@ -476,7 +482,6 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         threads: req.config.threads,
         cache,
     };
-    let overlay = Arc::new(overlay);
     let mut mounted = session::mount(overlay.clone(), &settings).map_err(|e| match e {
         MountError::DevFuse { uid } => DaemonError::DevFuse(req.mountpoint.clone(), uid),
         MountError::Mount(source) => DaemonError::Mount {
@@ -626,6 +631,7 @@ fn start_engine(
     req: &MountRequest,
     store: &Path,
     tracker: Arc<Tracker>,
+    overlay: Arc<OverlayFs>,
 ) -> Result<Engine, DaemonError> {
     let mountpoint = req.mountpoint.clone();
     Engine::new(EngineOptions {
@@ -637,11 +643,14 @@ fn start_engine(
         workers: req.config.threads.clamp(1, 4),
         defer_writes: true,
         flush: Box::new(move || {
-            // Dirty pages of shared writable mappings reach us only at writeback; syncfs on
-            // the mount pushes them through our own write path before the barrier. From a
-            // child process: see `sys::syncfs_in_child`.
-            if let Err(e) = crate::sys::syncfs_in_child(&mountpoint) {
-                warn!("syncfs {} before a snapshot: {e}", mountpoint.display());
+            // Pages the kernel holds dirty for the mount (write-back cache, shared writable
+            // mappings) reach us only at writeback: push them through our own write path and
+            // wait for it (`OverlayFs::flush_kernel_cache`, which says why not `syncfs`).
+            if let Err(e) = overlay.flush_kernel_cache(&mountpoint) {
+                warn!(
+                    "flushing the kernel's cached writes of {}: {e}",
+                    mountpoint.display()
+                );
             }
         }),
     })

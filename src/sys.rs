@@ -782,6 +782,113 @@ pub fn syncfs_in_child(path: &Path) -> io::Result<()> {
     }
 }
 
+/// A file for `fsync_in_child`: its path (through a FUSE mount) and the inode number the
+/// mount must show for it (so a name that moved to another file since is not taken for it).
+pub struct FsyncTarget {
+    pub path: CString,
+    pub ino: u64,
+}
+
+/// Open each of `targets` read-only (write-only where reading is refused) and fsync it, in a
+/// forked child, with the caller waiting for it; `started` runs in the caller with the child's
+/// pid before the child opens anything. Returns the indexes of the targets the child could not
+/// fsync (gone, another inode under the name, or the fsync failed).
+///
+/// A child for the same reason as `syncfs_in_child`: an fsync of a file of the daemon's own
+/// FUSE mount waits uninterruptibly for writes that only the daemon serves, and a thread of
+/// the daemon waiting so when a kill -9 comes would keep /dev/fuse open and hang the mount. The
+/// child keeps only the two pipes it talks over.
+pub fn fsync_in_child(
+    targets: &[FsyncTarget],
+    started: impl FnOnce(i32),
+) -> io::Result<Vec<usize>> {
+    let pipe = || -> io::Result<(OwnedFd, OwnedFd)> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array we own.
+        check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+        // SAFETY: both fds are new and ours.
+        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    };
+    let (go_r, go_w) = pipe()?;
+    let (failed_r, failed_w) = pipe()?;
+    let (keep_a, keep_b) = (go_r.as_raw_fd(), failed_w.as_raw_fd());
+    let (lo, hi) = (keep_a.min(keep_b) as u32, keep_a.max(keep_b) as u32);
+    // SAFETY: between fork and _exit the child makes only async-signal-safe system calls on
+    // memory prepared before the fork (`targets`, the fds above); it allocates nothing.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            for (from, to) in [
+                (3, lo.saturating_sub(1)),
+                ((lo + 1).max(3), hi - 1),
+                ((hi + 1).max(3), u32::MAX),
+            ] {
+                if from <= to {
+                    libc::syscall(libc::SYS_close_range, from, to, 0u32);
+                }
+            }
+            let mut byte = 0u8;
+            if libc::read(keep_a, (&mut byte as *mut u8).cast(), 1) != 1 {
+                libc::_exit(1);
+            }
+            for (i, t) in targets.iter().enumerate() {
+                let base = libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_NOFOLLOW;
+                let mut fd = libc::open(t.path.as_ptr(), base | libc::O_RDONLY);
+                if fd < 0 && *libc::__errno_location() == libc::EACCES {
+                    fd = libc::open(t.path.as_ptr(), base | libc::O_WRONLY);
+                }
+                let mut ok = fd >= 0;
+                if ok {
+                    let mut st: libc::stat = std::mem::zeroed();
+                    ok =
+                        libc::fstat(fd, &mut st) == 0 && st.st_ino == t.ino && libc::fsync(fd) == 0;
+                    libc::close(fd);
+                }
+                if !ok {
+                    let index = (i as u32).to_le_bytes();
+                    libc::write(keep_b, index.as_ptr().cast(), index.len());
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(go_r);
+    drop(failed_w);
+    started(pid);
+    let go = std::fs::File::from(go_w);
+    let _ = (&go).write_all(&[1]);
+    drop(go);
+    let mut failed = Vec::new();
+    let mut report = std::fs::File::from(failed_r);
+    let mut bytes = Vec::new();
+    let read = std::io::Read::read_to_end(&mut report, &mut bytes);
+    for chunk in bytes.chunks_exact(4) {
+        failed.push(u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as usize);
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for the child forked above.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    read?;
+    match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+        (true, 0) => Ok(failed),
+        (true, code) => Err(io::Error::other(format!(
+            "the fsync child exited with {code}"
+        ))),
+        _ => Err(io::Error::other("the fsync child was killed")),
+    }
+}
+
 /// `YYYYMMDDTHHMMSSZ` for a Unix time (UTC), as snapshot names use it.
 pub fn utc_stamp(secs: u64) -> String {
     let days = (secs / 86_400) as i64;

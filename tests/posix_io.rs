@@ -1,6 +1,7 @@
 //! File I/O through a real mount, checked against a plain dir: open flags, reads and writes at
 //! offsets, shared mmap, changes made in the backing dir, close and the fsync family, files
-//! kept open after unlink, a sparse 1 GiB volume and concurrent writers.
+//! kept open after unlink, a sparse 1 GiB volume and concurrent writers; each in write-through
+//! and in write-back mode (`[fuse] writeback_cache = true`).
 
 mod common;
 
@@ -15,9 +16,8 @@ use common::{Mount, Rng};
 
 // ---- open, create, read, write, sync ----
 
-#[test]
-fn open_flags_behave_like_plain_dir() {
-    let p = Pair::new();
+fn open_flags_behave_like_plain_dir(writeback: bool) {
+    let p = Pair::in_mode(writeback);
     p.both("create", |r| fs::write(r.join("f"), b"hello"));
     p.expect("O_EXCL on existing", Err(libc::EEXIST), |r| {
         OpenOptions::new()
@@ -86,9 +86,8 @@ fn open_flags_behave_like_plain_dir() {
     });
 }
 
-#[test]
-fn reads_and_writes_at_offsets_match_plain_dir() {
-    let p = Pair::new();
+fn reads_and_writes_at_offsets_match_plain_dir(writeback: bool) {
+    let p = Pair::in_mode(writeback);
     p.expect(
         "pwrite past end leaves zeros",
         Ok(b"hello\0\0\0\0\0xyz".to_vec()),
@@ -182,9 +181,8 @@ fn reads_and_writes_at_offsets_match_plain_dir() {
     );
 }
 
-#[test]
-fn mmap_shared_writes_reach_the_file() {
-    let p = Pair::new();
+fn mmap_shared_writes_reach_the_file(writeback: bool) {
+    let p = Pair::in_mode(writeback);
     let len = 256 * KIB as usize;
     let data = pattern(11, 0, len);
     p.expect(
@@ -246,9 +244,12 @@ fn mmap_shared_writes_reach_the_file() {
     });
 }
 
-#[test]
-fn file_changed_in_backing_shows_through_the_mount_on_reopen() {
-    let m = Mount::with_setup(|b| fs::write(b.join("v"), b"aaaa").unwrap(), None);
+fn file_changed_in_backing_shows_through_the_mount_on_reopen(writeback: bool) {
+    let m = Mount::in_mode(
+        writeback,
+        |b| fs::write(b.join("v"), b"aaaa").unwrap(),
+        None,
+    );
     assert_eq!(fs::read(m.path().join("v")).unwrap(), b"aaaa");
     // Same size, new content and mtime: the kernel's page cache must not serve the old bytes.
     fs::write(m.backing().join("v"), b"bbbb").unwrap();
@@ -257,9 +258,8 @@ fn file_changed_in_backing_shows_through_the_mount_on_reopen() {
     assert_eq!(fs::read(m.path().join("v")).unwrap(), b"bbbb");
 }
 
-#[test]
-fn close_fsync_fdatasync_and_dir_fsync_succeed() {
-    let p = Pair::new();
+fn close_fsync_fdatasync_and_dir_fsync_succeed(writeback: bool) {
+    let p = Pair::in_mode(writeback);
     p.expect("fsync, fdatasync, close", Ok(0), |r| {
         let mut f = File::create(r.join("f"))?;
         f.write_all(b"data")?;
@@ -282,9 +282,8 @@ fn close_fsync_fdatasync_and_dir_fsync_succeed() {
 
 // ---- open-but-unlinked files ----
 
-#[test]
-fn unlinked_file_keeps_working_through_its_fd() {
-    let p = Pair::new();
+fn unlinked_file_keeps_working_through_its_fd(writeback: bool) {
+    let p = Pair::in_mode(writeback);
     p.expect(
         "write, read, fstat after unlink",
         Ok((b"helloXY".to_vec(), 0, 7)),
@@ -345,10 +344,9 @@ fn unlinked_file_keeps_working_through_its_fd() {
 
 // ---- large sparse volume and concurrency ----
 
-#[test]
-fn sparse_1gib_random_writes_read_back_exactly() {
+fn sparse_1gib_random_writes_read_back_exactly(writeback: bool) {
     const BLOCK: u64 = 4096;
-    let m = Mount::new();
+    let m = Mount::in_mode(writeback, |_| {}, None);
     let path = m.path().join("volume.img");
     let f = OpenOptions::new()
         .read(true)
@@ -406,11 +404,10 @@ fn sparse_1gib_random_writes_read_back_exactly() {
     }
 }
 
-#[test]
-fn concurrent_writers_lose_nothing() {
+fn concurrent_writers_lose_nothing(writeback: bool) {
     const FILE_SIZE: u64 = 8 * MIB;
     const CHUNK: usize = 64 * KIB as usize;
-    let m = Mount::new();
+    let m = Mount::in_mode(writeback, |_| {}, None);
     let shared = m.path().join("shared");
     File::create(&shared).unwrap().set_len(4 * MIB).unwrap();
     std::thread::scope(|s| {
@@ -461,3 +458,32 @@ fn concurrent_writers_lose_nothing() {
         );
     }
 }
+
+/// Each test above in both modes: `write_through::NAME` and `write_back::NAME`.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod write_through {
+            $(#[test]
+            fn $name() {
+                super::$name(false)
+            })*
+        }
+        mod write_back {
+            $(#[test]
+            fn $name() {
+                super::$name(true)
+            })*
+        }
+    };
+}
+
+in_both_modes!(
+    open_flags_behave_like_plain_dir,
+    reads_and_writes_at_offsets_match_plain_dir,
+    mmap_shared_writes_reach_the_file,
+    file_changed_in_backing_shows_through_the_mount_on_reopen,
+    close_fsync_fdatasync_and_dir_fsync_succeed,
+    unlinked_file_keeps_working_through_its_fd,
+    sparse_1gib_random_writes_read_back_exactly,
+    concurrent_writers_lose_nothing,
+);

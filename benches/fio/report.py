@@ -7,8 +7,11 @@ usage: report.py RESULTS_DIR JOBS TARGETS
   TARGETS      comma-separated label=slug pairs in column order; the first is the
                plain directory, the last is bindfs, the ones between are grainfs variants.
 
-Each cell is the median over the repetitions. seq-* jobs are reported in MB/s
-(10^6 bytes per second), rand-* jobs in IOPS. Prints the table on stdout.
+Each value cell is the median over the repetitions; each ratio the median over the
+repetitions of the two targets' ratio within that repetition (run.sh runs a job on every
+target in turn, so those are minutes apart at most). seq-* jobs are reported in MB/s
+(10^6 bytes per second), rand-* jobs in IOPS. Prints the table on stdout, then issue 13's
+targets table (ratios to the plain dir, write-through and write-back).
 """
 import glob
 import json
@@ -45,10 +48,8 @@ def fmt(v, unit):
     return f"{v:,.1f}" if unit == "MB/s" else f"{v:,.0f}"
 
 
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return "n/a"
-    return f"{a / b:.2f}"
+def fmt_ratio(r):
+    return "n/a" if r is None else f"{r:.2f}"
 
 
 def main():
@@ -59,23 +60,30 @@ def main():
     header = ["job", "unit"] + [label for label, _ in targets]
     for label, _ in variants:
         header += [f"{label}/plain", f"{label}/bindfs"]
-    # With a tracking-off variant, the cost of tracking: tracking on / tracking off.
+    # With a tracking-off variant, the cost of tracking: tracking on / tracking off (both
+    # write-through).
     off = [label for label, _ in variants if "tracking off" in label]
     on = [label for label, _ in variants if "tracking off" not in label]
+    on = [label for label in on if "write-back" not in label] + [
+        label for label in on if "write-back" in label
+    ]
     if off and on:
         header += [f"{on[0]}/{off[0]}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
+    ratios_to_plain = {}
 
     for job_name in jobs:
         unit = "MB/s" if job_name.startswith("seq") else "IOPS"
-        values = {}
+        values, by_rep = {}, {}
         for label, slug in targets:
             files = sorted(glob.glob(os.path.join(results, slug, f"{job_name}.*.fio.json")))
             samples, short = [], False
+            by_rep[label] = {}
             for path in files:
                 v, io_bytes = metric(job_name, load(path))
                 samples.append(v)
+                by_rep[label][os.path.basename(path).split(".")[1]] = v
                 expected = os.environ.get(
                     "SEQ_BYTES" if job_name.startswith("seq") else "RAND_IO_BYTES"
                 )
@@ -86,16 +94,66 @@ def main():
                 notes.append(
                     f"{job_name} on {label}: stopped by the runtime cap before the full size"
                 )
+        def rep_ratio(a, b):
+            """Median over the reps of a/b measured in the same rep (None without a pair)."""
+            pairs = [
+                by_rep[a][r] / by_rep[b][r]
+                for r in by_rep[a]
+                if r in by_rep[b] and by_rep[b][r]
+            ]
+            return statistics.median(pairs) if pairs else None
+
+        ratios_to_plain[job_name] = {
+            label: rep_ratio(label, plain[0]) for label, _ in variants
+        }
         row = [job_name, unit] + [fmt(values[label], unit) for label, _ in targets]
         for label, _ in variants:
-            row += [ratio(values[label], values[plain[0]]), ratio(values[label], values[bindfs[0]])]
+            row += [
+                fmt_ratio(rep_ratio(label, plain[0])),
+                fmt_ratio(rep_ratio(label, bindfs[0])),
+            ]
         if off and on:
-            row += [ratio(values[on[0]], values[off[0]])]
+            row += [fmt_ratio(rep_ratio(on[0], off[0]))]
         lines.append("| " + " | ".join(row) + " |")
 
     print("\n".join(lines))
     for n in notes:
         print(f"\nNote: {n}")
+    print_targets(ratios_to_plain, on, [label for label, _ in variants if "write-back" in label])
+
+
+# Issue 13's targets: the least ratio to the plain directory, write-through and write-back.
+TARGETS = {
+    "seq-write": (0.55, 0.75),
+    "seq-read": (0.90, 0.90),
+    "rand-write": (0.40, 0.65),
+    "rand-read": (0.85, 0.85),
+}
+
+
+def print_targets(ratios, on, writeback):
+    """The targets table: per job, each mode's ratio to the plain dir against its target."""
+    through = [label for label in on if "write-back" not in label]
+    if not through:
+        return
+    cols = [("write-through", through[0], 0)]
+    if writeback:
+        cols.append(("write-back", writeback[0], 1))
+    header = ["job"]
+    for mode, _, _ in cols:
+        header += [f"{mode} target", f"{mode} /plain"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for job_name, r in ratios.items():
+        if job_name not in TARGETS:
+            continue
+        row = [job_name]
+        for _, label, i in cols:
+            want, got = TARGETS[job_name][i], r.get(label)
+            mark = "n/a" if got is None else f"{got:.2f} {'met' if got >= want else 'missed'}"
+            row += [f">= {want:.2f}", mark]
+        lines.append("| " + " | ".join(row) + " |")
+    print("\nTargets (issue 13; ratio to the plain dir, medians):\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,13 @@ OUT="${OUT:-/tmp/grainfs-fio-results.md}"
 KEEP="${KEEP:-0}"               # 1: keep $BENCH_DIR (raw fio JSON) at exit
 SKIP_BUILD="${SKIP_BUILD:-0}"   # 1: do not run cargo build (use $GRAINFS_BIN as it is)
 GRAINFS_BIN="${GRAINFS_BIN:-$REPO/target/release/grainfs}"
+BASELINE_BIN="${BASELINE_BIN:-}" # another grainfs binary: one more column, "grainfs (baseline)"
 
 # grainfs variants, one column each: "label|extra mount args" (args are split on spaces).
 # e.g. "grainfs (tracking off)|-c $HERE/conf/tracking-off.toml"
 GRAINFS_VARIANTS=(
   "grainfs|"
+  "grainfs (write-back)|-c $HERE/conf/writeback.toml"
   "grainfs (tracking off)|-c $HERE/conf/tracking-off.toml"
 )
 
@@ -118,14 +120,19 @@ BENCH_DIR="$(cd "$BENCH_DIR" && pwd)"
 RESULTS="$BENCH_DIR/results"
 mkdir -p "$RESULTS"
 
-# One backing dir exists at a time (each target gets a fresh one), so this is the space needed.
-need=$(( SEQ_BYTES + RAND_BYTES + 64 * 1024 * 1024 ))
+# Every target's backing dir exists at once (each rep runs a job on all of them in turn), and
+# the sequential file is removed before the random ones are laid out.
+need=$(( (SEQ_BYTES > RAND_BYTES ? SEQ_BYTES : RAND_BYTES) * (${#GRAINFS_VARIANTS[@]} + 3) + 64 * 1024 * 1024 ))
 avail=$(( $(df --output=avail -B1 "$BENCH_DIR" | tail -1) ))
 (( avail > need )) || die "$BENCH_DIR has $avail bytes free, needs $need"
 
 # Targets in column order: label|kind|extra args. plain first, bindfs last (report.py relies on it).
 TARGETS=("plain|plain|")
 for v in "${GRAINFS_VARIANTS[@]}"; do TARGETS+=("${v%%|*}|grainfs|${v#*|}"); done
+if [[ -n "$BASELINE_BIN" ]]; then
+  [[ -x "$BASELINE_BIN" ]] || die "no grainfs binary at BASELINE_BIN=$BASELINE_BIN"
+  TARGETS+=("grainfs (baseline)|grainfs-baseline|")
+fi
 TARGETS+=("bindfs|bindfs|")
 
 # ---- header -------------------------------------------------------------------------------
@@ -163,18 +170,28 @@ EOF
   fi
 }
 
+# Each rep mounts every target on a fresh backing dir, then runs each job on every target in
+# turn, the targets' order rotated per rep: a target's ratio to the plain dir compares runs made
+# minutes apart at most, on a machine whose speed drifts (ratios are medians of per-rep ratios).
+rotate() {   # rotate N ITEMS...: ITEMS starting at index N mod count
+  local n="$1"; shift; local a=("$@") i
+  for i in "${!a[@]}"; do printf '%s\n' "${a[$(( (i + n) % ${#a[@]} ))]}"; done
+}
 for rep in $(seq "$REPEAT"); do
-  for t in "${TARGETS[@]}"; do
+  DIRS=()   # "slug|dir|kind|mnt" of this rep's targets, in this rep's order
+  mapfile -t order < <(rotate $((rep - 1)) "${TARGETS[@]}")
+  for t in "${order[@]}"; do
     label="${t%%|*}"; rest="${t#*|}"; kind="${rest%%|*}"; extra="${rest#*|}"
     s="$(slug "$label")"
     backing="$BENCH_DIR/backing-$s"; mnt="$BENCH_DIR/mnt-$s"
     rm -rf "$backing"; mkdir -p "$backing"
     case "$kind" in
       plain) dir="$backing" ;;
-      grainfs)
+      grainfs|grainfs-baseline)
+        bin="$GRAINFS_BIN"; [[ "$kind" == grainfs ]] || bin="$BASELINE_BIN"
         mkdir -p "$mnt"; MOUNTS+=("$mnt|grainfs"); read -ra args <<<"$extra"
-        log "mount: $GRAINFS_BIN mount ${args[*]:+${args[*]} }$backing $mnt"
-        "$GRAINFS_BIN" mount "${args[@]}" "$backing" "$mnt" >&2 || die "grainfs mount failed"
+        log "mount: $bin mount ${args[*]:+${args[*]} }$backing $mnt"
+        "$bin" mount "${args[@]}" "$backing" "$mnt" >&2 || die "grainfs mount failed"
         wait_mounted "$mnt" || die "grainfs mount did not appear at $mnt"
         dir="$mnt" ;;
       bindfs)
@@ -183,16 +200,29 @@ for rep in $(seq "$REPEAT"); do
         wait_mounted "$mnt" || die "bindfs mount did not appear at $mnt"
         dir="$mnt" ;;
     esac
-    log "rep $rep/$REPEAT, target '$label' ($kind) in $dir"
-    rm -f "$dir/seq.dat"
-    run_job seq-write   "$dir/seq.dat"  "$s" "$rep"
-    run_job seq-read    "$dir/seq.dat"  "$s" "$rep"
-    rm -f "$dir/seq.dat"   # free the space before the random file is laid out
-    run_job rand-layout "$dir/rand.dat" "$s" "$rep"
-    run_job rand-write  "$dir/rand.dat" "$s" "$rep"
-    run_job rand-read   "$dir/rand.dat" "$s" "$rep"
-    [[ "$kind" == plain ]] || unmount "$mnt" "$kind"
-    rm -rf "$backing"
+    DIRS+=("$s|$dir|$kind|$mnt")
+  done
+  log "rep $rep/$REPEAT, targets in order: ${order[*]%%|*}"
+  each() {   # each JOB FILE: JOB on every target of this rep
+    local d
+    for d in "${DIRS[@]}"; do
+      IFS='|' read -r s dir _ _ <<<"$d"
+      log "  $s"
+      run_job "$1" "$dir/$2" "$s" "$rep"
+    done
+  }
+  for d in "${DIRS[@]}"; do IFS='|' read -r _ dir _ _ <<<"$d"; rm -f "$dir/seq.dat"; done
+  each seq-write seq.dat
+  each seq-read seq.dat
+  # free the space before the random files are laid out
+  for d in "${DIRS[@]}"; do IFS='|' read -r _ dir _ _ <<<"$d"; rm -f "$dir/seq.dat"; done
+  each rand-layout rand.dat
+  each rand-write rand.dat
+  each rand-read rand.dat
+  for d in "${DIRS[@]}"; do
+    IFS='|' read -r s dir kind mnt <<<"$d"
+    [[ "$kind" == plain ]] || unmount "$mnt" "${kind%-baseline}"
+    rm -rf "$BENCH_DIR/backing-$s"
   done
 done
 

@@ -309,17 +309,6 @@ fn build(file: ConfigFile, origin: &Path, text: &str) -> Result<Config, Located>
             "must be more than 0; leave it out for no bound".into()
         })
     };
-    // Refused until the snapshot flush waits for the kernel's dirty pages: measured on Linux
-    // 6.18, a syncfs of the mount returned before a 3 MiB unsynced write reached the daemon
-    // (tests/writeback.rs), so a snapshot could miss writes that returned before it.
-    let writeback_rule = |&on: &bool| {
-        ensure(!on, || {
-            "write-back mode is not available yet: on this kernel a syncfs of the mount does \
-             not wait for its dirty pages to reach the daemon, so a snapshot could miss writes \
-             that returned before it; leave it out or set false"
-                .into()
-        })
-    };
     let policy = policy(file.policy.0, "policy", &d.policy)?;
     Ok(Config {
         backing: path(file.backing, "backing").transpose()?,
@@ -364,7 +353,7 @@ fn build(file: ConfigFile, origin: &Path, text: &str) -> Result<Config, Located>
             writeback_cache: fuse.writeback_cache.read(
                 "fuse.writeback_cache",
                 d.fuse.writeback_cache,
-                writeback_rule,
+                any,
             )?,
         },
         tracking: TrackingConfig {

@@ -525,19 +525,12 @@ fn a_reload_that_needs_a_remount_is_refused_naming_key_and_line() {
 }
 
 #[test]
-fn writeback_cache_true_is_refused_until_snapshots_can_flush_it() {
-    let shown = error_at(
-        "[fuse]\nwriteback_cache = true\n",
-        "fuse.writeback_cache",
-        2,
-    );
-    assert!(shown.contains("not available yet"), "{shown}");
-    assert!(
-        !parse("[fuse]\nwriteback_cache = false\n")
-            .unwrap()
-            .fuse
-            .writeback_cache
-    );
+fn writeback_cache_is_read_as_given() {
+    for on in [true, false] {
+        let text = format!("[fuse]\nwriteback_cache = {on}\n");
+        assert_eq!(parse(&text).unwrap().fuse.writeback_cache, on);
+    }
+    assert!(!parse("").unwrap().fuse.writeback_cache, "default");
 }
 
 #[test]

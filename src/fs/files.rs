@@ -7,6 +7,9 @@
 //! It must never write to the backing file outside the gate, and never hand the backing open
 //! a flag that breaks tracking (`STRIPPED_OPEN_FLAGS`).
 
+use std::os::unix::ffi::OsStringExt;
+use std::sync::atomic::AtomicI32;
+
 use super::*;
 
 // fallocate(2) mode bits (linux/falloc.h).
@@ -27,7 +30,122 @@ const STRIPPED_OPEN_FLAGS: libc::c_int = libc::O_APPEND
     | libc::O_NOFOLLOW
     | libc::O_NOCTTY;
 
+/// The pid of the child `flush_kernel_cache` runs, while it runs (0: none): its FSYNC
+/// requests need no backing fsync (`fsync_by`).
+static FLUSHER: AtomicI32 = AtomicI32::new(0);
+
+/// One `flush_kernel_cache` at a time (a snapshot and a live diff may both want one); never
+/// taken by a request.
+static FLUSHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Rounds of `flush_kernel_cache` for files whose name moved while it ran.
+const FLUSH_ROUNDS: usize = 3;
+
 impl OverlayFs {
+    /// Push every page the kernel may hold dirty for this mount (write-back cache, shared
+    /// writable mappings) through the daemon's write path, and return once the daemon has
+    /// answered every one of those writes: what the snapshot barrier, a rollback and a live
+    /// diff do first, so a write that returned before them is in the volumes.
+    ///
+    /// A `syncfs` of the mount is not enough: on Linux 6.18 it returned before an unsynced
+    /// 3 MiB write had reached the daemon (FUSE ends a page's writeback when the page is
+    /// copied into a request, not when the daemon answers). An fsync of a FUSE file does wait:
+    /// `fuse_fsync` writes the inode's dirty pages back and waits for the daemon's replies to
+    /// them (`fuse_sync_writes`) before it sends FSYNC. So every inode with a writable handle
+    /// open here is opened through the mount at `mountpoint` and fsynced. Only those can hold
+    /// dirty pages: the kernel writes back through a writable open file of the inode, and
+    /// writes back and waits before it sends the RELEASE of the last one.
+    ///
+    /// The fsyncs run in a child process (`sys::fsync_in_child`), and the caller must hold no
+    /// lock a request needs nor any gate closed: the WRITE and FSYNC requests they cause are
+    /// served by this daemon's own threads.
+    pub fn flush_kernel_cache(&self, mountpoint: &Path) -> std::io::Result<()> {
+        let _one = FLUSHING.lock().unwrap_or_else(|p| p.into_inner());
+        let mut only: Option<Vec<u64>> = None;
+        for _ in 0..FLUSH_ROUNDS {
+            let targets = self.writable_inodes(mountpoint, only.as_deref());
+            if targets.is_empty() {
+                return Ok(());
+            }
+            let failed = sys::fsync_in_child(&targets, |pid| FLUSHER.store(pid, Ordering::SeqCst));
+            FLUSHER.store(0, Ordering::SeqCst);
+            let failed = failed?;
+            if failed.is_empty() {
+                return Ok(());
+            }
+            // A name that moved or went while we looked: look again for those inodes only.
+            only = Some(failed.iter().map(|&i| targets[i].ino).collect());
+        }
+        let left = self.writable_inodes(mountpoint, only.as_deref());
+        if left.is_empty() {
+            return Ok(());
+        }
+        Err(std::io::Error::other(format!(
+            "{} open file(s) could not be flushed through the mount, first {:?}",
+            left.len(),
+            left[0].path
+        )))
+    }
+
+    /// The inodes with a writable handle open (`only` those among them, if given), by their
+    /// current name under `mountpoint`. An unlinked file is left out: no snapshot, rollback or
+    /// diff reaches it by name.
+    fn writable_inodes(&self, mountpoint: &Path, only: Option<&[u64]>) -> Vec<sys::FsyncTarget> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        // The backing dir as the kernel names it (resolved), to find each file's name in it.
+        let backing = match self.inodes.get(ROOT_INO) {
+            Ok(root) => std::fs::read_link(format!("/proc/self/fd/{}", root.raw_fd()))
+                .unwrap_or_else(|_| self.backing.clone()),
+            Err(_) => self.backing.clone(),
+        };
+        for h in self.files.all() {
+            let fd = h.file.as_raw_fd();
+            let writable = sys::open_flags(fd).is_ok_and(|f| f & libc::O_ACCMODE != libc::O_RDONLY);
+            if !writable
+                || only.is_some_and(|o| !o.contains(&h.inode.ino))
+                || !seen.insert(h.inode.ino)
+            {
+                continue;
+            }
+            if sys::fstat(fd).is_ok_and(|st| st.st_nlink == 0) {
+                continue;
+            }
+            let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
+                continue;
+            };
+            let Ok(rel) = path.strip_prefix(&backing) else {
+                log::warn!(
+                    "flush: {} is not under the backing dir {}: its cached writes are not \
+                     flushed before this snapshot",
+                    path.display(),
+                    backing.display()
+                );
+                continue;
+            };
+            let Ok(path) = CString::new(mountpoint.join(rel).into_os_string().into_vec()) else {
+                continue;
+            };
+            out.push(sys::FsyncTarget {
+                path,
+                ino: h.inode.ino,
+            });
+        }
+        out
+    }
+
+    /// `fsync` asked by process `pid`. The daemon's own flush (`flush_kernel_cache`) only
+    /// needs the kernel's dirty pages to have reached the backing files, which they have when
+    /// its FSYNC arrives: it gets no backing fsync, so a snapshot never forces every open
+    /// volume to disk (a snapshot's durability comes from its own commit, not the volumes').
+    pub fn fsync_by(&self, pid: u32, fh: u64, datasync: bool) -> FsResult<()> {
+        let flusher = FLUSHER.load(Ordering::SeqCst);
+        if flusher != 0 && flusher as u32 == pid {
+            return self.tree_fh(fh).handle_ino(fh).map(drop);
+        }
+        self.fsync(fh, datasync)
+    }
+
     // ---- files: each forwarded to the tree that owns its inode or handle ----
 
     /// Open a regular file.

@@ -50,6 +50,16 @@ impl<T> HandleTable<T> {
             .contains_key(&fh)
     }
 
+    /// Every open handle, cloned out (the lock is held only to clone).
+    pub(super) fn all(&self) -> Vec<Arc<T>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Close `fh` (the handle goes once no request holds it any more).
     pub(super) fn remove(&self, fh: u64) -> FsResult<()> {
         self.map

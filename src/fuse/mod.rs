@@ -35,8 +35,9 @@ pub mod session;
 ///   to see every write that returned before it. On (FUSE_WRITEBACK_CACHE), a write() returns
 ///   once it is in the kernel's page cache and reaches the daemon later, in large requests,
 ///   through any writable handle of the inode; the barrier then sees what returned before it
-///   only because the engine's flush (a `syncfs` of the mount, `daemon::start_engine`) writes
-///   back every dirty page of the mount and waits for the daemon's replies before it. What the
+///   only because the engine's flush (`OverlayFs::flush_kernel_cache`: an fsync through the
+///   mount of every inode with a writable handle) writes back every dirty page of the mount
+///   and waits for the daemon's replies before it. What the
 ///   kernel then does itself: O_APPEND offsets (the backing open never gets O_APPEND anyway),
 ///   mtime and ctime (sent back as setattr), and the page reads that fill a page a write covers
 ///   in part (so write-only opens are read-write in the backing, `OverlayFs::
@@ -576,13 +577,14 @@ impl Filesystem for FuseAdapter {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.empty("fsync", On::Fh(fh), reply, self.fs.fsync(fh.0, datasync))
+        let r = self.fs.fsync_by(req.pid(), fh.0, datasync);
+        self.empty("fsync", On::Fh(fh), reply, r)
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

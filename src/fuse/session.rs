@@ -189,8 +189,11 @@ fn tune_bdi(mountpoint: &Path, root: bool, writeback: bool) {
             }
         }
     };
-    set("read_ahead_kb", READ_AHEAD_KB.to_string());
+    let readahead = set("read_ahead_kb", READ_AHEAD_KB.to_string());
     if !writeback {
+        if readahead {
+            log::info!("bdi {dev}: read_ahead_kb {READ_AHEAD_KB}");
+        }
         return;
     }
     if set("max_ratio", WRITEBACK_MAX_RATIO.to_string()) & set("strict_limit", "0".into()) {
