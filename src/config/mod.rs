@@ -93,6 +93,32 @@ pub struct FuseConfig {
     /// daemon loses what no fsync covered, as a power cut would. Snapshots, rollback and
     /// `diff ... live` flush the mount first either way.
     pub writeback_cache: bool,
+    /// How requests reach the daemon: FUSE over io_uring or /dev/fuse reads.
+    pub transport: Transport,
+}
+
+/// `[fuse] transport`: the request path between the kernel and the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// FUSE over io_uring where the kernel offers it (turning the fuse module's
+    /// `enable_uring` on as root, and saying so), /dev/fuse otherwise.
+    #[default]
+    Auto,
+    /// FUSE over io_uring, or the mount fails naming why it is not available.
+    IoUring,
+    /// /dev/fuse reads and writes only.
+    Dev,
+}
+
+impl Transport {
+    /// The value as the config file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::IoUring => "io_uring",
+            Transport::Dev => "dev",
+        }
+    }
 }
 
 /// `[tracking]`: change tracking geometry.
@@ -202,6 +228,7 @@ impl Default for Config {
             },
             fuse: FuseConfig {
                 writeback_cache: false,
+                transport: Transport::Auto,
             },
             tracking: TrackingConfig {
                 enabled: true,
@@ -366,6 +393,9 @@ fn build(file: ConfigFile, origin: &Path, text: &str) -> Result<Config, Located>
                 d.fuse.writeback_cache,
                 writeback_rule,
             )?,
+            transport: fuse
+                .transport
+                .read("fuse.transport", d.fuse.transport, any)?,
         },
         tracking: TrackingConfig {
             enabled: tracking
