@@ -9,6 +9,10 @@
 //! without hanging. Where the kernel lacks FUSE over io_uring, the tests say so and run over
 //! /dev/fuse.
 
+// posix_io.rs and snapshots.rs each declare `mod common;`, as every test file does: included
+// here, each gets its own copy of the support modules.
+#![allow(clippy::duplicate_mod)]
+
 mod common;
 #[path = "posix_io.rs"]
 mod posix_io;

@@ -24,6 +24,7 @@ GRAINFS_BIN="${GRAINFS_BIN:-$REPO/target/release/grainfs}"
 GRAINFS_VARIANTS=(
   "grainfs|"
   "grainfs (tracking off)|-c $HERE/conf/tracking-off.toml"
+  "grainfs (/dev/fuse)|-c $HERE/conf/transport-dev.toml"  # the others: transport auto (io_uring where offered)
 )
 
 # Measured jobs, in table order. rand-layout runs before rand-write but is not reported.
