@@ -33,7 +33,8 @@ pub struct Config {
     pub mountpoint: Option<PathBuf>,
     /// Snapshot and tracking store; `None` means `<backing>/.grainfs` (see [`Config::store_dir`]).
     pub store: Option<PathBuf>,
-    /// FUSE worker threads, 1..=256; defaults to the number of CPUs.
+    /// FUSE worker threads, 1..=256; defaults to the number of CPUs. Over io_uring they are
+    /// spread over the CPUs' queues, at least two each.
     pub threads: usize,
     /// Whether `.snapshots` shows up in directory listings of the mount root.
     pub snapdir: SnapDir,

@@ -34,8 +34,8 @@ pub struct MountSettings {
     pub mountpoint: PathBuf,
     /// Let other users in; `None`: only when the daemon is root (config `allow_other`).
     pub allow_other: Option<bool>,
-    /// Threads serving requests: each with its own /dev/fuse fd, or over io_uring, this many
-    /// for each CPU's queue.
+    /// Threads serving requests: each with its own /dev/fuse fd, or over io_uring spread over
+    /// the CPUs' queues (at least two each).
     pub threads: usize,
     pub cache: KernelCache,
     /// The request path (config `[fuse] transport`).
@@ -164,7 +164,8 @@ pub fn mount(fs: Arc<OverlayFs>, settings: &MountSettings) -> Result<Mounted, Mo
         fuser::Session::new(adapter, &settings.mountpoint, &options).map_err(MountError::Mount)?;
     match session.io_uring() {
         fuser::IoUringStatus::Agreed { .. } => log::info!(
-            "transport: FUSE over io_uring, a queue per CPU with {} threads each",
+            "transport: FUSE over io_uring, a queue per CPU, {} threads spread over them (at \
+             least two each)",
             settings.threads.max(1)
         ),
         fuser::IoUringStatus::Unavailable(reason) if settings.transport == Transport::IoUring => {

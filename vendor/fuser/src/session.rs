@@ -591,6 +591,9 @@ fn run_uring<FS: Filesystem>(
 
     let mut filesystem = Arc::new(filesystem);
     let queues = crate::uring::possible_cpus();
+    // The threads spread over the queues, but at least two each (a handler that blocks never
+    // stalls its CPU's requests alone), and never more than asked for in total per queue.
+    let per_queue = per_queue.div_ceil(queues).max(2).min(per_queue.max(1));
     let make_loop = |thread_name: String| SessionEventLoop {
         thread_name,
         filesystem: filesystem.clone(),
@@ -606,7 +609,7 @@ fn run_uring<FS: Filesystem>(
         &make_loop,
         ch.as_fd().as_raw_fd(),
         queues,
-        per_queue.max(1),
+        per_queue,
         payload_len,
     ) {
         Ok(rings) => rings,

@@ -20,7 +20,8 @@ pub struct Config {
     pub clone_fd: bool,
     /// Ask the kernel for FUSE over io_uring (Linux 6.14 and later, with the fuse module's
     /// `enable_uring` on). Where the kernel agrees at INIT, `run` serves requests from ring
-    /// entries: one queue per possible CPU, each with `n_threads` threads of its own ring,
+    /// entries: one queue per possible CPU, the `n_threads` threads spread over them (at least
+    /// two per queue, unless `n_threads` is 1), each thread with a ring of its own,
     /// while one thread keeps reading /dev/fuse for forgets and interrupts. Where it does not,
     /// the session uses /dev/fuse alone; `Session::io_uring` says which and why.
     /// (An addition of the vendored copy: see its README.)
