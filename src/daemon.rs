@@ -481,6 +481,7 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
         allow_other: req.config.allow_other,
         threads: req.config.threads,
         cache,
+        transport: req.config.fuse.transport,
     };
     let mut mounted = session::mount(overlay.clone(), &settings).map_err(|e| match e {
         MountError::DevFuse { uid } => DaemonError::DevFuse(req.mountpoint.clone(), uid),
@@ -488,12 +489,17 @@ pub fn serve(req: MountRequest, ready: &mut dyn Ready) -> Result<(), DaemonError
             mountpoint: req.mountpoint.clone(),
             source,
         },
+        e @ MountError::Transport(_) => DaemonError::Mount {
+            mountpoint: req.mountpoint.clone(),
+            source: io::Error::other(e.to_string()),
+        },
     })?;
     info!(
-        "mounted {} at {} ({} threads, store {})",
+        "mounted {} at {} ({} threads, transport {}, store {})",
         req.backing.display(),
         req.mountpoint.display(),
         req.config.threads,
+        mounted.transport(),
         store_dir.real().display()
     );
 

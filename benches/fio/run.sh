@@ -26,6 +26,7 @@ GRAINFS_VARIANTS=(
   "grainfs|"
   "grainfs (write-back)|-c $HERE/conf/writeback.toml"
   "grainfs (tracking off)|-c $HERE/conf/tracking-off.toml"
+  "grainfs (/dev/fuse)|-c $HERE/conf/transport-dev.toml"  # the others: transport auto (io_uring where offered)
 )
 
 # Measured jobs, in table order. rand-layout runs before rand-write but is not reported.

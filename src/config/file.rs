@@ -16,7 +16,7 @@ use serde_spanned::__unstable as spanned;
 use toml::{Spanned, Value};
 
 use super::values::{parse_duration, parse_size};
-use super::{Schedule, SnapDir};
+use super::{Schedule, SnapDir, Transport};
 
 /// The whole file; a table left out reads as empty.
 #[derive(Deserialize, Default)]
@@ -52,6 +52,7 @@ pub(super) struct CacheFile {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct FuseFile {
     pub writeback_cache: Option<Field<bool>>,
+    pub transport: Option<Field<Transport>>,
 }
 
 /// `[tracking]`.
@@ -292,6 +293,12 @@ scalars! {
         "hidden" => Ok(SnapDir::Hidden),
         "visible" => Ok(SnapDir::Visible),
         other => Err(format!("\"{other}\" is not hidden or visible")),
+    });
+    Transport: "a string", |v| v.as_str().map(|s| match s {
+        "auto" => Ok(Transport::Auto),
+        "io_uring" => Ok(Transport::IoUring),
+        "dev" => Ok(Transport::Dev),
+        other => Err(format!("\"{other}\" is not auto, io_uring or dev")),
     });
 }
 

@@ -33,7 +33,8 @@ pub struct Config {
     pub mountpoint: Option<PathBuf>,
     /// Snapshot and tracking store; `None` means `<backing>/.grainfs` (see [`Config::store_dir`]).
     pub store: Option<PathBuf>,
-    /// FUSE worker threads, 1..=256; defaults to the number of CPUs.
+    /// FUSE worker threads, 1..=256; defaults to the number of CPUs. Over io_uring they are
+    /// spread over the CPUs' queues, at least two each.
     pub threads: usize,
     /// Whether `.snapshots` shows up in directory listings of the mount root.
     pub snapdir: SnapDir,
@@ -93,6 +94,32 @@ pub struct FuseConfig {
     /// daemon loses what no fsync covered, as a power cut would. Snapshots, rollback and
     /// `diff ... live` flush the mount first either way.
     pub writeback_cache: bool,
+    /// How requests reach the daemon: FUSE over io_uring or /dev/fuse reads.
+    pub transport: Transport,
+}
+
+/// `[fuse] transport`: the request path between the kernel and the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// FUSE over io_uring where the kernel offers it (turning the fuse module's
+    /// `enable_uring` on as root, and saying so), /dev/fuse otherwise.
+    #[default]
+    Auto,
+    /// FUSE over io_uring, or the mount fails naming why it is not available.
+    IoUring,
+    /// /dev/fuse reads and writes only.
+    Dev,
+}
+
+impl Transport {
+    /// The value as the config file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::IoUring => "io_uring",
+            Transport::Dev => "dev",
+        }
+    }
 }
 
 /// `[tracking]`: change tracking geometry.
@@ -202,6 +229,7 @@ impl Default for Config {
             },
             fuse: FuseConfig {
                 writeback_cache: false,
+                transport: Transport::Auto,
             },
             tracking: TrackingConfig {
                 enabled: true,
@@ -355,6 +383,9 @@ fn build(file: ConfigFile, origin: &Path, text: &str) -> Result<Config, Located>
                 d.fuse.writeback_cache,
                 any,
             )?,
+            transport: fuse
+                .transport
+                .read("fuse.transport", d.fuse.transport, any)?,
         },
         tracking: TrackingConfig {
             enabled: tracking

@@ -44,6 +44,7 @@ impl KeySpans {
             ("cache.attr_timeout", at(&cache.attr_timeout)),
             ("cache.entry_timeout", at(&cache.entry_timeout)),
             ("fuse.writeback_cache", at(&file.fuse.0.writeback_cache)),
+            ("fuse.transport", at(&file.fuse.0.transport)),
             ("tracking.enabled", at(&tracking.enabled)),
             ("tracking.block_size", at(&tracking.block_size)),
             ("tracking.partition_size", at(&tracking.partition_size)),
@@ -62,7 +63,7 @@ impl KeySpans {
 
 /// The keys that need a remount, each with its value as a message shows it. The tracking tick
 /// is among them: the tracker is started with it and does not take another while running.
-fn remount_keys(c: &Config) -> [(&'static str, String); 14] {
+fn remount_keys(c: &Config) -> [(&'static str, String); 15] {
     let path = |p: &Option<PathBuf>| {
         p.as_ref()
             .map_or("unset".into(), |p| format!("\"{}\"", p.display()))
@@ -84,6 +85,10 @@ fn remount_keys(c: &Config) -> [(&'static str, String); 14] {
         ("cache.attr_timeout", fmt_duration(cache.attr_timeout)),
         ("cache.entry_timeout", fmt_duration(cache.entry_timeout)),
         ("fuse.writeback_cache", c.fuse.writeback_cache.to_string()),
+        (
+            "fuse.transport",
+            format!("\"{}\"", c.fuse.transport.as_str()),
+        ),
         ("tracking.enabled", tracking.enabled.to_string()),
         ("tracking.block_size", fmt_size(tracking.block_size)),
         ("tracking.partition_size", fmt_size(tracking.partition_size)),

@@ -522,6 +522,33 @@ fn a_reload_that_needs_a_remount_is_refused_naming_key_and_line() {
     refused(MOUNTED, &snapdir, "snapdir", 1);
     let untracked = MOUNTED.replace("[tracking]\n", "[tracking]\nenabled = false\n");
     refused(MOUNTED, &untracked, "tracking.enabled", 4);
+    let ring = format!("{MOUNTED}[fuse]\ntransport = \"io_uring\"\n");
+    let shown = refused(MOUNTED, &ring, "fuse.transport", 9);
+    assert!(
+        shown.contains("the mount uses \"auto\", this file says \"io_uring\""),
+        "{shown}"
+    );
+}
+
+#[test]
+fn transport_is_auto_io_uring_or_dev() {
+    assert_eq!(parse("").unwrap().fuse.transport, Transport::Auto);
+    for (text, want) in [
+        ("auto", Transport::Auto),
+        ("io_uring", Transport::IoUring),
+        ("dev", Transport::Dev),
+    ] {
+        let c = parse(&format!("[fuse]\ntransport = \"{text}\"\n")).unwrap();
+        assert_eq!(c.fuse.transport, want);
+        assert_eq!(want.as_str(), text);
+    }
+    let shown = error_at(
+        "[fuse]\nwriteback_cache = false\ntransport = \"uring\"\n",
+        "fuse.transport",
+        3,
+    );
+    assert!(shown.contains("is not auto, io_uring or dev"), "{shown}");
+    error_at("[fuse]\ntransport = true\n", "fuse.transport", 2);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The FUSE session of one mount: the mount options, /dev/fuse, fuser's `Session` and its
-//! threads, the mount's readahead and dirty page limits, and how the mount names itself in mountinfo. This is where
-//! a faster request path (our own /dev/fuse or io_uring loop) will replace fuser's.
+//! threads, the request path (`[fuse] transport`: FUSE over io_uring or /dev/fuse reads, both
+//! served by the vendored fuser in vendor/fuser), the mount's readahead and dirty page limits,
+//! and how the mount names itself in mountinfo.
 //!
 //! It owns the kernel side of a mount's life, from mounting to the end of `run`; it never
 //! decides what happens around it (the store, tracking, signals, the order of shutdown: that is
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use fuser::{MountOption, SessionACL, SessionUnmounter};
 
 use super::{FuseAdapter, KernelCache};
+use crate::config::Transport;
 use crate::fs::OverlayFs;
 
 /// Prefix of the mount's source in mountinfo: `grainfs:<backing>`. It identifies our mounts
@@ -32,9 +34,12 @@ pub struct MountSettings {
     pub mountpoint: PathBuf,
     /// Let other users in; `None`: only when the daemon is root (config `allow_other`).
     pub allow_other: Option<bool>,
-    /// Threads serving requests, each with its own /dev/fuse fd.
+    /// Threads serving requests: each with its own /dev/fuse fd, or over io_uring spread over
+    /// the CPUs' queues (at least two each).
     pub threads: usize,
     pub cache: KernelCache,
+    /// The request path (config `[fuse] transport`).
+    pub transport: Transport,
 }
 
 /// Why a mount failed.
@@ -46,11 +51,47 @@ pub enum MountError {
     /// The kernel or fusermount refused the mount.
     #[error("{0}")]
     Mount(io::Error),
+    /// `transport = "io_uring"` where the kernel or this process cannot have it.
+    #[error("[fuse] transport = \"io_uring\", but FUSE over io_uring is not available: {0}; use transport = \"auto\" to fall back to /dev/fuse")]
+    Transport(String),
 }
 
 /// A live mount, not yet served: `run` serves it until it is unmounted.
 pub struct Mounted {
     session: fuser::Session<FuseAdapter>,
+}
+
+/// The sysfs switch of FUSE over io_uring; it applies to every FUSE mount of the machine made
+/// after it is set.
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Whether the kernel will offer FUSE over io_uring at INIT: turn the fuse module's switch on as
+/// root (logging it), or say why not.
+fn enable_uring(root: bool) -> Result<(), String> {
+    // The fuse module may not be loaded yet: opening /dev/fuse loads it.
+    let _ = std::fs::File::open("/dev/fuse");
+    let value = match std::fs::read_to_string(ENABLE_URING) {
+        Ok(v) => v,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(format!(
+                "this kernel has no FUSE over io_uring ({ENABLE_URING} is missing: it needs \
+                 Linux 6.14 or later built with CONFIG_FUSE_IO_URING)"
+            ))
+        }
+        Err(e) => return Err(format!("cannot read {ENABLE_URING}: {e}")),
+    };
+    if value.trim() == "Y" {
+        return Ok(());
+    }
+    if !root {
+        return Err(format!("{ENABLE_URING} is N and only root may turn it on"));
+    }
+    std::fs::write(ENABLE_URING, "Y").map_err(|e| format!("cannot turn on {ENABLE_URING}: {e}"))?;
+    log::info!(
+        "turned on FUSE over io_uring for this machine: {ENABLE_URING} = Y (it was N; every FUSE \
+         mount made from now on may use it)"
+    );
+    Ok(())
 }
 
 /// Unmounts a `Mounted` from another thread (a signal handler).
@@ -99,6 +140,19 @@ pub fn mount(fs: Arc<OverlayFs>, settings: &MountSettings) -> Result<Mounted, Mo
     };
     options.n_threads = Some(settings.threads.max(1));
     options.clone_fd = true;
+    options.io_uring = match settings.transport {
+        Transport::Dev => false,
+        Transport::Auto | Transport::IoUring => match enable_uring(root) {
+            Ok(()) => true,
+            Err(reason) if settings.transport == Transport::IoUring => {
+                return Err(MountError::Transport(reason))
+            }
+            Err(reason) => {
+                log::info!("FUSE over io_uring not used: {reason}");
+                false
+            }
+        },
+    };
 
     if !root && unsafe { libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
         // fusermount3 too opens /dev/fuse as the calling user, so nothing else can work.
@@ -108,6 +162,25 @@ pub fn mount(fs: Arc<OverlayFs>, settings: &MountSettings) -> Result<Mounted, Mo
     }
     let session =
         fuser::Session::new(adapter, &settings.mountpoint, &options).map_err(MountError::Mount)?;
+    match session.io_uring() {
+        fuser::IoUringStatus::Agreed { .. } => log::info!(
+            "transport: FUSE over io_uring, a queue per CPU, {} threads spread over them (at \
+             least two each)",
+            settings.threads.max(1)
+        ),
+        fuser::IoUringStatus::Unavailable(reason) if settings.transport == Transport::IoUring => {
+            // Dropping the session unmounts.
+            return Err(MountError::Transport(reason.clone()));
+        }
+        fuser::IoUringStatus::Unavailable(reason) => log::info!(
+            "transport: /dev/fuse with {} threads (FUSE over io_uring not used: {reason})",
+            settings.threads.max(1)
+        ),
+        fuser::IoUringStatus::NotRequested => log::info!(
+            "transport: /dev/fuse with {} threads",
+            settings.threads.max(1)
+        ),
+    }
     let _ = notifier.set(session.notifier());
     tune_bdi(&settings.mountpoint, root, settings.cache.writeback);
     Ok(Mounted { session })
@@ -132,6 +205,14 @@ impl Invalidator {
 }
 
 impl Mounted {
+    /// The request path in use: "io_uring" or "dev".
+    pub fn transport(&self) -> &'static str {
+        match self.session.io_uring() {
+            fuser::IoUringStatus::Agreed { .. } => "io_uring",
+            _ => "dev",
+        }
+    }
+
     /// What unmounts this mount from another thread.
     pub fn unmounter(&mut self) -> Unmounter {
         Unmounter(self.session.unmount_callable())

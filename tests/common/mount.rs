@@ -40,6 +40,62 @@ pub fn writeback_everywhere() -> bool {
     std::env::var("GRAINFS_TEST_WRITEBACK").is_ok_and(|v| v == "1")
 }
 
+/// The request path every mount of this run asks for (`[fuse] transport`):
+/// `GRAINFS_TEST_TRANSPORT` (`auto`, `io_uring` or `dev`), else `io_uring` in `tests/uring.rs`
+/// (which runs a representative part of the suite over it) where the kernel has it, else the
+/// config's own default.
+pub fn test_transport() -> Option<String> {
+    match std::env::var("GRAINFS_TEST_TRANSPORT") {
+        Ok(t) if !t.is_empty() => Some(t),
+        _ if option_env!("CARGO_CRATE_NAME") == Some("uring") => match uring_unavailable() {
+            None => Some("io_uring".into()),
+            Some(why) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    eprintln!("FUSE over io_uring tests skipped ({why}): running over /dev/fuse")
+                });
+                Some("dev".into())
+            }
+        },
+        _ => None,
+    }
+}
+
+/// Why this kernel or process cannot serve a mount over FUSE over io_uring, if it cannot.
+pub fn uring_unavailable() -> Option<String> {
+    let param = "/sys/module/fuse/parameters/enable_uring";
+    let _ = File::open("/dev/fuse"); // loads the fuse module
+    let root = unsafe { libc::geteuid() } == 0;
+    match std::fs::read_to_string(param) {
+        Err(_) => Some(format!(
+            "{param} is missing: no FUSE over io_uring in this kernel"
+        )),
+        Ok(v) if v.trim() != "Y" && !root => Some(format!("{param} is N and we are not root")),
+        Ok(_) => match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+            Ok(v) if v.trim() == "2" || (v.trim() == "1" && !root) => {
+                Some("io_uring is disabled (kernel.io_uring_disabled)".into())
+            }
+            _ => None,
+        },
+    }
+}
+
+/// `config` with `[fuse] transport` set to `test_transport()`, unless it names one itself.
+fn with_test_transport(config: Option<String>) -> Option<String> {
+    let Some(transport) = test_transport() else {
+        return config;
+    };
+    let text = config.unwrap_or_default();
+    if text.contains("transport") {
+        return Some(text);
+    }
+    let line = format!("transport = \"{transport}\"\n");
+    Some(match text.find("[fuse]\n") {
+        Some(at) => format!("{}{line}{}", &text[..at + 7], &text[at + 7..]),
+        None => format!("{text}\n[fuse]\n{line}"),
+    })
+}
+
 impl Mount {
     /// Mount an empty backing dir with the embedded defaults.
     pub fn new() -> Mount {
@@ -77,7 +133,8 @@ impl Mount {
         cmd.arg("mount").arg(&backing).arg(&mnt).arg("-f");
         let everywhere = (writeback_everywhere() && !config.is_some_and(|c| c.contains("[fuse]")))
             .then(|| format!("{}{WRITEBACK}", config.unwrap_or("")));
-        if let Some(text) = everywhere.as_deref().or(config) {
+        let text = with_test_transport(everywhere.or(config.map(str::to_string)));
+        if let Some(text) = text {
             let cfg = root.join("grainfs.toml");
             std::fs::write(&cfg, text).expect("write config");
             cmd.arg("-c").arg(&cfg);
