@@ -24,6 +24,8 @@ use crate::track::{BeforeChange, Volume};
 
 /// Stripe locks per volume: enough that a writer and a worker rarely meet on one.
 const STRIPES: usize = 64;
+/// Bytes of a volume one reflink takes at most (see `Capture::clone_partition`).
+const CLONE_CHUNK: u64 = 16 << 20;
 
 /// What the capture does with a pending block of a partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,10 +239,10 @@ impl Capture {
             .collect()
     }
 
-    /// Store FULL partition `p`'s pending blocks by reflink: one FICLONERANGE of their span
-    /// into a pack, then each block still pending is recorded from the clone (its blake3 is
-    /// computed after the commit) and stops being pending. The clone is one instant of the
-    /// file (the filesystem locks the volume against writes for its duration). A block still
+    /// Store FULL partition `p`'s pending blocks by reflink: one FICLONERANGE per chunk of
+    /// their span (`CLONE_CHUNK`) into a pack, then each block of the chunk still pending is
+    /// recorded from the clone (its blake3 is computed after the commit) and stops being
+    /// pending. A clone is one instant of the file (the filesystem locks the volume against writes for its duration). A block still
     /// pending after it was written by nobody since the barrier (a writer saves a pending
     /// block before it writes, and only then clears its bit): the clone holds its content at
     /// the barrier. A block a writer saved first keeps that copy, and the clone's bytes there
@@ -254,7 +256,23 @@ impl Capture {
             return;
         };
         let bs = self.geometry.block_size;
-        // The clone writes the span's dirty pages back first, with the volume locked against
+        // One clone per chunk, not per partition: the filesystem holds the volume's lock
+        // against writers for the whole call, which grows with the extents in the range
+        // (measured on XFS: a 2 GiB clone took 8-12 ms for a file in 3 extents, 1.2-1.3 s for
+        // one in 150,000; 64 MiB of the latter 50-67 ms).
+        let chunk = (CLONE_CHUNK / bs).max(1);
+        let mut at = lo;
+        while at < hi && !self.failure.failed() && self.writer.cloning() {
+            let end = (at + chunk).min(hi);
+            self.clone_chunk(at, end);
+            at = end;
+        }
+    }
+
+    /// `clone_partition` for blocks `lo..hi`.
+    fn clone_chunk(&self, lo: u64, hi: u64) {
+        let bs = self.geometry.block_size;
+        // The clone writes the range's dirty pages back first, with the volume locked against
         // writers: write them back now, unlocked, so that the locked part is short. The engine
         // makes them durable before the commit anyway.
         // SAFETY: sync_file_range on an fd we own; a failure only leaves the work to the clone.
