@@ -338,7 +338,9 @@ impl Store {
     /// The blake3 of every block with data that volume `id` of snapshot `name` reads, through
     /// its chain (a block absent reads as zeros). `None`: the block has data but no usable hash
     /// (a shorter snapshot on the way cut it), so it must be treated as different. What a
-    /// rescan compares with.
+    /// rescan, `diff` and a rollback compare with. Blocks stored by reflink and not hashed yet
+    /// are read and hashed here (the background pass has not reached them): exact, at the
+    /// cost of reading them.
     pub fn block_hashes(
         &self,
         name: &SnapshotName,
@@ -346,14 +348,27 @@ impl Store {
     ) -> Result<std::collections::HashMap<u64, Option<[u8; 32]>>> {
         let m = self.manifest(name)?;
         let res = reader::resolve(&*self.backend, name, m, id)?;
-        Ok(res
-            .blocks
-            .iter()
-            .map(|b| {
-                let usable = b.len == b.rec.len && !b.unhashed;
-                (b.block, usable.then_some(b.rec.hash))
-            })
-            .collect())
+        let opened = if res.blocks.iter().any(|b| b.unhashed) {
+            Some(reader::open_packs(&*self.backend, &res)?)
+        } else {
+            None
+        };
+        let mut buf = Vec::new();
+        let mut out = std::collections::HashMap::with_capacity(res.blocks.len());
+        for (i, b) in res.blocks.iter().enumerate() {
+            let hash = match (&opened, b.unhashed) {
+                (Some((packs, which)), true) => {
+                    use error::IoContext;
+                    let (pack, path) = &packs[which[i] as usize];
+                    buf.resize(b.rec.len as usize, 0);
+                    pack.read_exact_at(&mut buf, b.rec.offset).at(path)?;
+                    *blake3::hash(&buf).as_bytes()
+                }
+                _ => b.rec.hash,
+            };
+            out.insert(b.block, (b.len == b.rec.len).then_some(hash));
+        }
+        Ok(out)
     }
 
     /// Re-hash every block snapshot `name` reads, through its whole chain. Err only when the
