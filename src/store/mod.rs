@@ -20,6 +20,9 @@
 //!     pack-NNNNNN           block data, append-only: "GRAINPK\0", format u32, 0u32, then
 //!                           blocks, each stored once (len = block size, less for a volume's
 //!                           last block); rolled at 1 GiB
+//!                           Manifest format 2 (`format::UNHASHED_FORMAT`): a volume may
+//!                           list `unhashed` block runs whose records carry zeros for blake3
+//!                           (reflinked at capture); `hash_snapshot` rewrites it as format 1
 //!   .tmp-<name>/            a snapshot being built, or a new version of one being staged
 //!                           by delete with merge (flock'ed by its writer); swept at open
 //!   .del-<name>/            a snapshot being deleted (flock'ed); swept at open
