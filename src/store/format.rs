@@ -422,6 +422,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unhashed_runs_name_exactly_their_blocks() {
+        let runs = block_runs([3, 4, 5, 9, 11, 12]);
+        assert_eq!(runs, vec![[3, 6], [9, 10], [11, 13]]);
+        let v: VolumeEntry = serde_json::from_value(serde_json::json!({
+            "id": {"dev": 1, "ino": 2}, "path": "v", "size": 1 << 20, "mode": 0o100600,
+            "uid": 0, "gid": 0, "mtime_ns": 0, "partitions": [], "table": null, "records": 0,
+            "stored_bytes": 0, "unhashed": runs,
+        }))
+        .unwrap();
+        let got: Vec<u64> = (0..20).filter(|&b| v.is_unhashed(b)).collect();
+        assert_eq!(got, vec![3, 4, 5, 9, 11, 12]);
+        assert_eq!(v.unhashed_blocks(), 6);
+        // An entry of an older manifest has none.
+        let mut old = serde_json::to_value(&v).unwrap();
+        old.as_object_mut().unwrap().remove("unhashed");
+        let v: VolumeEntry = serde_json::from_value(old).unwrap();
+        assert!(v.unhashed.is_empty() && !v.is_unhashed(3));
+    }
+
+    #[test]
     fn a_table_round_trips_and_a_flipped_byte_is_caught() {
         let tmp = tempfile::tempdir().unwrap();
         let recs = vec![
