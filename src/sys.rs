@@ -911,6 +911,48 @@ pub fn utc_stamp(secs: u64) -> String {
     )
 }
 
+/// `struct file_clone_range` of linux/fs.h.
+#[repr(C)]
+struct FileCloneRange {
+    src_fd: i64,
+    src_offset: u64,
+    src_length: u64,
+    dest_offset: u64,
+}
+
+/// FICLONERANGE: `_IOW(0x94, 13, struct file_clone_range)`.
+const FICLONERANGE: libc::c_ulong = 0x4020_940d;
+
+/// Share `len` bytes of `src` at `src_off` with `dst` at `dst_off` (FICLONERANGE: a reflink,
+/// no data copied; the destination's range then reads what the source held at the instant of
+/// the call, and later writes to either side no longer show in the other). Offsets and `len`
+/// must be multiples of the filesystem's block size. Fails with EOPNOTSUPP (a filesystem
+/// without reflink: ext4, XFS made without it), EXDEV (two filesystems) or EINVAL (unaligned,
+/// past the source's end).
+pub fn clone_range(src: RawFd, src_off: u64, dst: RawFd, dst_off: u64, len: u64) -> io::Result<()> {
+    let arg = FileCloneRange {
+        src_fd: src as i64,
+        src_offset: src_off,
+        src_length: len,
+        dest_offset: dst_off,
+    };
+    // SAFETY: the ioctl reads a struct we own, for its whole call.
+    let r = unsafe { libc::ioctl(dst, FICLONERANGE as _, &arg as *const FileCloneRange) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether `e` says that `clone_range` cannot work here (rather than that something failed).
+pub fn clone_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::ENOSYS)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::loopfs::{FsKind, LoopFs};
 use common::Rng;
 use grainfs::track::ChangeMap;
 
@@ -422,120 +423,6 @@ fn a_live_block_may_be_torn_only_between_writes_no_fsync_made_whole() {
 
 // ---------------------------------------------------------------------------------------------
 // The rig: a loop filesystem and a daemon on it, both torn down on drop
-
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{cmd:?}: cannot run it: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn cstr(p: &Path) -> std::ffi::CString {
-    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path without NUL")
-}
-
-/// An ext4 image on a loop device, mounted at `dir` (or not, between cuts).
-struct LoopFs {
-    image: PathBuf,
-    dev: String,
-    dir: PathBuf,
-    mounted: bool,
-}
-
-impl LoopFs {
-    /// A fresh filesystem; Err says why loop devices cannot be used here.
-    fn new(image: PathBuf, dir: PathBuf) -> Result<LoopFs, String> {
-        File::create(&image)
-            .and_then(|f| f.set_len(IMAGE_SIZE))
-            .map_err(|e| format!("create {}: {e}", image.display()))?;
-        // 4 KiB filesystem blocks, one per page and per tracking block: on a small image
-        // mkfs picks 1 KiB, and a page written back in part at the cut leaves a 4 KiB block
-        // torn, which a filesystem may do to unsynced data but this oracle does not model.
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096"])
-            .arg(&image))?;
-        let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&image))?;
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut fs = LoopFs {
-            image,
-            dev,
-            dir,
-            mounted: false,
-        };
-        fs.mount()?;
-        Ok(fs)
-    }
-
-    fn mount(&mut self) -> Result<(), String> {
-        run(Command::new("mount")
-            .args(["-t", "ext4", &self.dev])
-            .arg(&self.dir))?;
-        self.mounted = true;
-        Ok(())
-    }
-
-    /// The power cut: the filesystem stops at once, and what its log had not committed is
-    /// gone (EXT4_IOC_SHUTDOWN = XFS_IOC_GOINGDOWN = _IOR('X', 125, u32), flag NOLOGFLUSH).
-    fn cut(&self) {
-        const GOINGDOWN: u64 = (2 << 30) | (4 << 16) | ((b'X' as u64) << 8) | 125;
-        const NOLOGFLUSH: u32 = 2;
-        let d = File::open(&self.dir).expect("open the loop fs root");
-        let flag = NOLOGFLUSH;
-        let r = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&d),
-                GOINGDOWN as _,
-                &flag as *const u32,
-            )
-        };
-        assert_eq!(r, 0, "shutdown ioctl: {}", std::io::Error::last_os_error());
-    }
-
-    /// Unmount for real (a lazy detach would keep the old superblock, and the next mount would
-    /// get it back without replaying the journal); retried while something still holds it.
-    fn unmount(&mut self) {
-        if !self.mounted {
-            return;
-        }
-        let c = cstr(&self.dir);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-                self.mounted = false;
-                return;
-            }
-            let e = std::io::Error::last_os_error();
-            assert!(
-                e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline,
-                "umount {}: {e}",
-                self.dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        if self.mounted {
-            let c = cstr(&self.dir);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while unsafe { libc::umount2(c.as_ptr(), 0) } != 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = std::fs::remove_file(&self.image);
-    }
-}
 
 /// A foreground `grainfs mount -f` on the loop filesystem's backing dir.
 struct Daemon {
@@ -1101,18 +988,7 @@ struct Totals {
 
 /// Whether this machine can run power-cut tests; says why not on stderr.
 fn can_run() -> bool {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: power-cut tests need root (loop devices, mount)");
-        return false;
-    }
-    if common::missing("losetup") || common::missing("mkfs.ext4") || common::missing("mount") {
-        return false;
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        eprintln!("SKIP: no /dev/loop-control: loop devices are missing");
-        return false;
-    }
-    true
+    common::loopfs::usable(FsKind::Ext4)
 }
 
 /// The regression the random cuts found first, step by step: a write with no fsync, two
@@ -1137,7 +1013,12 @@ fn a_block_captured_by_a_snapshot_then_lost_at_a_cut_is_not_tracked_clean() {
     );
     std::fs::create_dir(&mnt).unwrap();
     std::fs::write(&config, CONFIG).unwrap();
-    let mut fs = match LoopFs::new(root.join("fs.img"), root.join("fs")) {
+    let mut fs = match LoopFs::new(
+        FsKind::Ext4,
+        root.join("fs.img"),
+        root.join("fs"),
+        IMAGE_SIZE,
+    ) {
         Ok(fs) => fs,
         Err(e) => {
             eprintln!("SKIP: cannot set up a loop filesystem: {e}");
@@ -1291,7 +1172,12 @@ fn one_filesystem(
     totals: &mut Totals,
 ) -> Option<usize> {
     let fs_dir = run.tmp.join(format!("fs{fs_no}"));
-    let mut fs = match LoopFs::new(run.tmp.join(format!("fs{fs_no}.img")), fs_dir.clone()) {
+    let mut fs = match LoopFs::new(
+        FsKind::Ext4,
+        run.tmp.join(format!("fs{fs_no}.img")),
+        fs_dir.clone(),
+        IMAGE_SIZE,
+    ) {
         Ok(fs) => fs,
         Err(e) if fs_no == 0 => {
             eprintln!("SKIP: cannot set up a loop filesystem: {e}");

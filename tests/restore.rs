@@ -456,6 +456,8 @@ fn a_damaged_pack_stops_the_restore_naming_the_volume_and_block() {
     fs::create_dir_all(m.path().join("v")).unwrap();
     fs::write(m.path().join("v/disk.img"), noise.bytes(2 * MIB as usize)).unwrap();
     snapshot(&m, "dmg");
+    // Reflinked blocks are only hashed after the commit: damage before that is not caught.
+    common::wait_hashed(m.path());
     let dir = m.store().join("snapshots/dmg");
     let pack = fs::read_dir(&dir)
         .unwrap()

@@ -130,6 +130,15 @@ pub trait PackWrite: Send + Sync {
         self.write_at(offset, &data)
     }
 
+    /// Share `len` bytes of `src` at `src_off` with the pack at `offset` by reflink
+    /// (FICLONERANGE): no byte is read or copied, and the pack's range keeps what `src` held at
+    /// the instant of the call. Ok(false): the medium or its filesystem cannot (the default;
+    /// the local store on ext4, or with the volume on another filesystem), and nothing was
+    /// written; Err: a failure.
+    fn reflink_from(&self, _offset: u64, _src: &File, _src_off: u64, _len: u64) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Start writing back `start..end` (a hint that keeps a large build's dirty page cache
     /// small; a no-op where it means nothing).
     fn start_writeback(&self, _start: u64, _end: u64) {}

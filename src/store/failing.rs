@@ -4,6 +4,7 @@
 //! a rename). For tests of commit and delete; it changes nothing else and must never be what a
 //! mount uses.
 
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -284,6 +285,17 @@ impl PackWrite for FailingPackWrite {
             }
             Some(Fault::After) => {
                 self.inner.write_at(offset, data)?;
+                Err(error(Fault::After, self.path.clone()))
+            }
+            Some(f) => Err(error(f, self.path.clone())),
+        }
+    }
+
+    fn reflink_from(&self, offset: u64, src: &File, src_off: u64, len: u64) -> Result<bool> {
+        match self.plan.hit("reflink_from", &self.path) {
+            None => self.inner.reflink_from(offset, src, src_off, len),
+            Some(Fault::After) => {
+                self.inner.reflink_from(offset, src, src_off, len)?;
                 Err(error(Fault::After, self.path.clone()))
             }
             Some(f) => Err(error(f, self.path.clone())),

@@ -16,6 +16,11 @@ use crate::sys::{decode_versioned, VersionedError};
 pub const FORMAT: u32 = 1;
 /// The manifest's file name inside a snapshot directory.
 pub const MANIFEST: &str = "manifest.json";
+/// Format of a manifest that names blocks whose blake3 is not computed yet (a FULL partition
+/// cloned by reflink: `VolumeEntry::unhashed`). Older readers refuse it with a clear
+/// "unsupported format" instead of taking the missing hashes for damage; once the hashes are
+/// in, the manifest is rewritten as [`FORMAT`].
+pub const UNHASHED_FORMAT: u32 = 2;
 /// Magic at the start of every pack file, followed by the format (u32 LE) and 4 zero bytes.
 pub const PACK_MAGIC: &[u8; 8] = b"GRAINPK\0";
 /// Length of a pack header; block data starts right after it.
@@ -96,6 +101,36 @@ pub struct VolumeEntry {
     /// The file's birth time (statx btime), ns since the epoch, where the filesystem has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub birth_ns: Option<i128>,
+    /// Runs `[first, end)` of blocks stored by reflink whose table records carry no blake3
+    /// yet (zeros in their place): read unverified until the store hashes them after the
+    /// commit (`Store::hash_snapshot`). Only in manifests of [`UNHASHED_FORMAT`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unhashed: Vec<[u64; 2]>,
+}
+
+impl VolumeEntry {
+    /// Whether block `b`'s record has no blake3 yet.
+    pub fn is_unhashed(&self, b: u64) -> bool {
+        let i = self.unhashed.partition_point(|r| r[1] <= b);
+        self.unhashed.get(i).is_some_and(|r| r[0] <= b)
+    }
+
+    /// Blocks whose record has no blake3 yet.
+    pub fn unhashed_blocks(&self) -> u64 {
+        self.unhashed.iter().map(|r| r[1] - r[0]).sum()
+    }
+}
+
+/// Sorted, distinct blocks as runs `[first, end)`.
+pub fn block_runs(blocks: impl IntoIterator<Item = u64>) -> Vec<[u64; 2]> {
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for b in blocks {
+        match out.last_mut() {
+            Some(r) if r[1] == b => r[1] = b + 1,
+            _ => out.push([b, b + 1]),
+        }
+    }
+    out
 }
 
 /// What a namespace entry is.
@@ -184,7 +219,13 @@ pub fn decode_manifest(read: Result<Vec<u8>>, path: &Path, name: &str) -> Result
         }
         Err(e) => return Err(e),
     };
-    let m: Manifest = match decode_versioned(&bytes, FORMAT as u64) {
+    let decoded = match decode_versioned::<Manifest>(&bytes, FORMAT as u64) {
+        Err(VersionedError::Unsupported { found }) if found == UNHASHED_FORMAT as u64 => {
+            decode_versioned(&bytes, found)
+        }
+        other => other,
+    };
+    let m: Manifest = match decoded {
         Ok(m) => m,
         Err(VersionedError::Unsupported { found }) => {
             return Err(StoreError::UnsupportedFormat {
@@ -204,6 +245,17 @@ pub fn decode_manifest(read: Result<Vec<u8>>, path: &Path, name: &str) -> Result
         return Err(StoreError::Corrupt {
             path,
             why: format!("names snapshot {:?}, not {name:?}", m.name),
+        });
+    }
+    let unhashed = m.volumes.iter().any(|v| !v.unhashed.is_empty());
+    if unhashed != (m.format == UNHASHED_FORMAT) {
+        return Err(StoreError::Corrupt {
+            path,
+            why: format!(
+                "format {} but {} blocks without a blake3",
+                m.format,
+                if unhashed { "names" } else { "no" }
+            ),
         });
     }
     Ok(m)
@@ -368,6 +420,26 @@ pub fn check_pack_header(path: &Path, h: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unhashed_runs_name_exactly_their_blocks() {
+        let runs = block_runs([3, 4, 5, 9, 11, 12]);
+        assert_eq!(runs, vec![[3, 6], [9, 10], [11, 13]]);
+        let v: VolumeEntry = serde_json::from_value(serde_json::json!({
+            "id": {"dev": 1, "ino": 2}, "path": "v", "size": 1 << 20, "mode": 0o100600,
+            "uid": 0, "gid": 0, "mtime_ns": 0, "partitions": [], "table": null, "records": 0,
+            "stored_bytes": 0, "unhashed": runs,
+        }))
+        .unwrap();
+        let got: Vec<u64> = (0..20).filter(|&b| v.is_unhashed(b)).collect();
+        assert_eq!(got, vec![3, 4, 5, 9, 11, 12]);
+        assert_eq!(v.unhashed_blocks(), 6);
+        // An entry of an older manifest has none.
+        let mut old = serde_json::to_value(&v).unwrap();
+        old.as_object_mut().unwrap().remove("unhashed");
+        let v: VolumeEntry = serde_json::from_value(old).unwrap();
+        assert!(v.unhashed.is_empty() && !v.is_unhashed(3));
+    }
 
     #[test]
     fn a_table_round_trips_and_a_flipped_byte_is_caught() {

@@ -11,7 +11,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::backend::{
     Backend, BlockSource, PackKey, PackRead, PackWrite, StageMode, Staging, Stamp,
@@ -369,6 +369,24 @@ impl PackWrite for LocalPackOut {
         // The kernel or filesystem cannot: write the bytes over whatever part was copied.
         let data = src.read(&self.path)?;
         self.write_at(offset, &data)
+    }
+
+    fn reflink_from(&self, offset: u64, src: &File, src_off: u64, len: u64) -> Result<bool> {
+        match crate::sys::clone_range(src.as_raw_fd(), src_off, self.file.as_raw_fd(), offset, len)
+        {
+            Ok(()) => Ok(true),
+            Err(e) if crate::sys::clone_unsupported(&e) => {
+                debug!(
+                    "{}: no reflink from the volume ({e}): blocks are copied",
+                    self.path.display()
+                );
+                Ok(false)
+            }
+            Err(source) => Err(StoreError::Io {
+                path: self.path.clone(),
+                source,
+            }),
+        }
     }
 
     fn start_writeback(&self, start: u64, end: u64) {

@@ -20,6 +20,9 @@
 //!     pack-NNNNNN           block data, append-only: "GRAINPK\0", format u32, 0u32, then
 //!                           blocks, each stored once (len = block size, less for a volume's
 //!                           last block); rolled at 1 GiB
+//!                           Manifest format 2 (`format::UNHASHED_FORMAT`): a volume may
+//!                           list `unhashed` block runs whose records carry zeros for blake3
+//!                           (reflinked at capture); `hash_snapshot` rewrites it as format 1
 //!   .tmp-<name>/            a snapshot being built, or a new version of one being staged
 //!                           by delete with merge (flock'ed by its writer); swept at open
 //!   .del-<name>/            a snapshot being deleted (flock'ed); swept at open
@@ -79,7 +82,7 @@ pub use merge::DeleteReport;
 pub use reader::{ReaderStats, VolumeReader};
 pub use restore::{Placed, VolumeExtents};
 use verified::VerifiedExtents;
-pub use writer::{SnapshotWriter, VolumeHandle, VolumeMeta};
+pub use writer::{ClonedRange, SnapshotWriter, VolumeHandle, VolumeMeta};
 
 use crate::ids::{Geometry, SnapshotName, VolumeId};
 
@@ -196,13 +199,22 @@ pub struct VerifyReport {
     /// Blocks re-hashed (stored here or inherited through the chain).
     pub blocks: u64,
     pub bytes: u64,
+    /// Blocks read but not proven: reflinked at capture, their blake3 not computed yet (the
+    /// store hashes them after the commit; verify again once it has).
+    pub unhashed_blocks: u64,
     pub problems: Vec<VerifyProblem>,
 }
 
 impl VerifyReport {
-    /// True when every byte of the snapshot was proven.
+    /// True when no byte failed its blake3 and every block could be read (blocks not yet
+    /// hashed are not proven, see `proven`).
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
+    }
+
+    /// True when every byte of the snapshot was proven.
+    pub fn proven(&self) -> bool {
+        self.ok() && self.unhashed_blocks == 0
     }
 }
 
@@ -214,6 +226,9 @@ pub struct Store {
     verified: Arc<VerifiedExtents>,
     /// Serialises changes to the store-wide records (holds) within this process.
     records: Arc<std::sync::Mutex<()>>,
+    /// Serialises the rewrites that put hashes in (`hash_snapshot`) with deletes, which
+    /// rewrite snapshots too, within this process.
+    rewrites: Arc<std::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -229,6 +244,7 @@ impl Store {
             backend,
             verified: Arc::default(),
             records: Arc::default(),
+            rewrites: Arc::default(),
         }
     }
 
@@ -325,7 +341,9 @@ impl Store {
     /// The blake3 of every block with data that volume `id` of snapshot `name` reads, through
     /// its chain (a block absent reads as zeros). `None`: the block has data but no usable hash
     /// (a shorter snapshot on the way cut it), so it must be treated as different. What a
-    /// rescan compares with.
+    /// rescan, `diff` and a rollback compare with. Blocks stored by reflink and not hashed yet
+    /// are read and hashed here (the background pass has not reached them): exact, at the
+    /// cost of reading them.
     pub fn block_hashes(
         &self,
         name: &SnapshotName,
@@ -333,11 +351,27 @@ impl Store {
     ) -> Result<std::collections::HashMap<u64, Option<[u8; 32]>>> {
         let m = self.manifest(name)?;
         let res = reader::resolve(&*self.backend, name, m, id)?;
-        Ok(res
-            .blocks
-            .iter()
-            .map(|b| (b.block, (b.len == b.rec.len).then_some(b.rec.hash)))
-            .collect())
+        let opened = if res.blocks.iter().any(|b| b.unhashed) {
+            Some(reader::open_packs(&*self.backend, &res)?)
+        } else {
+            None
+        };
+        let mut buf = Vec::new();
+        let mut out = std::collections::HashMap::with_capacity(res.blocks.len());
+        for (i, b) in res.blocks.iter().enumerate() {
+            let hash = match (&opened, b.unhashed) {
+                (Some((packs, which)), true) => {
+                    use error::IoContext;
+                    let (pack, path) = &packs[which[i] as usize];
+                    buf.resize(b.rec.len as usize, 0);
+                    pack.read_exact_at(&mut buf, b.rec.offset).at(path)?;
+                    *blake3::hash(&buf).as_bytes()
+                }
+                _ => b.rec.hash,
+            };
+            out.insert(b.block, (b.len == b.rec.len).then_some(hash));
+        }
+        Ok(out)
     }
 
     /// Re-hash every block snapshot `name` reads, through its whole chain. Err only when the
@@ -422,9 +456,13 @@ impl Store {
                         .push(problem(Some(b.block), at, format!("cannot read: {e}")));
                     continue;
                 }
+                done(&v.path, b.len as u64);
+                if b.unhashed {
+                    report.unhashed_blocks += 1;
+                    continue;
+                }
                 report.blocks += 1;
                 report.bytes += b.len as u64;
-                done(&v.path, b.len as u64);
                 if blake3::hash(&buf).as_bytes() != &b.rec.hash {
                     report.problems.push(problem(
                         Some(b.block),
@@ -524,6 +562,10 @@ impl Store {
             return Err(StoreError::NotFound(name.to_string()));
         }
         self.check_not_held(name)?;
+        // Merging moves records between snapshots and checks the bytes it moves: every hash
+        // must be in first (and no rewrite of a child may race the merge's).
+        self.hash_all()?;
+        let _rewrites = self.rewrites.lock().unwrap_or_else(|p| p.into_inner());
         let (children, unreadable) = self.children(name)?;
         if !unreadable.is_empty() {
             return Err(StoreError::HasDependents {
@@ -573,6 +615,10 @@ impl Store {
     /// `Store::open`.
     pub fn resume_deletes(&self) -> Result<Vec<String>> {
         let pending = merge::load_deleting(&*self.backend)?;
+        if !pending.is_empty() {
+            self.hash_all()?;
+        }
+        let _rewrites = self.rewrites.lock().unwrap_or_else(|p| p.into_inner());
         let mut done = Vec::new();
         for d in pending {
             let name = SnapshotName::parse(&d.name)?;
@@ -596,5 +642,128 @@ impl Store {
             done.push(d.name);
         }
         Ok(done)
+    }
+
+    /// Put in the blake3 of every block of snapshot `name` stored without one (reflinked at
+    /// capture, `VolumeEntry::unhashed`): read the blocks from the packs, hash them, and swap
+    /// in a new version of the snapshot with full tables and a manifest of [`FORMAT`] (its
+    /// packs taken over as they are: no byte moves). All-zero blocks of FULL partitions are
+    /// dropped from the tables then, as a copying capture would have left them out. Returns the
+    /// blocks hashed (0: nothing to do). The content is the same before and after; a reader
+    /// that opened the old version keeps reading it.
+    pub fn hash_snapshot(&self, name: &SnapshotName) -> Result<u64> {
+        let _rewrites = self.rewrites.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.manifest(name)?;
+        if m.volumes.iter().all(|v| v.unhashed.is_empty()) {
+            return Ok(0);
+        }
+        let bpp = m.geometry.blocks_per_partition();
+        let mut packs: Vec<Option<Arc<dyn backend::PackRead>>> = vec![None; m.packs.len()];
+        let mut tables = Vec::new();
+        let mut hashed = 0;
+        let mut buf = Vec::new();
+        for (i, v) in m.volumes.iter().enumerate() {
+            let Some(t) = v.table.as_ref().filter(|_| !v.unhashed.is_empty()) else {
+                continue;
+            };
+            let path = self.backend.path_of(name, &t.file);
+            let mut records = format::decode_table(&self.backend.read(name, &t.file)?, &path, t)?;
+            for r in records.iter_mut().filter(|r| v.is_unhashed(r.block)) {
+                let pack = match &mut packs[r.pack as usize] {
+                    Some(p) => p.clone(),
+                    slot @ None => {
+                        let p = self
+                            .backend
+                            .open_pack(name, &m.packs[r.pack as usize].file)?;
+                        *slot = Some(p.clone());
+                        p
+                    }
+                };
+                buf.resize(r.len as usize, 0);
+                let ppath = self.backend.path_of(name, &m.packs[r.pack as usize].file);
+                {
+                    use error::IoContext;
+                    pack.read_exact_at(&mut buf, r.offset).at(&ppath)?;
+                }
+                r.hash = *blake3::hash(&buf).as_bytes();
+                if writer::is_zero(&buf) {
+                    r.pack = format::ZERO_PACK;
+                }
+                hashed += 1;
+            }
+            records.retain(|r| {
+                !(r.is_zero()
+                    && v.partitions.get((r.block / bpp) as usize).map(|p| p.kind)
+                        == Some(PartitionKind::Full))
+            });
+            tables.push((i, records));
+        }
+        // Stage, then check that nobody replaced the snapshot while it was hashed (another
+        // process deleting its parent): staging holds its name until the swap.
+        let staging = self.backend.stage(name, backend::StageMode::Replace)?;
+        if self.manifest(name)? != m {
+            staging.abort()?;
+            return Err(StoreError::Misuse(format!(
+                "snapshot {name} changed while its blocks were hashed: try again"
+            )));
+        }
+        for p in &m.packs {
+            staging.adopt(name, &p.file, &p.file)?;
+        }
+        let mut new = m.clone();
+        new.format = FORMAT;
+        for v in new.volumes.iter_mut() {
+            v.unhashed.clear();
+        }
+        for (i, v) in m.volumes.iter().enumerate() {
+            if let Some(t) = &v.table {
+                if !tables.iter().any(|(j, _)| *j == i) {
+                    staging.adopt(name, &t.file, &t.file)?;
+                }
+            }
+        }
+        for (i, records) in tables {
+            let v = &mut new.volumes[i];
+            v.records = records.len() as u64;
+            v.stored_bytes = records.iter().map(|r| r.len as u64).sum();
+            v.table = if records.is_empty() {
+                None
+            } else {
+                let file = format!("vol-{i:06}.tbl");
+                let bytes = format::encode_table(&records);
+                staging.write_file(&file, &bytes)?;
+                Some(format::FileRef {
+                    file,
+                    len: bytes.len() as u64,
+                    blake3: blake3::hash(&bytes).to_hex().to_string(),
+                })
+            };
+        }
+        let bytes = serde_json::to_vec_pretty(&new)
+            .map_err(|e| StoreError::Misuse(format!("manifest does not serialize: {e}")))?;
+        staging.commit(&bytes)?;
+        log::info!("snapshot {name}: hashed {hashed} block(s) stored by reflink");
+        Ok(hashed)
+    }
+
+    /// `hash_snapshot` for every snapshot that has blocks without a blake3; returns the
+    /// blocks hashed. The daemon runs it after each commit that cloned blocks and at start
+    /// (a crash may have left some); a delete runs it first.
+    pub fn hash_all(&self) -> Result<u64> {
+        let mut hashed = 0;
+        for n in self.names()? {
+            let Ok(name) = SnapshotName::parse(&n) else {
+                continue;
+            };
+            let unhashed = match self.manifest(&name) {
+                Ok(m) => m.volumes.iter().any(|v| !v.unhashed.is_empty()),
+                // Gone meanwhile, or unreadable: nothing to hash here.
+                Err(_) => false,
+            };
+            if unhashed {
+                hashed += self.hash_snapshot(&name)?;
+            }
+        }
+        Ok(hashed)
     }
 }

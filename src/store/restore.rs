@@ -35,7 +35,8 @@ struct Extent {
     pack: u32,
     /// The snapshot of the chain that stores it (index into `levels`).
     level: u32,
-    hash: [u8; 32],
+    /// None: not hashed yet (a reflinked block; copied out unverified).
+    hash: Option<[u8; 32]>,
 }
 
 /// What placing one block did.
@@ -102,7 +103,7 @@ impl Store {
                 offset: b.rec.offset,
                 pack: w,
                 level: b.level as u32,
-                hash: b.rec.hash,
+                hash: (!b.unhashed).then_some(b.rec.hash),
             })
             .collect();
         Ok(VolumeExtents {
@@ -139,6 +140,12 @@ impl VolumeExtents {
         self.size
     }
 
+    /// How many blocks with data have no blake3 yet (reflinked at capture, not hashed since):
+    /// `place` copies them unverified.
+    pub fn unhashed_blocks(&self) -> usize {
+        self.blocks.iter().filter(|b| b.hash.is_none()).count()
+    }
+
     /// How many blocks hold data (`place` takes 0 to this, exclusive).
     pub fn blocks(&self) -> usize {
         self.blocks.len()
@@ -155,8 +162,8 @@ impl VolumeExtents {
     }
 
     /// Put block `i` into `dst` at its offset in the volume: read it from its pack into `buf`,
-    /// check its blake3, then copy the same range from the pack with `copy_file_range` (or
-    /// write the checked bytes). An all-zero block is not put at all: `dst` keeps a hole
+    /// check its blake3 (a block not yet hashed is copied unverified), then copy the same
+    /// range from the pack with `copy_file_range` (or write the checked bytes). An all-zero block is not put at all: `dst` keeps a hole
     /// there. `dst` is named `dst_name` in errors.
     pub fn place(
         &self,
@@ -169,7 +176,7 @@ impl VolumeExtents {
         let (pack, pack_path) = &self.packs[b.pack as usize];
         buf.resize(b.stored_len as usize, 0);
         pack.read_exact_at(buf, b.offset).at(pack_path)?;
-        if blake3::hash(buf).as_bytes() != &b.hash {
+        if b.hash.is_some_and(|h| blake3::hash(buf).as_bytes() != &h) {
             return Err(self.damaged(&b, pack_path.clone()));
         }
         let at = b.block * self.block_size;

@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::backend::{Backend, BlockSource, PackWrite, StageMode, Staging};
 use super::error::{Result, StoreError};
 use super::format::{
-    encode_table, pack_header, FileRef, Manifest, NamespaceEntry, PackRef, PartitionEntry,
-    PartitionKind, Record, VolumeEntry, FORMAT, PACK_HEADER_LEN, ZERO_PACK,
+    block_runs, encode_table, pack_header, FileRef, Manifest, NamespaceEntry, PackRef,
+    PartitionEntry, PartitionKind, Record, VolumeEntry, FORMAT, PACK_HEADER_LEN, UNHASHED_FORMAT,
+    ZERO_PACK,
 };
 use crate::ids::{BlockIdx, Geometry, SnapshotName, VolumeId};
 use crate::sys::now_ns;
@@ -49,6 +50,17 @@ struct VolumeBuild {
     records: Vec<Record>,
     /// (generation, birth ns) of the file, from `set_identity`.
     identity: (Option<u64>, Option<i128>),
+    /// Blocks stored by reflink, their blake3 not computed (`put_cloned`).
+    unhashed: Vec<u64>,
+}
+
+/// Whole blocks of a volume shared with a pack by `SnapshotWriter::clone_blocks`.
+#[derive(Clone, Copy, Debug)]
+pub struct ClonedRange {
+    first: u64,
+    count: u64,
+    pack: u32,
+    offset: u64,
 }
 
 struct PackOut {
@@ -80,6 +92,8 @@ pub struct SnapshotWriter {
     created_ns: u64,
     parent: Option<Manifest>,
     state: Mutex<BuildState>,
+    /// Cleared at the first clone the filesystem refuses: one try per build, not per block.
+    cloning: std::sync::atomic::AtomicBool,
 }
 
 impl SnapshotWriter {
@@ -118,6 +132,7 @@ impl SnapshotWriter {
             created_ns: now_ns(),
             parent,
             state: Mutex::new(BuildState::default()),
+            cloning: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -150,6 +165,7 @@ impl SnapshotWriter {
             kinds: vec![None; parts],
             records: Vec::new(),
             identity: (None, None),
+            unhashed: Vec::new(),
         });
         Ok(VolumeHandle(st.volumes.len() - 1))
     }
@@ -303,6 +319,122 @@ impl SnapshotWriter {
         Ok(())
     }
 
+    /// Whether `clone_blocks` may still work for this build (false once the filesystem
+    /// refused a clone).
+    pub fn cloning(&self) -> bool {
+        self.cloning.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Share `count` whole blocks of `vol` from `first` on with a pack by reflink
+    /// (FICLONERANGE), from `source` at the same offsets: nothing is read or copied, and the
+    /// pack keeps what the volume held at the instant of the call. No block is recorded yet:
+    /// the caller names those of the range that the snapshot takes from the clone
+    /// (`put_cloned`). Ok(None): the medium or filesystem cannot (no reflink, another
+    /// filesystem); cloning is then off for the rest of this build, and the caller copies.
+    pub fn clone_blocks(
+        &self,
+        vol: VolumeHandle,
+        first: BlockIdx,
+        count: u64,
+        source: &File,
+    ) -> Result<Option<ClonedRange>> {
+        use std::sync::atomic::Ordering;
+        if !self.cloning() || count == 0 {
+            return Ok(None);
+        }
+        let bs = self.geometry.block_size;
+        let len = count * bs;
+        let mut st = self.state();
+        if let Some(why) = &st.failed {
+            return Err(StoreError::Misuse(format!(
+                "an earlier write failed ({why}): abort"
+            )));
+        }
+        match st.volumes.get(vol.0) {
+            Some(v) if (first.0 + count) * bs <= v.meta.size => {}
+            Some(v) => {
+                return Err(StoreError::Misuse(format!(
+                    "{}: blocks {}..{} are not whole blocks of the volume",
+                    v.meta.path,
+                    first.0,
+                    first.0 + count
+                )))
+            }
+            None => return Err(StoreError::Misuse(format!("no volume handle {}", vol.0))),
+        }
+        let (pack, offset, sink) = match self.reserve(&mut st, len, Some((source, 0))) {
+            Ok(x) => x,
+            Err(e) => {
+                st.failed = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        drop(st);
+        let cloned = sink.reflink_from(offset, source, first.0 * bs, len);
+        match cloned {
+            Ok(true) => Ok(Some(ClonedRange {
+                first: first.0,
+                count,
+                pack,
+                offset,
+            })),
+            Ok(false) => {
+                self.cloning.store(false, Ordering::Relaxed);
+                let mut st = self.state();
+                // Give the reservation back where nothing came after it; otherwise the pack
+                // must still reach the length the manifest will give it.
+                let last = st.packs.len() as u32 == pack + 1;
+                match st.packs.get_mut(pack as usize) {
+                    Some(p) if last && p.len == offset + len => p.len = offset,
+                    _ => {
+                        drop(st);
+                        if let Err(e) = sink.write_at(offset + len - 1, &[0]) {
+                            self.state().failed = Some(e.to_string());
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(None)
+            }
+            Err(e) => {
+                self.state().failed = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Record `blocks` (each inside `range`, sorted or not) of `vol` as stored by the clone
+    /// `range`. Their blake3 is not computed (that would read them): the snapshot names them
+    /// as not yet hashed, and the store hashes them after the commit (`Store::hash_snapshot`).
+    /// The caller guarantees that each block's content in the clone is the snapshot's.
+    pub fn put_cloned(&self, vol: VolumeHandle, range: &ClonedRange, blocks: &[u64]) -> Result<()> {
+        let bs = self.geometry.block_size;
+        let mut st = self.state();
+        let v = st
+            .volumes
+            .get_mut(vol.0)
+            .ok_or_else(|| StoreError::Misuse(format!("no volume handle {}", vol.0)))?;
+        for &b in blocks {
+            if !(range.first..range.first + range.count).contains(&b) {
+                return Err(StoreError::Misuse(format!(
+                    "{}: block {b} is not in the clone of blocks {}..{}",
+                    v.meta.path,
+                    range.first,
+                    range.first + range.count
+                )));
+            }
+            v.records.push(Record {
+                block: b,
+                pack: range.pack,
+                len: bs as u32,
+                offset: range.offset + (b - range.first) * bs,
+                hash: [0; 32],
+            });
+            v.unhashed.push(b);
+        }
+        Ok(())
+    }
+
     /// Reserve `len` bytes in the current pack (starting a new one when it is full): the pack's
     /// index, the offset and the pack.
     fn reserve(
@@ -432,6 +564,8 @@ impl SnapshotWriter {
                 !(r.is_zero() && partitions[(r.block / bpp) as usize].kind == PartitionKind::Full)
             });
             let stored_bytes = v.records.iter().map(|r| r.len as u64).sum();
+            v.unhashed.sort_unstable();
+            let unhashed = block_runs(v.unhashed.iter().copied());
             let table = if v.records.is_empty() {
                 None
             } else {
@@ -459,6 +593,7 @@ impl SnapshotWriter {
                 stored_bytes,
                 gen: v.identity.0,
                 birth_ns: v.identity.1,
+                unhashed,
             });
         }
         let mut packs = Vec::with_capacity(st.packs.len());
@@ -469,8 +604,9 @@ impl SnapshotWriter {
                 len: p.len,
             });
         }
+        let unhashed = volumes.iter().any(|v| !v.unhashed.is_empty());
         Ok(Manifest {
-            format: FORMAT,
+            format: if unhashed { UNHASHED_FORMAT } else { FORMAT },
             name: self.name.to_string(),
             group: self.group.clone(),
             created_ns: self.created_ns,

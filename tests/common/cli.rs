@@ -58,3 +58,27 @@ pub fn snapshot_names(at: &Path) -> Vec<String> {
         .map(|s| s["name"].as_str().expect("name").to_string())
         .collect()
 }
+
+/// Wait (at most 3 minutes) until no snapshot of AT has blocks without a blake3: on a
+/// filesystem with reflink (XFS, btrfs) FULL partitions are cloned and hashed after the commit,
+/// in the background; elsewhere this returns after one `snapshot verify`. For tests that
+/// damage or remove packs and expect the hashes to be there.
+pub fn wait_hashed(at: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let out = grainfs_at(&["snapshot", "verify", "--json"], at);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let left: u64 = v
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r["unhashed_blocks"].as_u64()).sum())
+            .unwrap_or(0);
+        if left == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} blocks still not hashed after 3 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

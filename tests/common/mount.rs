@@ -118,9 +118,15 @@ impl Mount {
     /// Mount after `setup` populated the backing dir, optionally with a config file's text
     /// (written to the temp dir; `backing`/`mountpoint` need not be in it).
     pub fn with_setup(setup: impl FnOnce(&Path), config: Option<&str>) -> Mount {
+        Mount::with_setup_in(&std::env::temp_dir(), setup, config)
+    }
+
+    /// `with_setup` with the temp dir (backing dir, store, mount point) made in `parent`: on a
+    /// filesystem of the test's choice (`loopfs`).
+    pub fn with_setup_in(parent: &Path, setup: impl FnOnce(&Path), config: Option<&str>) -> Mount {
         let tmp = tempfile::Builder::new()
             .prefix("grainfs-test-")
-            .tempdir()
+            .tempdir_in(parent)
             .expect("tempdir");
         let root = tmp.path().canonicalize().expect("canonicalize");
         let backing = root.join("backing");

@@ -274,6 +274,7 @@ mod tests {
                     stored_bytes: 0,
                     gen: None,
                     birth_ns: None,
+                    unhashed: Vec::new(),
                 })
                 .collect(),
             packs: Vec::new(),
