@@ -278,6 +278,10 @@ fn play(m: &Mount, op: &Op, taken: usize) -> Option<String> {
             let _ = std::fs::remove_file(path(f));
         }
         Op::Snapshot => {
+            // A group with no volume left cannot be snapshotted (the engine refuses it).
+            if !(0..NAMES.len()).any(|f| path(f).exists()) {
+                return None;
+            }
             let name = format!("s{taken}");
             snapshot(m, &name);
             return Some(name);
